@@ -1,0 +1,249 @@
+//! The Discovery gRPC server: one bidirectional stream per proxy, all resource types, delta
+//! updates, nonce-based ACK/NACK (API.md 2.b "Stream semantics").
+//!
+//! Each stream is served by one task that owns the stream's subscriptions and what it last sent
+//! for each name. It wakes on requests from the proxy and on every new index snapshot, and sends
+//! only resources whose version changed, `removed` for names that stopped existing, and
+//! `not_found` for names that never did.
+
+use std::collections::{BTreeMap, HashSet};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use ferrymesh_proto::discovery::v1 as pb;
+use futures::Stream;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::index::{IndexHandle, Lookup, Snapshot};
+use crate::metrics::Metrics;
+
+/// At most this many names on one stream (RESOURCE_EXHAUSTED beyond).
+pub const MAX_SUBSCRIPTIONS: usize = 10_000;
+
+/// The Discovery service.
+#[derive(Clone, Debug)]
+pub struct DiscoveryService {
+    index: IndexHandle,
+    metrics: Arc<Metrics>,
+    next_stream: Arc<AtomicU64>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl DiscoveryService {
+    /// A service over `index`; streams end when `shutdown` turns true.
+    pub fn new(index: IndexHandle, metrics: Arc<Metrics>, shutdown: watch::Receiver<bool>) -> Self {
+        Self { index, metrics, next_stream: Arc::new(AtomicU64::new(1)), shutdown }
+    }
+
+    /// As a tonic service.
+    pub fn into_server(self) -> pb::discovery_server::DiscoveryServer<Self> {
+        pb::discovery_server::DiscoveryServer::new(self)
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::DiscoveryResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::discovery_server::Discovery for DiscoveryService {
+    type StreamStream = ResponseStream;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<pb::DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(16);
+        let stream = StreamTask {
+            id,
+            index: self.index.clone(),
+            metrics: self.metrics.clone(),
+            tx,
+            subs: BTreeMap::new(),
+            nacked: HashSet::new(),
+            nonce: 0,
+            opened: false,
+        };
+        // NOTE: the task ends when the proxy hangs up, when the response channel closes, or on
+        // shutdown; it never outlives the server.
+        tokio::spawn(stream.run(request.into_inner(), self.shutdown.clone()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn fetch(&self, request: Request<pb::FetchRequest>) -> Result<Response<pb::FetchResponse>, Status> {
+        let req = request.into_inner();
+        let ty = resource_type(req.r#type)?;
+        let snapshot = self.index.snapshot();
+        let mut response = pb::FetchResponse::default();
+        for name in req.names {
+            match snapshot.lookup(ty, &name) {
+                Lookup::Found(r) => response.resources.push(r),
+                Lookup::NotFound => response.not_found.push(name),
+                Lookup::Invalid(e) => return Err(Status::invalid_argument(e)),
+            }
+        }
+        Ok(Response::new(response))
+    }
+}
+
+fn resource_type(raw: i32) -> Result<pb::ResourceType, Status> {
+    match pb::ResourceType::try_from(raw) {
+        Ok(pb::ResourceType::Unspecified) | Err(_) => Err(Status::invalid_argument(format!("unknown resource type {raw}"))),
+        Ok(t) => Ok(t),
+    }
+}
+
+/// What a stream last sent for a name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Sent {
+    Nothing,
+    Version(String),
+    NotFound,
+}
+
+struct StreamTask {
+    id: u64,
+    index: IndexHandle,
+    metrics: Arc<Metrics>,
+    tx: mpsc::Sender<Result<pb::DiscoveryResponse, Status>>,
+    /// type -> name -> what was sent.
+    subs: BTreeMap<pb::ResourceType, BTreeMap<String, Sent>>,
+    /// (name, version) pairs the proxy rejected: never sent again.
+    nacked: HashSet<(String, String)>,
+    nonce: u64,
+    opened: bool,
+}
+
+impl StreamTask {
+    async fn run(mut self, mut requests: Streaming<pb::DiscoveryRequest>, mut shutdown: watch::Receiver<bool>) {
+        let mut snapshots = self.index.subscribe();
+        self.metrics.streams.inc();
+        loop {
+            tokio::select! {
+                message = requests.message() => match message {
+                    Ok(Some(req)) => {
+                        // NOTE: `borrow`, not `borrow_and_update`: a change that arrived meanwhile
+                        // must still be pushed for the names already subscribed.
+                        let snapshot = snapshots.borrow().clone();
+                        if let Err(status) = self.handle(req, &snapshot).await {
+                            let _ = self.tx.send(Err(status)).await;
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(stream = self.id, error = %e, "discovery stream failed");
+                        break;
+                    }
+                },
+                changed = snapshots.changed() => {
+                    if changed.is_err() { break }
+                    let snapshot = snapshots.borrow_and_update().clone();
+                    let types: Vec<_> = self.subs.keys().copied().collect();
+                    for ty in types {
+                        if !self.push(ty, None, &snapshot, false).await { break }
+                    }
+                }
+                () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => {
+                    let _ = self.tx.send(Err(Status::unavailable("controller shutting down"))).await;
+                    break;
+                }
+                () = self.tx.closed() => break,
+            }
+        }
+        self.metrics.streams.dec();
+        if self.opened {
+            self.index.stream_closed(self.id);
+        }
+    }
+
+    async fn handle(&mut self, req: pb::DiscoveryRequest, snapshot: &Arc<Snapshot>) -> Result<(), Status> {
+        if !self.opened {
+            let node = req.node.as_ref().ok_or_else(|| Status::invalid_argument("the first request must carry node"))?;
+            tracing::info!(stream = self.id, workload = %node.workload, "proxy connected");
+            self.index.stream_opened(self.id, node);
+            self.opened = true;
+        }
+        if let Some(status) = req.workload_status {
+            self.index.workload_ready(self.id, status.ready);
+        }
+        if req.r#type == 0 && req.subscribe.is_empty() && req.unsubscribe.is_empty() && req.response_nonce.is_empty() {
+            return Ok(()); // a node or status message only
+        }
+        let ty = resource_type(req.r#type)?;
+        if !req.response_nonce.is_empty() {
+            if let Some(error) = &req.error_detail {
+                self.metrics.nack(ty);
+                for r in &req.rejected {
+                    tracing::warn!(stream = self.id, name = %r.name, version = %r.version, reason = %r.reason, "proxy rejected a resource");
+                    self.nacked.insert((r.name.clone(), r.version.clone()));
+                }
+                tracing::warn!(stream = self.id, nonce = %req.response_nonce, error = %error.message, "NACK");
+            }
+        }
+        let subs = self.subs.entry(ty).or_default();
+        for name in &req.unsubscribe {
+            subs.remove(name);
+        }
+        if subs.len() + req.subscribe.len() > MAX_SUBSCRIPTIONS {
+            return Err(Status::resource_exhausted(format!("more than {MAX_SUBSCRIPTIONS} subscriptions on one stream")));
+        }
+        if req.subscribe.is_empty() {
+            return Ok(());
+        }
+        for name in &req.subscribe {
+            let sent = req.initial_versions.get(name).map_or(Sent::Nothing, |v| Sent::Version(v.clone()));
+            subs.insert(name.clone(), sent);
+        }
+        // NOTE: every subscribe is answered, even when nothing changed (the proxy's cached
+        // versions are current): the answer is the proxy's "synced" signal.
+        self.push(ty, Some(&req.subscribe), snapshot, true).await;
+        Ok(())
+    }
+
+    /// Sends what changed for `names` (all subscribed names when `None`). Returns false when
+    /// the proxy is gone.
+    async fn push(&mut self, ty: pb::ResourceType, names: Option<&[String]>, snapshot: &Snapshot, always: bool) -> bool {
+        let mut response = pb::DiscoveryResponse { r#type: ty.into(), ..Default::default() };
+        let Some(subs) = self.subs.get_mut(&ty) else { return true };
+        let all: Vec<String>;
+        let names = if let Some(n) = names {
+            n
+        } else {
+            all = subs.keys().cloned().collect();
+            &all
+        };
+        for name in names {
+            let Some(sent) = subs.get_mut(name) else { continue };
+            match snapshot.lookup(ty, name) {
+                Lookup::Found(r) => {
+                    if *sent != Sent::Version(r.version.clone()) && !self.nacked.contains(&(name.clone(), r.version.clone())) {
+                        *sent = Sent::Version(r.version.clone());
+                        response.resources.push(r);
+                    }
+                }
+                Lookup::NotFound | Lookup::Invalid(_) => match sent {
+                    Sent::Version(_) => {
+                        *sent = Sent::NotFound;
+                        response.removed.push(name.clone());
+                    }
+                    Sent::Nothing => {
+                        *sent = Sent::NotFound;
+                        response.not_found.push(name.clone());
+                    }
+                    Sent::NotFound => {}
+                },
+            }
+        }
+        if !always && response.resources.is_empty() && response.removed.is_empty() && response.not_found.is_empty() {
+            return true;
+        }
+        self.nonce += 1;
+        response.nonce = format!("{}-{}", self.id, self.nonce);
+        response.system_version = snapshot.generation.to_string();
+        self.metrics.push(ty);
+        self.tx.send(Ok(response)).await.is_ok()
+    }
+}

@@ -1,0 +1,205 @@
+//! The index: every object the sources delivered plus the workloads registered on Discovery
+//! streams, and the [`Snapshot`] of resources derived from them. One mutex guards the inputs;
+//! each change rebuilds the snapshot and publishes it on a watch channel, so Discovery streams
+//! see a consistent view and push only what changed.
+
+mod translate;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use ferrymesh_proto::discovery::v1 as pb;
+use tokio::sync::watch;
+
+use crate::sources::{Object, ObjectKey, ParseError, Parsed};
+pub use translate::{Lookup, ResourceKey, ServiceKey};
+
+/// A workload registered by a local-mode proxy on its Discovery stream.
+#[derive(Clone, Debug)]
+pub struct Registered {
+    /// The stream that registered it; the registration ends with the stream.
+    pub stream: u64,
+    /// What the proxy announced.
+    pub node: pb::Node,
+    /// Current readiness, from the announcement and later `workload_status` messages.
+    pub ready: bool,
+}
+
+#[derive(Debug, Default)]
+struct FileState {
+    /// The last good objects of the file.
+    objects: Vec<Object>,
+    /// The error of the last reload, when it was rejected (the objects above stay).
+    error: Option<ParseError>,
+    warnings: Vec<String>,
+}
+
+/// Everything the controller knows, and the snapshot derived from it.
+#[derive(Debug, Default)]
+struct Index {
+    files: BTreeMap<PathBuf, FileState>,
+    workloads: BTreeMap<u64, Registered>,
+    /// Streams connected now, registered or not: stream id -> node.
+    streams: BTreeMap<u64, pb::Node>,
+    generation: u64,
+}
+
+/// A consistent view of every resource, rebuilt on every change.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Increases with every rebuild (debugging only).
+    pub generation: u64,
+    /// Every resource, by type and key.
+    pub resources: translate::Resources,
+    /// Services (declared and implicit) with their ports.
+    pub services: BTreeMap<ServiceKey, translate::ServiceInfo>,
+    /// Registered local workloads.
+    pub workloads: Vec<Registered>,
+    /// Connected streams: id -> node.
+    pub streams: BTreeMap<u64, pb::Node>,
+    /// Files whose last reload was rejected.
+    pub file_errors: Vec<ParseError>,
+    /// Documents skipped or objects ignored.
+    pub warnings: Vec<String>,
+}
+
+impl Snapshot {
+    /// Looks a resource up by the name a proxy subscribed with.
+    pub fn lookup(&self, ty: pb::ResourceType, name: &str) -> Lookup {
+        translate::lookup(self, ty, name)
+    }
+}
+
+/// A cloneable handle on the index, shared by the sources and the Discovery server.
+#[derive(Clone, Debug)]
+pub struct IndexHandle {
+    inner: Arc<Mutex<Index>>,
+    tx: Arc<watch::Sender<Arc<Snapshot>>>,
+}
+
+impl Default for IndexHandle {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl IndexHandle {
+    /// An empty index.
+    pub fn new() -> Self {
+        let (tx, _) = watch::channel(Arc::new(Snapshot::default()));
+        Self { inner: Arc::default(), tx: Arc::new(tx) }
+    }
+
+    /// Snapshots, latest first: the receiver is marked changed on every rebuild.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.tx.subscribe()
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.tx.borrow().clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Index)) {
+        let mut index = self.inner.lock().expect("index lock poisoned: a panic while updating");
+        f(&mut index);
+        index.generation += 1;
+        let snapshot = Arc::new(index.build());
+        self.tx.send_replace(snapshot);
+    }
+
+    /// Applies a file's reload: all of it, or (on error) none of it, keeping its last good objects.
+    pub fn apply_file(&self, path: &Path, result: Result<Parsed, ParseError>) {
+        self.update(|index| {
+            let state = index.files.entry(path.to_owned()).or_default();
+            match result {
+                Ok(parsed) => {
+                    state.objects = parsed.objects;
+                    state.warnings = parsed.warnings;
+                    state.error = None;
+                }
+                Err(e) => state.error = Some(e),
+            }
+        });
+    }
+
+    /// Forgets a deleted file and its objects.
+    pub fn remove_file(&self, path: &Path) {
+        self.update(|index| {
+            index.files.remove(path);
+        });
+    }
+
+    /// A Discovery stream opened with this node; registers its local workload, if any.
+    pub fn stream_opened(&self, stream: u64, node: &pb::Node) {
+        self.update(|index| {
+            index.streams.insert(stream, node.clone());
+            if let Some(local) = &node.local_workload {
+                index
+                    .workloads
+                    .insert(stream, Registered { stream, node: node.clone(), ready: local.ready });
+            }
+        });
+    }
+
+    /// The local workload of a stream changed readiness.
+    pub fn workload_ready(&self, stream: u64, ready: bool) {
+        self.update(|index| {
+            if let Some(w) = index.workloads.get_mut(&stream) {
+                w.ready = ready;
+            }
+        });
+    }
+
+    /// A stream ended: its workload leaves the endpoint sets at once.
+    pub fn stream_closed(&self, stream: u64) {
+        self.update(|index| {
+            index.streams.remove(&stream);
+            index.workloads.remove(&stream);
+        });
+    }
+}
+
+impl Index {
+    fn build(&self) -> Snapshot {
+        let mut objects: BTreeMap<ObjectKey, &Object> = BTreeMap::new();
+        let mut warnings = Vec::new();
+        let mut file_errors = Vec::new();
+        for (path, state) in &self.files {
+            warnings.extend(state.warnings.iter().cloned());
+            if let Some(e) = &state.error {
+                file_errors.push(e.clone());
+            }
+            for object in &state.objects {
+                let key = object.key();
+                if let Some(first) = objects.get(&key) {
+                    warnings.push(format!(
+                        "{}: {} {}/{}: ignored: already defined in {}",
+                        path.display(),
+                        key.kind,
+                        key.namespace,
+                        key.name,
+                        first.meta().file.as_deref().unwrap_or(Path::new("?")).display()
+                    ));
+                    continue;
+                }
+                objects.insert(key, object);
+            }
+        }
+        let workloads: Vec<Registered> = self.workloads.values().cloned().collect();
+        let (resources, services) = translate::build(objects.values().copied(), &workloads, &mut warnings);
+        Snapshot {
+            generation: self.generation,
+            resources,
+            services,
+            workloads,
+            streams: self.streams.clone(),
+            file_errors,
+            warnings,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

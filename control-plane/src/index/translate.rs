@@ -1,0 +1,324 @@
+//! Objects + registered workloads -> Discovery resources. Pure functions: the same inputs give
+//! the same resources and versions (a hash of the canonical bytes) on every replica.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ferrymesh_proto::config::v1 as cfg;
+use ferrymesh_proto::discovery::v1 as pb;
+use prost::Message;
+use sha2::{Digest, Sha256};
+
+use super::{Registered, Snapshot};
+use crate::sources::{Object, PortProtocol, Service, ServicePort, Timeouts};
+
+/// A service's identity.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub struct ServiceKey {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+/// What the index knows of a service.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ServiceInfo {
+    /// Ports.
+    pub ports: Vec<ServicePort>,
+    /// ClusterIP, when declared.
+    pub cluster_ip: Option<IpAddr>,
+    /// True when no Service object declares it and a registered workload implied it.
+    pub implicit: bool,
+}
+
+/// Key of a per-service-port resource.
+pub type ResourceKey = (ServiceKey, u16);
+
+/// Every resource of a snapshot.
+#[derive(Debug, Default)]
+pub struct Resources {
+    /// ENDPOINTS by service port.
+    pub endpoints: BTreeMap<ResourceKey, Arc<pb::Resource>>,
+    /// CLIENT_POLICY by service port.
+    pub client_policies: BTreeMap<ResourceKey, Arc<pb::Resource>>,
+    /// The INBOUND_POLICY every workload gets until authentication policies exist.
+    pub inbound: Option<Arc<pb::Resource>>,
+    cluster_ips: BTreeMap<IpAddr, ServiceKey>,
+}
+
+/// The answer to a subscription.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Lookup {
+    /// The resource, named as subscribed.
+    Found(pb::Resource),
+    /// Explicitly absent.
+    NotFound,
+    /// The name cannot name anything of this type.
+    Invalid(String),
+}
+
+/// Default port for an implicit service (a local workload with no Service object).
+const IMPLICIT_PORT: u16 = 80;
+
+pub(super) fn build<'a>(
+    objects: impl Iterator<Item = &'a Object>,
+    workloads: &[Registered],
+    warnings: &mut Vec<String>,
+) -> (Resources, BTreeMap<ServiceKey, ServiceInfo>) {
+    let objects: Vec<&Object> = objects.collect();
+    let mut services: BTreeMap<ServiceKey, (ServiceInfo, Option<&Service>)> = BTreeMap::new();
+    for o in &objects {
+        if let Object::Service(s) = o {
+            let key = ServiceKey { namespace: s.meta.namespace.clone(), name: s.meta.name.clone() };
+            let info = ServiceInfo { ports: s.ports.clone(), cluster_ip: s.cluster_ip, implicit: false };
+            services.insert(key, (info, Some(s)));
+        }
+    }
+    for w in workloads {
+        let Some(svc) = w.node.local_workload.as_ref().and_then(|l| l.service.as_ref()) else { continue };
+        let key = ServiceKey { namespace: svc.namespace.clone(), name: svc.name.clone() };
+        services.entry(key).or_insert_with(|| {
+            let port = ServicePort { name: "http".into(), port: IMPLICIT_PORT, protocol: PortProtocol::Http };
+            (ServiceInfo { ports: vec![port], cluster_ip: None, implicit: true }, None)
+        });
+    }
+
+    let mut resources = Resources::default();
+    for (key, (info, declared)) in &services {
+        if let Some(ip) = info.cluster_ip {
+            resources.cluster_ips.insert(ip, key.clone());
+        }
+        for port in &info.ports {
+            let endpoints = endpoints(key, port, &objects, workloads, warnings);
+            let service_source = declared.map(|s| object_ref("", "Service", &s.meta, &port.name));
+            let mut ep_sources: Vec<cfg::ResourceRef> = service_source.iter().cloned().collect();
+            ep_sources.extend(slice_sources(key, &objects));
+            let body = pb::resource::Body::Endpoints(endpoints);
+            resources.endpoints.insert((key.clone(), port.port), Arc::new(resource(body, ep_sources)));
+
+            let (policy, sources) = client_policy(key, port, &objects);
+            let mut all_sources: Vec<cfg::ResourceRef> = service_source.into_iter().collect();
+            all_sources.extend(sources);
+            let body = pb::resource::Body::ClientPolicy(policy);
+            resources.client_policies.insert((key.clone(), port.port), Arc::new(resource(body, all_sources)));
+        }
+    }
+    let inbound = cfg::InboundPolicy {
+        port: 0,
+        protocol: cfg::Protocol::Http.into(),
+        mtls: cfg::MtlsMode::Permissive.into(),
+        default_policy: cfg::DefaultPolicy::AllUnauthenticated.into(),
+    };
+    resources.inbound = Some(Arc::new(resource(pb::resource::Body::InboundPolicy(inbound), Vec::new())));
+    let services = services.into_iter().map(|(k, (info, _))| (k, info)).collect();
+    (resources, services)
+}
+
+fn protocol(p: PortProtocol) -> cfg::Protocol {
+    match p {
+        PortProtocol::Http => cfg::Protocol::Http,
+        PortProtocol::Http2 => cfg::Protocol::Http2,
+        PortProtocol::Grpc => cfg::Protocol::Grpc,
+        PortProtocol::Opaque => cfg::Protocol::Opaque,
+    }
+}
+
+fn object_ref(group: &str, kind: &str, meta: &crate::sources::Meta, section: &str) -> cfg::ResourceRef {
+    cfg::ResourceRef {
+        group: group.to_owned(),
+        kind: kind.to_owned(),
+        namespace: meta.namespace.clone(),
+        name: meta.name.clone(),
+        section: section.to_owned(),
+        generation: meta.generation,
+        file: meta.file.as_deref().map(|f| f.display().to_string()).unwrap_or_default(),
+    }
+}
+
+fn slice_sources(key: &ServiceKey, objects: &[&Object]) -> Vec<cfg::ResourceRef> {
+    objects
+        .iter()
+        .filter_map(|o| match o {
+            Object::EndpointSlice(s) if s.meta.namespace == key.namespace && s.service == key.name => {
+                Some(object_ref("discovery.k8s.io", "EndpointSlice", &s.meta, ""))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn endpoints(
+    key: &ServiceKey,
+    port: &ServicePort,
+    objects: &[&Object],
+    workloads: &[Registered],
+    warnings: &mut Vec<String>,
+) -> cfg::ServiceEndpoints {
+    let mut endpoints = Vec::new();
+    for o in objects {
+        let Object::EndpointSlice(slice) = o else { continue };
+        if slice.meta.namespace != key.namespace || slice.service != key.name {
+            continue;
+        }
+        let Some(&(_, target_port)) = slice.ports.iter().find(|(name, _)| *name == port.name) else {
+            warnings.push(format!(
+                "EndpointSlice {}/{}: no port named {:?} for Service {}/{}",
+                slice.meta.namespace, slice.meta.name, port.name, key.namespace, key.name
+            ));
+            continue;
+        };
+        for e in &slice.endpoints {
+            for ip in &e.addresses {
+                endpoints.push(cfg::Endpoint {
+                    addr: Some(cfg::SocketAddr { ip: ip.to_string(), port: u32::from(target_port) }),
+                    weight: 1,
+                    zone: e.zone.clone(),
+                    ready: e.ready,
+                    serving: e.serving,
+                    terminating: e.terminating,
+                    ..Default::default()
+                });
+            }
+        }
+    }
+    for w in workloads {
+        let Some(local) = &w.node.local_workload else { continue };
+        let Some(svc) = &local.service else { continue };
+        if !w.ready || svc.namespace != key.namespace || svc.name != key.name {
+            continue;
+        }
+        let Some(inbound) = &local.inbound else { continue };
+        endpoints.push(cfg::Endpoint {
+            addr: Some(inbound.clone()),
+            weight: 1,
+            zone: w.node.zone.clone(),
+            identity: String::new(),
+            ready: true,
+            serving: true,
+            terminating: false,
+            proxy_inbound_port: inbound.port,
+            metric_labels: [("instance".to_owned(), local.instance.clone())].into(),
+            pod: Some(cfg::ResourceRef {
+                kind: "Workload".into(),
+                namespace: key.namespace.clone(),
+                name: local.instance.clone(),
+                ..Default::default()
+            }),
+            node: String::new(),
+        });
+    }
+    // NOTE: sorted so the version (a hash of the bytes) does not depend on registration order.
+    endpoints.sort_by(|a, b| {
+        let k = |e: &cfg::Endpoint| e.addr.as_ref().map(|a| (a.ip.clone(), a.port));
+        k(a).cmp(&k(b))
+    });
+    endpoints.dedup_by(|a, b| a.addr == b.addr);
+    cfg::ServiceEndpoints {
+        service: Some(cfg::ServiceRef { name: key.name.clone(), namespace: key.namespace.clone() }),
+        port: u32::from(port.port),
+        protocol: protocol(port.protocol).into(),
+        endpoints,
+    }
+}
+
+/// Specificity of a ResiliencePolicy target for this service port (higher wins), if it applies.
+fn specificity(t: &crate::sources::TargetRef, key: &ServiceKey, port: &ServicePort) -> Option<u8> {
+    match (t.group.as_str(), t.kind.as_str()) {
+        ("", "Namespace") if t.name == key.namespace => Some(1),
+        ("", "Service") if t.name == key.name => match &t.section_name {
+            None => Some(2),
+            Some(section) if *section == port.name => Some(3),
+            Some(_) => None,
+        },
+        _ => None,
+    }
+}
+
+fn client_policy(key: &ServiceKey, port: &ServicePort, objects: &[&Object]) -> (cfg::ClientPolicy, Vec<cfg::ResourceRef>) {
+    // Section-atomic merge: the `timeouts` section comes whole from the most specific policy
+    // that sets it; at the same level the first by namespace/name wins.
+    let mut best: Option<(u8, &crate::sources::Policy, &Timeouts)> = None;
+    let mut sources = Vec::new();
+    for o in objects {
+        let Object::Policy(p) = o else { continue };
+        if p.kind != "ResiliencePolicy" || p.meta.namespace != key.namespace {
+            continue;
+        }
+        let Some(level) = p.target_refs.iter().filter_map(|t| specificity(t, key, port)).max() else { continue };
+        sources.push(object_ref(&p.group, &p.kind, &p.meta, ""));
+        if let Some(t) = &p.timeouts
+            && best.is_none_or(|(l, b, _)| level > l || (level == l && p.meta.name < b.meta.name))
+        {
+            best = Some((level, p, t));
+        }
+    }
+    let d = |d: Option<std::time::Duration>| d.map(|d| prost_types::Duration::try_from(d).expect("policy durations fit"));
+    let timeouts = best.map(|(_, _, t)| cfg::Timeouts {
+        request: d(t.request),
+        per_try: d(t.per_try),
+        connect: d(t.connect),
+        idle: d(t.idle),
+    });
+    let policy = cfg::ClientPolicy {
+        service: Some(cfg::ServiceRef { name: key.name.clone(), namespace: key.namespace.clone() }),
+        port: u32::from(port.port),
+        routes: vec![cfg::Route { name: "default".into(), source: None }],
+        timeouts,
+        lb: Some(cfg::LoadBalancer { algorithm: cfg::load_balancer::Algorithm::PeakEwma.into() }),
+        protocol: protocol(port.protocol).into(),
+    };
+    (policy, sources)
+}
+
+fn resource(body: pb::resource::Body, sources: Vec<cfg::ResourceRef>) -> pb::Resource {
+    let mut r = pb::Resource { name: String::new(), version: String::new(), ttl: None, sources, body: Some(body) };
+    let digest = Sha256::digest(r.encode_to_vec());
+    r.version = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    r
+}
+
+/// Parses `host:port` as proxies subscribe with it (authority or original destination).
+fn resolve(snapshot: &Snapshot, name: &str) -> Result<Option<ResourceKey>, String> {
+    let (host, port) = name
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{name:?}: expected host:port"))?;
+    let port: u16 = port.parse().map_err(|_| format!("{name:?}: bad port"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(snapshot.resources.cluster_ips.get(&ip).map(|k| (k.clone(), port)));
+    }
+    let labels: Vec<&str> = host.split('.').collect();
+    let (service, namespace) = match labels.as_slice() {
+        [s] => (*s, "default"),
+        [s, ns] | [s, ns, "svc"] | [s, ns, "svc", "cluster", "local"] => (*s, *ns),
+        _ => return Ok(None),
+    };
+    Ok(Some((ServiceKey { namespace: namespace.to_owned(), name: service.to_owned() }, port)))
+}
+
+pub(super) fn lookup(snapshot: &Snapshot, ty: pb::ResourceType, name: &str) -> Lookup {
+    let found = |r: &Arc<pb::Resource>| {
+        let mut r = pb::Resource::clone(r);
+        r.name = name.to_owned();
+        Lookup::Found(r)
+    };
+    let table = match ty {
+        pb::ResourceType::Endpoints => &snapshot.resources.endpoints,
+        pb::ResourceType::ClientPolicy => &snapshot.resources.client_policies,
+        pb::ResourceType::InboundPolicy => {
+            return if name == "*" || name.parse::<u16>().is_ok() {
+                snapshot.resources.inbound.as_ref().map_or(Lookup::NotFound, found)
+            } else {
+                Lookup::Invalid(format!("{name:?}: inbound policy names are \"*\" or a port number"))
+            };
+        }
+        other => return Lookup::Invalid(format!("resource type {} is not served yet", other.as_str_name())),
+    };
+    match resolve(snapshot, name) {
+        Err(e) => Lookup::Invalid(e),
+        Ok(None) => Lookup::NotFound,
+        Ok(Some(key)) => table.get(&key).map_or(Lookup::NotFound, found),
+    }
+}

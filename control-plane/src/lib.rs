@@ -1,0 +1,13 @@
+//! The Ferrymesh controller: watches the platform and streams config to proxies.
+//!
+//! Flow: a source ([`sources::files`] locally, Kubernetes later) delivers typed objects ->
+//! [`index`] keeps the last good objects plus the workloads proxies registered, and derives a
+//! snapshot of resources (endpoints, client and inbound policy) -> [`grpc`] streams each proxy
+//! the resources it subscribed to, as deltas with ACK/NACK -> [`admin`] shows it all as JSON.
+
+pub mod admin;
+pub mod grpc;
+pub mod index;
+pub mod metrics;
+pub mod run;
+pub mod sources;

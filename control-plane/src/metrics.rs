@@ -1,0 +1,62 @@
+//! Controller metrics (Prometheus text on the admin port): connected streams, pushes and NACKs
+//! by resource type. Gauges derived from the index (file errors, workloads) are rendered at
+//! scrape time by the admin module.
+
+use ferrymesh_proto::discovery::v1 as pb;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TypeLabel {
+    r#type: String,
+}
+
+/// Every controller metric.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Open Discovery streams.
+    pub streams: Gauge,
+    pushes: Family<TypeLabel, Counter>,
+    nacks: Family<TypeLabel, Counter>,
+    registry: Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("ferrymesh_controller");
+        let streams = Gauge::default();
+        let pushes = Family::<TypeLabel, Counter>::default();
+        let nacks = Family::<TypeLabel, Counter>::default();
+        registry.register("discovery_streams", "Open Discovery streams", streams.clone());
+        registry.register("discovery_pushes", "Discovery responses sent", pushes.clone());
+        registry.register("discovery_nacks", "Discovery responses rejected by proxies", nacks.clone());
+        Self { streams, pushes, nacks, registry }
+    }
+
+    /// One response of type `ty` sent.
+    pub fn push(&self, ty: pb::ResourceType) {
+        self.pushes.get_or_create(&TypeLabel { r#type: ty.as_str_name().to_owned() }).inc();
+    }
+
+    /// One NACK of type `ty` received.
+    pub fn nack(&self, ty: pb::ResourceType) {
+        self.nacks.get_or_create(&TypeLabel { r#type: ty.as_str_name().to_owned() }).inc();
+    }
+
+    /// Prometheus text exposition (without the final `# EOF`, so gauges can be appended).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode_registry(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,94 @@
+//! The controller process: binds its ports, loads the source, serves until SIGTERM or Ctrl-C.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::admin::{self, Addresses};
+use crate::grpc::DiscoveryService;
+use crate::index::IndexHandle;
+use crate::metrics::Metrics;
+use crate::sources::files::FileSource;
+
+/// Where the controller reads objects from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SourceKind {
+    /// A folder of YAML (local mode).
+    Files,
+}
+
+/// `ferrymesh-controller run` options.
+#[derive(Clone, Debug, clap::Args)]
+pub struct RunArgs {
+    /// Where objects come from.
+    #[arg(long, value_enum, default_value = "files")]
+    pub source: SourceKind,
+    /// With `--source files`: the folder of YAML to load and watch.
+    #[arg(long, env = "FERRYMESH_CONTROLLER_CONFIG_DIR")]
+    pub config_dir: PathBuf,
+    /// Discovery gRPC address (port 0: any free port, printed at start).
+    #[arg(long, default_value = "127.0.0.1:9091", env = "FERRYMESH_CONTROLLER_DISCOVERY_LISTEN")]
+    pub discovery_listen: SocketAddr,
+    /// Health, metrics and `/status` address.
+    #[arg(long, default_value = "127.0.0.1:9990", env = "FERRYMESH_CONTROLLER_ADMIN_LISTEN")]
+    pub admin_listen: SocketAddr,
+}
+
+/// The line printed on stdout once every port is bound: `FERRYMESH_LISTENING {json}`.
+pub const LISTENING_PREFIX: &str = "FERRYMESH_LISTENING ";
+
+/// Runs the controller until `shutdown` turns true.
+///
+/// # Errors
+/// A port cannot be bound or the source cannot be read at start.
+pub async fn run(args: RunArgs, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let index = IndexHandle::new();
+    let metrics = Arc::new(Metrics::new());
+    let SourceKind::Files = args.source;
+    let mut source = FileSource::new(args.config_dir.clone(), index.clone());
+    let rejected = source.load()?;
+    if rejected > 0 {
+        tracing::warn!(rejected, "some config files were rejected at start; serving the others");
+    }
+
+    let discovery = TcpListener::bind(args.discovery_listen)
+        .await
+        .with_context(|| format!("binding the Discovery listener on {}", args.discovery_listen))?;
+    let admin_listener = TcpListener::bind(args.admin_listen)
+        .await
+        .with_context(|| format!("binding the admin listener on {}", args.admin_listen))?;
+    let addrs = Addresses { discovery: discovery.local_addr()?, admin: admin_listener.local_addr()? };
+    println!("{LISTENING_PREFIX}{}", serde_json::to_string(&addrs)?);
+    tracing::info!(discovery = %addrs.discovery, admin = %addrs.admin, "controller listening");
+
+    let watch_task = tokio::spawn(source.watch(shutdown.clone()));
+    let admin_app = admin::router(index.clone(), metrics.clone(), addrs.clone());
+    let mut admin_shutdown = shutdown.clone();
+    let admin_task = tokio::spawn(async move {
+        axum::serve(admin_listener, admin_app)
+            .with_graceful_shutdown(async move {
+                let _ = admin_shutdown.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    let service = DiscoveryService::new(index, metrics, shutdown.clone());
+    let mut grpc_shutdown = shutdown.clone();
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(3)))
+        .add_service(service.into_server())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(discovery), async move {
+            let _ = grpc_shutdown.wait_for(|s| *s).await;
+        })
+        .await
+        .context("serving Discovery")?;
+    admin_task.await.context("admin task")?.context("serving admin")?;
+    watch_task.await.context("watch task")??;
+    Ok(())
+}

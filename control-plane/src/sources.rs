@@ -1,0 +1,186 @@
+//! Where the controller learns about the platform. Every source produces the same typed
+//! [`Object`]s, so everything after a source (index, translation, discovery) is one code path.
+//!
+//! - [`files`]: local mode, a folder of multi-document YAML, hot-reloaded.
+
+pub mod files;
+mod parse;
+
+pub use parse::{ParseError, Parsed, parse_documents};
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Identity of a namespaced object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub struct ObjectKey {
+    /// Kind, e.g. `Service`.
+    pub kind: String,
+    /// Namespace (`default` when the document leaves it out).
+    pub namespace: String,
+    /// `metadata.name`.
+    pub name: String,
+}
+
+/// Metadata every object carries.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Meta {
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.namespace`, `default` when absent.
+    pub namespace: String,
+    /// `metadata.generation`; 1 when absent (local files have no API server to count).
+    pub generation: i64,
+    /// Local mode: the file the object came from.
+    pub file: Option<PathBuf>,
+}
+
+/// One object the controller understands.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Object {
+    /// A core `v1` Service.
+    Service(Service),
+    /// A `discovery.k8s.io/v1` EndpointSlice (static endpoints for unmeshed backends).
+    EndpointSlice(EndpointSlice),
+    /// One of our policy kinds, checked for shape and kept for translation.
+    Policy(Policy),
+}
+
+impl Object {
+    /// The object's metadata.
+    pub fn meta(&self) -> &Meta {
+        match self {
+            Object::Service(s) => &s.meta,
+            Object::EndpointSlice(e) => &e.meta,
+            Object::Policy(p) => &p.meta,
+        }
+    }
+
+    /// The object's kind, as written in YAML.
+    pub fn kind(&self) -> &str {
+        match self {
+            Object::Service(_) => "Service",
+            Object::EndpointSlice(_) => "EndpointSlice",
+            Object::Policy(p) => p.kind.as_str(),
+        }
+    }
+
+    /// `kind/namespace/name`.
+    pub fn key(&self) -> ObjectKey {
+        let meta = self.meta();
+        ObjectKey {
+            kind: self.kind().to_owned(),
+            namespace: meta.namespace.clone(),
+            name: meta.name.clone(),
+        }
+    }
+}
+
+/// The protocol of a service port, from `appProtocol` (or the port name's prefix, as Istio does).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum PortProtocol {
+    /// HTTP/1.1 or HTTP/2, detected.
+    Http,
+    /// HTTP/2 prior knowledge.
+    Http2,
+    /// gRPC (HTTP/2).
+    Grpc,
+    /// Bytes as they are.
+    Opaque,
+}
+
+/// A port of a [`Service`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ServicePort {
+    /// Port name (`sectionName` in policy targetRefs).
+    pub name: String,
+    /// Service port.
+    pub port: u16,
+    /// How proxies treat the bytes.
+    pub protocol: PortProtocol,
+}
+
+/// A Service: a name and its ports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Service {
+    /// Metadata.
+    pub meta: Meta,
+    /// Ports; at least one.
+    pub ports: Vec<ServicePort>,
+    /// `spec.clusterIP`, when set (transparent interception resolves it).
+    pub cluster_ip: Option<std::net::IpAddr>,
+}
+
+/// Static endpoints of a service.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndpointSlice {
+    /// Metadata.
+    pub meta: Meta,
+    /// The label `kubernetes.io/service-name`.
+    pub service: String,
+    /// Ports by name: the endpoint port for each service port name.
+    pub ports: Vec<(String, u16)>,
+    /// Endpoints.
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+/// One endpoint of an [`EndpointSlice`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct SliceEndpoint {
+    /// Addresses (IPs).
+    pub addresses: Vec<std::net::IpAddr>,
+    /// `conditions.ready` (absent = true).
+    pub ready: bool,
+    /// `conditions.serving` (absent = ready).
+    pub serving: bool,
+    /// `conditions.terminating` (absent = false).
+    pub terminating: bool,
+    /// `zone`.
+    pub zone: String,
+}
+
+/// A reference from a policy to what it applies to (GEP-713).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TargetRef {
+    /// `""` for core kinds.
+    #[serde(default)]
+    pub group: String,
+    /// Namespace, Service, HTTPRoute, GRPCRoute or Gateway.
+    pub kind: String,
+    /// Name, same namespace as the policy.
+    pub name: String,
+    /// Port name, route rule name or listener name.
+    #[serde(default, rename = "sectionName", skip_serializing_if = "Option::is_none")]
+    pub section_name: Option<String>,
+}
+
+/// One of our policy kinds. The walking skeleton reads `targetRefs` and `timeouts` and keeps
+/// the rest of the spec as it came for the later translation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Policy {
+    /// Metadata.
+    pub meta: Meta,
+    /// API group, e.g. `policy.ferrymesh.io`.
+    pub group: String,
+    /// Kind, e.g. `ResiliencePolicy`.
+    pub kind: String,
+    /// `spec.targetRefs`.
+    pub target_refs: Vec<TargetRef>,
+    /// `spec.timeouts` (ResiliencePolicy only).
+    pub timeouts: Option<Timeouts>,
+    /// The spec as written.
+    pub spec: serde_json::Value,
+}
+
+/// `spec.timeouts` of a ResiliencePolicy.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Timeouts {
+    /// Whole call.
+    pub request: Option<Duration>,
+    /// One attempt.
+    pub per_try: Option<Duration>,
+    /// TCP connect.
+    pub connect: Option<Duration>,
+    /// Idle pooled connection.
+    pub idle: Option<Duration>,
+}

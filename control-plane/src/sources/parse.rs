@@ -1,0 +1,420 @@
+//! Multi-document YAML -> typed [`Object`]s. A document of an unknown kind is skipped with a
+//! warning; any invalid document rejects the whole file (the caller keeps the last good one),
+//! with an error naming the file, the object and the field.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use super::{
+    EndpointSlice, Meta, Object, Policy, PortProtocol, Service, ServicePort, SliceEndpoint,
+    TargetRef, Timeouts,
+};
+
+/// Why a file was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize)]
+#[error("{}: {object}: {field}: {message}", file.display())]
+pub struct ParseError {
+    /// The file.
+    pub file: PathBuf,
+    /// `Kind namespace/name`, or `document N` before the name is known.
+    pub object: String,
+    /// Path of the offending field, e.g. `spec.ports[0].port`; `.` for the whole document.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// What a file held: objects, plus warnings for documents that were skipped.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    /// Objects, in file order.
+    pub objects: Vec<Object>,
+    /// One line per skipped document.
+    pub warnings: Vec<String>,
+}
+
+const POLICY_KINDS: &[(&str, &str)] = &[
+    ("policy.ferrymesh.io", "ResiliencePolicy"),
+    ("policy.ferrymesh.io", "AuthenticationPolicy"),
+    ("policy.ferrymesh.io", "AuthorizationPolicy"),
+    ("policy.ferrymesh.io", "FaultInjection"),
+    ("gateway.ferrymesh.io", "Aggregation"),
+    ("gateway.networking.k8s.io", "HTTPRoute"),
+    ("gateway.networking.k8s.io", "GRPCRoute"),
+];
+
+/// Parses every document of one file.
+///
+/// # Errors
+/// The first invalid document, as a [`ParseError`].
+pub fn parse_documents(file: &Path, text: &str) -> Result<Parsed, ParseError> {
+    let mut parsed = Parsed::default();
+    let mut seen = HashSet::new();
+    for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let label = format!("document {}", i + 1);
+        let err = |object: &str, field: &str, message: String| ParseError {
+            file: file.to_owned(),
+            object: object.to_owned(),
+            field: field.to_owned(),
+            message,
+        };
+        let value = serde_yaml_ng::Value::deserialize(doc).map_err(|e| err(&label, ".", e.to_string()))?;
+        if value.is_null() {
+            continue; // an empty document, e.g. a trailing `---`
+        }
+        let json = serde_json::to_value(&value).map_err(|e| err(&label, ".", e.to_string()))?;
+        let head: Head = from_json(&json).map_err(|(f, m)| err(&label, &f, m))?;
+        let (group, version) = match head.api_version.split_once('/') {
+            Some((g, v)) => (g, v),
+            None => ("", head.api_version.as_str()),
+        };
+        let object_label = format!(
+            "{} {}/{}",
+            head.kind,
+            head.metadata.namespace.as_deref().unwrap_or("default"),
+            head.metadata.name
+        );
+        let meta = meta(file, &head.metadata).map_err(|(f, m)| err(&object_label, &f, m))?;
+        let object = match (group, head.kind.as_str()) {
+            ("", "Service") => service(meta, &json),
+            ("discovery.k8s.io", "EndpointSlice") => endpoint_slice(meta, &json),
+            (g, k) if POLICY_KINDS.contains(&(g, k)) => policy(meta, g, k, &json),
+            _ => {
+                parsed.warnings.push(format!(
+                    "{}: {object_label}: skipped: unknown kind {}/{}",
+                    file.display(),
+                    head.api_version,
+                    head.kind
+                ));
+                continue;
+            }
+        }
+        .map_err(|(f, m)| err(&object_label, &f, m))?;
+        let _ = version;
+        if !seen.insert(object.key()) {
+            return Err(err(&object_label, "metadata.name", "defined twice in this file".to_owned()));
+        }
+        parsed.objects.push(object);
+    }
+    Ok(parsed)
+}
+
+type FieldError = (String, String);
+
+fn from_json<T: DeserializeOwned>(json: &serde_json::Value) -> Result<T, FieldError> {
+    serde_path_to_error::deserialize(json).map_err(|e| {
+        let path = e.path().to_string();
+        (if path.is_empty() { ".".to_owned() } else { path }, e.into_inner().to_string())
+    })
+}
+
+fn field_err(field: impl Into<String>, message: impl Into<String>) -> FieldError {
+    (field.into(), message.into())
+}
+
+#[derive(Deserialize)]
+struct Head {
+    #[serde(rename = "apiVersion")]
+    api_version: String,
+    kind: String,
+    metadata: RawMeta,
+}
+
+#[derive(Deserialize)]
+struct RawMeta {
+    name: String,
+    namespace: Option<String>,
+    generation: Option<i64>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+fn meta(file: &Path, raw: &RawMeta) -> Result<Meta, FieldError> {
+    check_dns_label(&raw.name, 253).map_err(|m| field_err("metadata.name", m))?;
+    let namespace = raw.namespace.clone().unwrap_or_else(|| "default".to_owned());
+    check_dns_label(&namespace, 63).map_err(|m| field_err("metadata.namespace", m))?;
+    Ok(Meta {
+        name: raw.name.clone(),
+        namespace,
+        generation: raw.generation.unwrap_or(1),
+        file: Some(file.to_owned()),
+    })
+}
+
+/// RFC 1123 label (or subdomain when `max` is 253).
+fn check_dns_label(name: &str, max: usize) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= max
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (max > 63 && b == b'.'))
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a valid name (lowercase letters, digits and '-', at most {max} characters)"
+        ))
+    }
+}
+
+// === Service ===
+
+#[derive(Deserialize)]
+struct RawService {
+    spec: RawServiceSpec,
+}
+
+#[derive(Deserialize)]
+struct RawServiceSpec {
+    #[serde(default)]
+    ports: Vec<RawServicePort>,
+    #[serde(rename = "clusterIP")]
+    cluster_ip: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawServicePort {
+    name: Option<String>,
+    port: u16,
+    #[serde(rename = "appProtocol")]
+    app_protocol: Option<String>,
+    protocol: Option<String>,
+}
+
+fn service(meta: Meta, json: &serde_json::Value) -> Result<Object, FieldError> {
+    let raw: RawService = from_json(json)?;
+    if raw.spec.ports.is_empty() {
+        return Err(field_err("spec.ports", "a Service needs at least one port"));
+    }
+    let mut names = HashSet::new();
+    let mut ports = Vec::new();
+    for (i, p) in raw.spec.ports.iter().enumerate() {
+        let at = |f: &str| format!("spec.ports[{i}].{f}");
+        if p.port == 0 {
+            return Err(field_err(at("port"), "must be 1..65535"));
+        }
+        if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
+            return Err(field_err(at("protocol"), "only TCP ports are meshed"));
+        }
+        let name = match &p.name {
+            Some(n) => n.clone(),
+            None if raw.spec.ports.len() == 1 => String::new(),
+            None => return Err(field_err(at("name"), "required when a Service has several ports")),
+        };
+        if !names.insert(name.clone()) {
+            return Err(field_err(at("name"), format!("duplicate port name {name:?}")));
+        }
+        let protocol = port_protocol(p.app_protocol.as_deref(), &name).map_err(|m| field_err(at("appProtocol"), m))?;
+        ports.push(ServicePort { name, port: p.port, protocol });
+    }
+    let cluster_ip = match raw.spec.cluster_ip.as_deref() {
+        None | Some("None" | "") => None,
+        Some(ip) => Some(ip.parse().map_err(|_| field_err("spec.clusterIP", format!("{ip:?} is not an IP address")))?),
+    };
+    Ok(Object::Service(Service { meta, ports, cluster_ip }))
+}
+
+fn port_protocol(app_protocol: Option<&str>, port_name: &str) -> Result<PortProtocol, String> {
+    let known = |p: &str| match p {
+        "http" => Some(PortProtocol::Http),
+        "http2" | "h2c" | "kubernetes.io/h2c" => Some(PortProtocol::Http2),
+        "grpc" => Some(PortProtocol::Grpc),
+        "tcp" | "opaque" => Some(PortProtocol::Opaque),
+        _ => None,
+    };
+    match app_protocol {
+        Some(p) => known(p).ok_or_else(|| {
+            format!("unknown appProtocol {p:?} (http, http2, kubernetes.io/h2c, grpc, tcp, opaque)")
+        }),
+        // Like Istio, a port named `grpc-web` or `tcp-db` says its protocol; anything else is HTTP.
+        None => Ok(known(port_name.split('-').next().unwrap_or_default()).unwrap_or(PortProtocol::Http)),
+    }
+}
+
+// === EndpointSlice ===
+
+#[derive(Deserialize)]
+struct RawSlice {
+    metadata: RawMeta,
+    #[serde(rename = "addressType")]
+    address_type: Option<String>,
+    #[serde(default)]
+    ports: Vec<RawSlicePort>,
+    #[serde(default)]
+    endpoints: Vec<RawSliceEndpoint>,
+}
+
+#[derive(Deserialize)]
+struct RawSlicePort {
+    name: Option<String>,
+    port: u16,
+}
+
+#[derive(Deserialize)]
+struct RawSliceEndpoint {
+    addresses: Vec<String>,
+    #[serde(default)]
+    conditions: RawConditions,
+    zone: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawConditions {
+    ready: Option<bool>,
+    serving: Option<bool>,
+    terminating: Option<bool>,
+}
+
+fn endpoint_slice(meta: Meta, json: &serde_json::Value) -> Result<Object, FieldError> {
+    let raw: RawSlice = from_json(json)?;
+    let service = raw
+        .metadata
+        .labels
+        .get("kubernetes.io/service-name")
+        .cloned()
+        .ok_or_else(|| field_err("metadata.labels", "needs the label kubernetes.io/service-name"))?;
+    if let Some(t) = raw.address_type.as_deref()
+        && t != "IPv4"
+        && t != "IPv6"
+    {
+        return Err(field_err("addressType", format!("{t:?}: only IPv4 and IPv6 are supported")));
+    }
+    let ports = raw
+        .ports
+        .iter()
+        .map(|p| (p.name.clone().unwrap_or_default(), p.port))
+        .collect();
+    let mut endpoints = Vec::new();
+    for (i, e) in raw.endpoints.iter().enumerate() {
+        let mut addresses = Vec::new();
+        for (j, a) in e.addresses.iter().enumerate() {
+            let ip: IpAddr = a
+                .parse()
+                .map_err(|_| field_err(format!("endpoints[{i}].addresses[{j}]"), format!("{a:?} is not an IP address")))?;
+            addresses.push(ip);
+        }
+        let ready = e.conditions.ready.unwrap_or(true);
+        endpoints.push(SliceEndpoint {
+            addresses,
+            ready,
+            serving: e.conditions.serving.unwrap_or(ready),
+            terminating: e.conditions.terminating.unwrap_or(false),
+            zone: e.zone.clone().unwrap_or_default(),
+        });
+    }
+    Ok(Object::EndpointSlice(EndpointSlice { meta, service, ports, endpoints }))
+}
+
+// === policies ===
+
+#[derive(Deserialize)]
+struct RawPolicy {
+    spec: RawPolicySpec,
+}
+
+#[derive(Deserialize)]
+struct RawPolicySpec {
+    #[serde(rename = "targetRefs", default)]
+    target_refs: Vec<TargetRef>,
+    #[serde(default)]
+    timeouts: Option<RawTimeouts>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    request: Option<String>,
+    #[serde(rename = "perTry")]
+    per_try: Option<String>,
+    connect: Option<String>,
+    idle: Option<String>,
+    #[serde(rename = "deadlinePropagation")]
+    deadline_propagation: Option<String>,
+}
+
+const TARGET_KINDS: &[(&str, &str)] = &[
+    ("", "Namespace"),
+    ("", "Service"),
+    ("gateway.networking.k8s.io", "HTTPRoute"),
+    ("gateway.networking.k8s.io", "GRPCRoute"),
+    ("gateway.networking.k8s.io", "Gateway"),
+];
+
+fn policy(meta: Meta, group: &str, kind: &str, json: &serde_json::Value) -> Result<Object, FieldError> {
+    let spec = json.get("spec").cloned().unwrap_or(serde_json::Value::Null);
+    let uses_target_refs = group == "policy.ferrymesh.io";
+    let timeouts = if uses_target_refs {
+        let raw: RawPolicy = from_json(json)?;
+        if !(1..=16).contains(&raw.spec.target_refs.len()) {
+            return Err(field_err("spec.targetRefs", "must hold 1 to 16 references"));
+        }
+        for (i, t) in raw.spec.target_refs.iter().enumerate() {
+            if !TARGET_KINDS.contains(&(t.group.as_str(), t.kind.as_str())) {
+                return Err(field_err(
+                    format!("spec.targetRefs[{i}]"),
+                    format!(
+                        "group {:?} kind {:?} is not a target (Namespace, Service, HTTPRoute, GRPCRoute, Gateway with their groups)",
+                        t.group, t.kind
+                    ),
+                ));
+            }
+            if t.kind == "Namespace" && t.name != meta.namespace {
+                return Err(field_err(format!("spec.targetRefs[{i}].name"), "a Namespace target must name the policy's own namespace"));
+            }
+        }
+        let timeouts = match raw.spec.timeouts {
+            Some(t) if kind == "ResiliencePolicy" => Some(timeouts(&t)?),
+            Some(_) => return Err(field_err("spec.timeouts", format!("{kind} has no timeouts"))),
+            None => None,
+        };
+        (raw.spec.target_refs, timeouts)
+    } else {
+        (Vec::new(), None)
+    };
+    Ok(Object::Policy(Policy {
+        meta,
+        group: group.to_owned(),
+        kind: kind.to_owned(),
+        target_refs: timeouts.0,
+        timeouts: timeouts.1,
+        spec,
+    }))
+}
+
+fn timeouts(raw: &RawTimeouts) -> Result<Timeouts, FieldError> {
+    let d = |field: &str, v: &Option<String>| -> Result<_, FieldError> {
+        v.as_deref()
+            .map(ferrymesh_proto::duration::parse)
+            .transpose()
+            .map_err(|e| field_err(format!("spec.timeouts.{field}"), e.to_string()))
+    };
+    let t = Timeouts {
+        request: d("request", &raw.request)?,
+        per_try: d("perTry", &raw.per_try)?,
+        connect: d("connect", &raw.connect)?,
+        idle: d("idle", &raw.idle)?,
+    };
+    if let (Some(req), Some(per_try)) = (t.request, t.per_try)
+        && !req.is_zero()
+        && !per_try.is_zero()
+        && per_try > req
+    {
+        return Err(field_err("spec.timeouts.perTry", "must be <= spec.timeouts.request"));
+    }
+    if let Some(dp) = raw.deadline_propagation.as_deref()
+        && dp != "Enabled"
+        && dp != "Disabled"
+    {
+        return Err(field_err("spec.timeouts.deadlinePropagation", "must be Enabled or Disabled"));
+    }
+    Ok(t)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,35 @@
+//! Ferrymesh control-plane API, generated from `proto/` at build time.
+//!
+//! - [`discovery::v1`]: the Discovery service (one delta stream per proxy, ACK/NACK by nonce).
+//! - [`config::v1`]: the resources it carries (endpoints, client and inbound policy).
+#![allow(clippy::pedantic, unreachable_pub, missing_debug_implementations, rust_2018_idioms)]
+
+/// `google.rpc`: the standard gRPC error model.
+pub mod google {
+    /// `google.rpc.Status`.
+    pub mod rpc {
+        include!(concat!(env!("OUT_DIR"), "/google.rpc.rs"));
+    }
+}
+
+/// Ferrymesh packages.
+pub mod ferrymesh {
+    /// `ferrymesh.config.*`.
+    pub mod config {
+        /// `ferrymesh.config.v1`.
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/ferrymesh.config.v1.rs"));
+        }
+    }
+    /// `ferrymesh.discovery.*`.
+    pub mod discovery {
+        /// `ferrymesh.discovery.v1`.
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/ferrymesh.discovery.v1.rs"));
+        }
+    }
+}
+
+pub use ferrymesh::{config, discovery};
+
+pub mod duration;
