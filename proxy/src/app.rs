@@ -1,0 +1,285 @@
+//! Builds the proxy from its config (binding every listener up front, so ports are known before
+//! anything is announced) and runs it until shutdown, then drains: leave the endpoint set,
+//! keep serving briefly while peers learn it, stop accepting, let in-flight requests finish.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use ferrymesh_proto::config::v1 as cfg;
+use ferrymesh_proto::discovery::v1 as pb;
+use serde::Serialize;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, Inbound};
+use crate::discovery::{Commands, Discovery, client};
+use crate::metrics::Metrics;
+use crate::outbound::{Outbound, Target};
+use crate::pool::Pool;
+use crate::server::{HttpVersion, serve_http};
+
+/// How long a draining proxy keeps accepting after leaving the endpoint set, so that peers
+/// stop picking it before its listeners close.
+const LEAVE_GRACE: Duration = Duration::from_millis(500);
+
+/// Everything a request handler needs, shared.
+#[derive(Debug)]
+pub struct Context {
+    /// The bootstrap config.
+    pub config: Arc<Config>,
+    /// The control-plane cache.
+    pub discovery: Discovery,
+    /// Client connections.
+    pub pool: Pool,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Outbound targets.
+    pub outbound: Outbound,
+    /// This workload's service, `namespace/name` (metrics label of inbound traffic).
+    pub service_label: String,
+}
+
+/// The bound addresses, printed at start and announced to the controller.
+#[derive(Debug, Clone, Serialize)]
+pub struct Addresses {
+    /// Explicit HTTP proxy.
+    pub outbound: Option<SocketAddr>,
+    /// Inbound.
+    pub inbound: Option<SocketAddr>,
+    /// Admin.
+    pub admin: SocketAddr,
+    /// Health.
+    pub health: SocketAddr,
+    /// Fixed-target listeners: `[address, target]`.
+    pub fixed: Vec<(SocketAddr, String)>,
+}
+
+/// A built, not yet running, proxy.
+#[derive(Debug)]
+pub struct App {
+    ctx: Arc<Context>,
+    commands: Commands,
+    outbound: Option<TcpListener>,
+    inbound: Option<(TcpListener, Arc<Inbound>)>,
+    fixed: Vec<(TcpListener, Target)>,
+    admin: TcpListener,
+    health: TcpListener,
+    addresses: Addresses,
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<(TcpListener, SocketAddr)> {
+    let l = TcpListener::bind(addr).await.with_context(|| format!("binding the {what} listener on {addr}"))?;
+    let local = l.local_addr()?;
+    Ok((l, local))
+}
+
+fn sock(a: SocketAddr) -> cfg::SocketAddr {
+    cfg::SocketAddr { ip: a.ip().to_string(), port: u32::from(a.port()) }
+}
+
+impl App {
+    /// Binds every listener.
+    ///
+    /// # Errors
+    /// A listener cannot be bound, or a fixed target is not a valid authority.
+    pub async fn build(config: Config) -> anyhow::Result<App> {
+        let config = Arc::new(config);
+        let (admin, admin_addr) = bind(config.admin.listen, "admin").await?;
+        let (health, health_addr) = bind(config.admin.health_listen, "health").await?;
+        let (outbound, outbound_addr) = match config.outbound.listen {
+            Some(a) => {
+                let (l, a) = bind(a, "outbound").await?;
+                (Some(l), Some(a))
+            }
+            None => (None, None),
+        };
+        let (inbound, inbound_addr) = match &config.inbound {
+            Some(i) => {
+                let (l, a) = bind(i.listen, "inbound").await?;
+                (Some((l, Arc::new(i.clone()))), Some(a))
+            }
+            None => (None, None),
+        };
+        let mut fixed = Vec::new();
+        let mut fixed_addrs = Vec::new();
+        for f in &config.outbound.listeners {
+            let target = Target::parse(&f.target, &config.workload.namespace)
+                .with_context(|| format!("fixed listener target {:?} is not host:port", f.target))?;
+            let (l, a) = bind(f.listen, "fixed-target").await?;
+            fixed.push((l, target));
+            fixed_addrs.push((a, f.target.clone()));
+        }
+        let addresses = Addresses { outbound: outbound_addr, inbound: inbound_addr, admin: admin_addr, health: health_addr, fixed: fixed_addrs };
+        let (discovery, commands) = Discovery::new(config.control_plane.discovery.clone());
+        let service_label = format!("{}/{}", config.workload.namespace, config.workload.service);
+        let ctx = Arc::new(Context { config, discovery, pool: Pool::default(), metrics: Metrics::new(), outbound: Outbound::default(), service_label });
+        Ok(App { ctx, commands, outbound, inbound, fixed, admin, health, addresses })
+    }
+
+    /// The bound addresses.
+    pub fn addresses(&self) -> &Addresses {
+        &self.addresses
+    }
+
+    fn node(&self) -> pb::Node {
+        let c = &self.ctx.config;
+        let local_workload = self.addresses.inbound.map(|inbound| {
+            let advertised = c.inbound.as_ref().and_then(|i| i.advertise).unwrap_or_else(|| {
+                if inbound.ip().is_unspecified() { SocketAddr::from(([127, 0, 0, 1], inbound.port())) } else { inbound }
+            });
+            pb::LocalWorkload {
+                service: Some(cfg::ServiceRef { name: c.workload.service.clone(), namespace: c.workload.namespace.clone() }),
+                instance: c.workload.name.clone(),
+                inbound: Some(sock(advertised)),
+                app: c.inbound.as_ref().map(|i| sock(i.app)),
+                ready: false,
+                listeners: None,
+                labels: std::collections::BTreeMap::new(),
+            }
+        });
+        let listeners = pb::ProxyListeners {
+            outbound: self.addresses.outbound.map(sock),
+            inbound: self.addresses.inbound.map(sock),
+            admin: Some(sock(self.addresses.admin)),
+            health: Some(sock(self.addresses.health)),
+            fixed: self
+                .addresses
+                .fixed
+                .iter()
+                .map(|(a, t)| pb::FixedListener { listen: Some(sock(*a)), target: t.clone() })
+                .collect(),
+        };
+        // A proxy without an app (an edge proxy) still announces its listeners, with no service.
+        let mut local_workload = local_workload.unwrap_or_default();
+        local_workload.listeners = Some(listeners);
+        if local_workload.instance.is_empty() {
+            local_workload.instance = c.workload.name.clone();
+        }
+        pb::Node {
+            workload: format!("{}/{}", c.workload.namespace, c.workload.name),
+            namespace: c.workload.namespace.clone(),
+            service_account: c.workload.service_account.clone(),
+            zone: c.workload.zone.clone(),
+            mode: pb::ProxyMode::Local.into(),
+            proxy_version: env!("CARGO_PKG_VERSION").to_owned(),
+            features: Vec::new(),
+            local_workload: Some(local_workload),
+        }
+    }
+
+    /// Runs until `shutdown` turns true, then drains.
+    ///
+    /// # Errors
+    /// Never at present; kept for future listeners that can fail at run time.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let node = self.node();
+        let App { ctx, commands, outbound, inbound, fixed, admin, health, .. } = self;
+        let tracker = TaskTracker::new();
+        let (drain_tx, drain) = watch::channel(false);
+        let (leave_tx, leave) = watch::channel(false);
+
+        let _inbound_policy = ctx.discovery.watch(pb::ResourceType::InboundPolicy, "*");
+        let stream = tokio::spawn(client::run(ctx.discovery.clone(), commands, node, leave));
+        let readiness = tokio::spawn(readiness(ctx.clone(), drain.clone()));
+
+        for (listener, full) in [(admin, true), (health, false)] {
+            let ctx = ctx.clone();
+            spawn_accept(&tracker, listener, drain.clone(), move |stream, drain| {
+                let ctx = ctx.clone();
+                async move {
+                    serve_http(stream, HttpVersion::Http1, move |req| crate::admin::handle(ctx.clone(), req, full), drain).await;
+                }
+            });
+        }
+        if let Some(listener) = outbound {
+            let ctx = ctx.clone();
+            spawn_accept(&tracker, listener, drain.clone(), move |stream, drain| {
+                crate::outbound::serve_explicit(ctx.clone(), stream, drain)
+            });
+        }
+        for (listener, target) in fixed {
+            let ctx = ctx.clone();
+            spawn_accept(&tracker, listener, drain.clone(), move |stream, drain| {
+                crate::outbound::serve_fixed(ctx.clone(), stream, target.clone(), drain)
+            });
+        }
+        if let Some((listener, config)) = inbound {
+            let ctx = ctx.clone();
+            spawn_accept(&tracker, listener, drain.clone(), move |stream, drain| {
+                crate::inbound::serve(ctx.clone(), config.clone(), stream, drain)
+            });
+        }
+
+        let _ = shutdown.wait_for(|s| *s).await;
+        tracing::info!("draining: leaving the endpoint set");
+        let _ = leave_tx.send(true);
+        let _ = stream.await;
+        let grace = LEAVE_GRACE.min(ctx.config.drain_timeout / 2);
+        tokio::time::sleep(grace).await;
+        let _ = drain_tx.send(true);
+        readiness.abort();
+        tracker.close();
+        let deadline = ctx.config.drain_timeout.saturating_sub(grace);
+        if tokio::time::timeout(deadline, tracker.wait()).await.is_err() {
+            tracing::warn!(remaining = tracker.len(), "drain deadline passed; closing the remaining connections");
+        } else {
+            tracing::info!("drained");
+        }
+        Ok(())
+    }
+}
+
+/// Accepts on `listener` until drain, serving each connection in a tracked task.
+fn spawn_accept<F, Fut>(tracker: &TaskTracker, listener: TcpListener, mut drain: watch::Receiver<bool>, serve: F)
+where
+    F: Fn(TcpStream, watch::Receiver<bool>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let conn_tracker = tracker.clone();
+    tracker.spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                () = async { let _ = drain.wait_for(|d| *d).await; } => return,
+            };
+            match accepted {
+                Ok((stream, _peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    conn_tracker.spawn(serve(stream, drain.clone()));
+                }
+                Err(e) => {
+                    // NOTE: EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
+}
+
+/// Reports the app's readiness to the controller: polls `readinessPath` every second, or
+/// reports ready at once when there is none.
+async fn readiness(ctx: Arc<Context>, drain: watch::Receiver<bool>) {
+    let Some(inbound) = ctx.config.inbound.clone() else { return };
+    let Some(path) = inbound.readiness_path.clone() else {
+        ctx.discovery.set_ready(true);
+        return;
+    };
+    let authority: http::uri::Authority = inbound.app.to_string().parse().expect("a socket address is an authority");
+    let mut interval = tokio::time::interval(Duration::from_secs(1));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !*drain.borrow() {
+        interval.tick().await;
+        let req = http::Request::get(path.as_str()).body(crate::http::empty()).expect("a path is a valid URI");
+        let timeouts = crate::outbound::logical::CallTimeouts { request: Some(Duration::from_secs(1)), connect: inbound.connect_timeout };
+        let rsp = crate::outbound::logical::send(&ctx.pool, inbound.app, &authority, req, timeouts).await;
+        let ready = rsp.status().is_success();
+        if ready != ctx.discovery.ready() {
+            tracing::info!(ready, status = %rsp.status(), "app readiness changed");
+        }
+        ctx.discovery.set_ready(ready);
+    }
+}

@@ -1,0 +1,247 @@
+//! Power of two choices over peak-EWMA load (Linkerd's default balancer). Each endpoint keeps
+//! a latency estimate that jumps to any slower sample at once ("peak") and decays toward faster
+//! ones over `DECAY`; its load is that estimate times (in-flight requests + 1). A pick draws
+//! two ready endpoints at random and takes the less loaded one, which avoids both herding on one
+//! "best" endpoint and the cost of scanning all of them.
+//!
+//! NOTE: tower's `p2c::Balance` needs a `Discover` stream of ready services and offers only
+//! P2C; the mesh needs more algorithms over the same endpoint set (and outlier ejection later),
+//! so the balancer is a small data structure here instead.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::Rng as _;
+use tokio::time::Instant;
+
+use crate::policy::Endpoint;
+
+/// Latency assumed for an endpoint with no sample yet.
+pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
+/// Time constant of the decay toward faster samples.
+pub const DECAY: Duration = Duration::from_secs(10);
+
+/// An endpoint with its load statistics.
+#[derive(Debug)]
+pub struct Slot {
+    /// The endpoint.
+    pub endpoint: Endpoint,
+    pending: AtomicUsize,
+    ewma: Mutex<Ewma>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Ewma {
+    cost_ns: f64,
+    stamp: Instant,
+}
+
+impl Slot {
+    fn new(endpoint: Endpoint, now: Instant) -> Self {
+        Self {
+            endpoint,
+            pending: AtomicUsize::new(0),
+            ewma: Mutex::new(Ewma { cost_ns: duration_ns(DEFAULT_RTT), stamp: now }),
+        }
+    }
+
+    /// Current load: decayed latency estimate x (in-flight + 1).
+    fn load(&self, now: Instant) -> f64 {
+        let e = *self.ewma.lock().expect("ewma lock poisoned");
+        let decayed = e.cost_ns * decay(now.saturating_duration_since(e.stamp));
+        #[allow(clippy::cast_precision_loss)] // in-flight counts are far below 2^52
+        let pending = self.pending.load(Ordering::Relaxed) as f64;
+        decayed * (pending + 1.0)
+    }
+
+    fn observe(&self, rtt: Duration, now: Instant) {
+        let mut e = self.ewma.lock().expect("ewma lock poisoned");
+        let sample = duration_ns(rtt);
+        if sample > e.cost_ns {
+            e.cost_ns = sample; // peak: a slower sample counts at once
+        } else {
+            let w = decay(now.saturating_duration_since(e.stamp));
+            e.cost_ns = e.cost_ns * w + sample * (1.0 - w);
+        }
+        e.stamp = now;
+    }
+
+    /// Requests in flight to this endpoint.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
+    }
+}
+
+fn duration_ns(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e9
+}
+
+fn decay(elapsed: Duration) -> f64 {
+    (-elapsed.as_secs_f64() / DECAY.as_secs_f64()).exp()
+}
+
+/// A request's hold on an endpoint: counts as in flight until completed or dropped.
+#[derive(Debug)]
+pub struct Pick {
+    slot: Arc<Slot>,
+    start: Instant,
+    done: bool,
+}
+
+impl Pick {
+    /// The endpoint picked.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.slot.endpoint
+    }
+
+    /// Records the latency (to response headers) and releases the endpoint.
+    pub fn complete(mut self) {
+        let now = Instant::now();
+        self.slot.observe(now - self.start, now);
+        self.release();
+    }
+
+    fn release(&mut self) {
+        if !self.done {
+            self.done = true;
+            self.slot.pending.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Pick {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// The endpoint set of one service port, with statistics that survive endpoint updates.
+#[derive(Debug, Default)]
+pub struct Balancer {
+    slots: Mutex<Vec<Arc<Slot>>>,
+}
+
+impl Balancer {
+    /// Replaces the endpoint set, keeping the statistics of endpoints that stay.
+    pub fn update(&self, endpoints: &[Endpoint]) {
+        let now = Instant::now();
+        let mut slots = self.slots.lock().expect("balancer lock poisoned");
+        let next = endpoints
+            .iter()
+            .map(|e| match slots.iter().find(|s| s.endpoint.addr == e.addr) {
+                Some(s) if s.endpoint == *e => s.clone(),
+                _ => Arc::new(Slot::new(e.clone(), now)),
+            })
+            .collect();
+        *slots = next;
+    }
+
+    /// Picks a ready endpoint, `None` when there is none.
+    pub fn pick(&self) -> Option<Pick> {
+        let now = Instant::now();
+        let slots = self.slots.lock().expect("balancer lock poisoned");
+        let ready: Vec<&Arc<Slot>> = slots.iter().filter(|s| s.endpoint.ready).collect();
+        let slot = match ready.len() {
+            0 => return None,
+            1 => ready[0].clone(),
+            n => {
+                let mut rng = rand::rng();
+                let a = rng.random_range(0..n);
+                let mut b = rng.random_range(0..n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let (a, b) = (ready[a], ready[b]);
+                if a.load(now) <= b.load(now) { a.clone() } else { b.clone() }
+            }
+        };
+        slot.pending.fetch_add(1, Ordering::Relaxed);
+        Some(Pick { slot, start: now, done: false })
+    }
+
+    /// Every endpoint with its statistics (for dumps and tests).
+    pub fn slots(&self) -> Vec<Arc<Slot>> {
+        self.slots.lock().expect("balancer lock poisoned").clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn ep(port: u16, ready: bool) -> Endpoint {
+        Endpoint {
+            addr: ([127, 0, 0, 1], port).into(),
+            weight: 1,
+            ready,
+            zone: String::new(),
+            meshed: true,
+            instance: format!("i{port}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_ready_endpoints_are_picked() {
+        let b = Balancer::default();
+        assert!(b.pick().is_none());
+        b.update(&[ep(1, false), ep(2, true)]);
+        for _ in 0..20 {
+            assert_eq!(b.pick().unwrap().endpoint().addr.port(), 2);
+        }
+        b.update(&[ep(1, false)]);
+        assert!(b.pick().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn load_spreads_over_equal_endpoints() {
+        let b = Balancer::default();
+        b.update(&[ep(1, true), ep(2, true), ep(3, true)]);
+        let mut counts = HashMap::new();
+        let mut held = Vec::new();
+        for _ in 0..30 {
+            let p = b.pick().unwrap();
+            *counts.entry(p.endpoint().addr.port()).or_insert(0) += 1;
+            held.push(p); // in flight: raises the endpoint's load
+        }
+        for port in 1..=3 {
+            assert!(counts[&port] >= 5, "{counts:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_endpoint_gets_less_traffic() {
+        let b = Balancer::default();
+        b.update(&[ep(1, true), ep(2, true)]);
+        for _ in 0..50 {
+            let p = b.pick().unwrap();
+            let slow = p.endpoint().addr.port() == 1;
+            tokio::time::advance(if slow { Duration::from_millis(500) } else { Duration::from_millis(5) }).await;
+            p.complete();
+        }
+        let mut slow_picks = 0;
+        for _ in 0..100 {
+            let p = b.pick().unwrap();
+            if p.endpoint().addr.port() == 1 {
+                slow_picks += 1;
+            }
+            tokio::time::advance(Duration::from_millis(5)).await;
+            p.complete();
+        }
+        assert!(slow_picks < 30, "the slow endpoint got {slow_picks} of 100");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn statistics_survive_an_update_and_picks_release_on_drop() {
+        let b = Balancer::default();
+        b.update(&[ep(1, true)]);
+        let p = b.pick().unwrap();
+        b.update(&[ep(1, true), ep(2, true)]);
+        let slot1 = b.slots().into_iter().find(|s| s.endpoint.addr.port() == 1).unwrap();
+        assert_eq!(slot1.pending(), 1);
+        drop(p);
+        assert_eq!(slot1.pending(), 0);
+    }
+}

@@ -1,0 +1,404 @@
+//! The proxy's bootstrap config: a `ProxyConfig` document (API.md "Local mode"), then
+//! `FERRYMESH_PROXY_*` environment overrides, validated as a whole. What the control plane
+//! changes at run time is policy, not config.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Every problem found in a config, reported at once.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid proxy config:\n  - {}", .0.join("\n  - "))]
+pub struct InvalidConfig(pub Vec<String>);
+
+/// The proxy's config tree.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `metadata.name`.
+    pub name: String,
+    /// The workload this proxy fronts.
+    pub workload: Workload,
+    /// Inbound side; `None` for an edge proxy with no app behind it.
+    pub inbound: Option<Inbound>,
+    /// Outbound side.
+    pub outbound: Outbound,
+    /// Admin and health listeners.
+    pub admin: Admin,
+    /// The controller.
+    pub control_plane: ControlPlane,
+    /// How long in-flight requests may finish after SIGTERM. Default 10s.
+    pub drain_timeout: Duration,
+}
+
+/// Who this proxy is.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    /// Instance name (unique within the service), e.g. `catalog-2`.
+    pub name: String,
+    /// Namespace. Default `default`.
+    pub namespace: String,
+    /// Service account. Default: the service name.
+    pub service_account: String,
+    /// The service this workload is an endpoint of. Default: `name`.
+    pub service: String,
+    /// Zone, for zone-aware balancing. Default empty.
+    pub zone: String,
+}
+
+/// Inbound listener settings.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    /// Where peers connect (port 0: any free port).
+    pub listen: SocketAddr,
+    /// The address announced to the controller. Default: `listen`, with 127.0.0.1 for 0.0.0.0.
+    pub advertise: Option<SocketAddr>,
+    /// The app on loopback.
+    pub app: SocketAddr,
+    /// `Http` (detected on the first bytes, opaque otherwise) or `Opaque`.
+    pub protocol: InboundProtocol,
+    /// An HTTP path on the app polled every second for readiness; unset: ready when listening.
+    pub readiness_path: Option<String>,
+    /// Connect timeout to the app. Default 100ms.
+    pub connect_timeout: Duration,
+}
+
+/// How the inbound side treats bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum InboundProtocol {
+    /// Detect HTTP/1.1 or HTTP/2; anything else is forwarded as opaque TCP.
+    #[serde(rename = "HTTP")]
+    Http,
+    /// No detection.
+    Opaque,
+}
+
+/// Outbound side settings.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    /// The explicit HTTP proxy listener (`HTTP_PROXY`), if any.
+    pub listen: Option<SocketAddr>,
+    /// What to do with hosts the controller does not know.
+    pub unknown_hosts: UnknownHosts,
+    /// Listeners that forward everything to one service (for clients that ignore proxy env).
+    pub listeners: Vec<FixedListener>,
+    /// Connect timeout to endpoints. Default 1s.
+    pub connect_timeout: Duration,
+    /// Whole-request timeout when no policy sets one. Default 15s.
+    pub default_request_timeout: Duration,
+}
+
+/// What the outbound side does with an authority the controller answers `not_found` for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum UnknownHosts {
+    /// Resolve it with DNS and forward as it is.
+    Passthrough,
+    /// Answer 502 with `ferrymesh-error: unknown-host`.
+    Reject,
+}
+
+/// A listener bound to one target.
+#[derive(Debug, Clone)]
+pub struct FixedListener {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// `name.namespace:port` (or any authority form the outbound side accepts).
+    pub target: String,
+}
+
+/// Admin listeners.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    /// `/config_dump` and everything below, loopback only. Default 127.0.0.1:4390.
+    pub listen: SocketAddr,
+    /// `/live`, `/ready`, `/metrics`. Default 127.0.0.1:4391.
+    pub health_listen: SocketAddr,
+}
+
+/// The controller.
+#[derive(Debug, Clone)]
+pub struct ControlPlane {
+    /// Discovery gRPC address (`host:port`).
+    pub discovery: String,
+}
+
+// === raw YAML ===
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDoc {
+    #[serde(rename = "apiVersion")]
+    api_version: String,
+    kind: String,
+    metadata: RawMeta,
+    spec: RawSpec,
+}
+
+#[derive(Deserialize)]
+struct RawMeta {
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawSpec {
+    workload: RawWorkload,
+    inbound: Option<RawInbound>,
+    #[serde(default)]
+    outbound: RawOutbound,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    identity: RawIdentity,
+    control_plane: RawControlPlane,
+    drain_timeout: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawWorkload {
+    name: String,
+    namespace: Option<String>,
+    service_account: Option<String>,
+    service: Option<String>,
+    zone: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawInbound {
+    listen: String,
+    advertise: Option<String>,
+    app: String,
+    protocol: Option<InboundProtocol>,
+    readiness_path: Option<String>,
+    connect_timeout: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawOutbound {
+    mode: Option<String>,
+    listen: Option<String>,
+    unknown_hosts: Option<UnknownHosts>,
+    #[serde(default)]
+    listeners: Vec<RawFixed>,
+    connect_timeout: Option<String>,
+    request_timeout: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFixed {
+    listen: String,
+    service: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawAdmin {
+    listen: Option<String>,
+    health_listen: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawIdentity {
+    mode: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControlPlane {
+    discovery: String,
+}
+
+/// Collects problems while converting.
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn addr(&mut self, field: &str, text: &str) -> SocketAddr {
+        text.parse().unwrap_or_else(|_| {
+            self.0.push(format!("{field}: {text:?} is not an ip:port address"));
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        })
+    }
+
+    fn duration(&mut self, field: &str, text: Option<&str>, default: Duration) -> Duration {
+        match text.map(ferrymesh_proto::duration::parse) {
+            None => default,
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                self.0.push(format!("{field}: {e}"));
+                default
+            }
+        }
+    }
+}
+
+impl Config {
+    /// Loads `file`, applies overrides from `env` (a lookup, so tests need no process env),
+    /// and validates.
+    ///
+    /// # Errors
+    /// The file cannot be read, or [`InvalidConfig`] with every problem.
+    pub fn load(file: &Path, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+        Ok(Self::parse(&text, env)?)
+    }
+
+    /// Parses a ProxyConfig document.
+    ///
+    /// # Errors
+    /// [`InvalidConfig`] with every problem found.
+    pub fn parse(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Config, InvalidConfig> {
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        let raw: RawDoc = serde_path_to_error::deserialize(de).map_err(|e| {
+            InvalidConfig(vec![format!("{}: {}", e.path(), e.inner())])
+        })?;
+        let mut p = Problems(Vec::new());
+        if raw.api_version != "config.ferrymesh.io/v1alpha1" || raw.kind != "ProxyConfig" {
+            p.0.push(format!(
+                "apiVersion/kind: expected config.ferrymesh.io/v1alpha1 ProxyConfig, got {} {}",
+                raw.api_version, raw.kind
+            ));
+        }
+        let s = raw.spec;
+        if let Some(mode) = s.identity.mode.as_deref()
+            && mode != "Disabled"
+        {
+            p.0.push(format!("identity.mode: {mode:?} is not available yet; use Disabled (plaintext)"));
+        }
+        if let Some(mode) = s.outbound.mode.as_deref()
+            && mode != "HttpProxy"
+        {
+            p.0.push(format!("outbound.mode: {mode:?}: local mode supports HttpProxy"));
+        }
+        let service = s.workload.service.clone().unwrap_or_else(|| s.workload.name.clone());
+        let workload = Workload {
+            namespace: s.workload.namespace.unwrap_or_else(|| "default".into()),
+            service_account: s.workload.service_account.unwrap_or_else(|| service.clone()),
+            service,
+            zone: s.workload.zone.unwrap_or_default(),
+            name: s.workload.name,
+        };
+        let inbound = s.inbound.map(|i| Inbound {
+            listen: p.addr("inbound.listen", &i.listen),
+            advertise: i.advertise.as_deref().map(|a| p.addr("inbound.advertise", a)),
+            app: p.addr("inbound.app", &i.app),
+            protocol: i.protocol.unwrap_or(InboundProtocol::Http),
+            readiness_path: i.readiness_path,
+            connect_timeout: p.duration("inbound.connectTimeout", i.connect_timeout.as_deref(), Duration::from_millis(100)),
+        });
+        let connect_timeout = env("FERRYMESH_PROXY_OUTBOUND_CONNECT_TIMEOUT").or(s.outbound.connect_timeout);
+        let outbound = Outbound {
+            listen: s.outbound.listen.as_deref().map(|a| p.addr("outbound.listen", a)),
+            unknown_hosts: s.outbound.unknown_hosts.unwrap_or(UnknownHosts::Passthrough),
+            listeners: s
+                .outbound
+                .listeners
+                .iter()
+                .enumerate()
+                .map(|(i, l)| FixedListener {
+                    listen: p.addr(&format!("outbound.listeners[{i}].listen"), &l.listen),
+                    target: l.service.clone(),
+                })
+                .collect(),
+            connect_timeout: p.duration("outbound.connectTimeout", connect_timeout.as_deref(), Duration::from_secs(1)),
+            default_request_timeout: p.duration(
+                "outbound.requestTimeout",
+                s.outbound.request_timeout.as_deref(),
+                Duration::from_secs(15),
+            ),
+        };
+        for (i, l) in outbound.listeners.iter().enumerate() {
+            if !l.target.contains(':') {
+                p.0.push(format!("outbound.listeners[{i}].service: {:?}: expected name.namespace:port", l.target));
+            }
+        }
+        let admin = Admin {
+            listen: p.addr("admin.listen", s.admin.listen.as_deref().unwrap_or("127.0.0.1:4390")),
+            health_listen: p.addr("admin.healthListen", s.admin.health_listen.as_deref().unwrap_or("127.0.0.1:4391")),
+        };
+        let discovery = env("FERRYMESH_PROXY_CONTROL_PLANE_DISCOVERY").unwrap_or(s.control_plane.discovery);
+        let drain = env("FERRYMESH_PROXY_DRAIN_TIMEOUT").or(s.drain_timeout);
+        let drain_timeout = p.duration("drainTimeout", drain.as_deref(), Duration::from_secs(10));
+        if outbound.listen.is_none() && outbound.listeners.is_empty() && inbound.is_none() {
+            p.0.push("spec: the proxy needs at least one of inbound, outbound.listen, outbound.listeners".into());
+        }
+        if !p.0.is_empty() {
+            return Err(InvalidConfig(p.0));
+        }
+        Ok(Config {
+            name: raw.metadata.name,
+            workload,
+            inbound,
+            outbound,
+            admin,
+            control_plane: ControlPlane { discovery },
+            drain_timeout,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOC: &str = r#"
+apiVersion: config.ferrymesh.io/v1alpha1
+kind: ProxyConfig
+metadata: {name: catalog-2}
+spec:
+  workload: {name: catalog-2, namespace: shop, service: catalog}
+  inbound: {listen: "127.0.0.1:0", app: "127.0.0.1:8080", readinessPath: /readyz}
+  outbound:
+    mode: HttpProxy
+    listen: "127.0.0.1:0"
+    unknownHosts: Reject
+    listeners: [{listen: "127.0.0.1:0", service: "payments.shop:80"}]
+  admin: {listen: "127.0.0.1:0", healthListen: "127.0.0.1:0"}
+  identity: {mode: Disabled}
+  controlPlane: {discovery: "127.0.0.1:9091"}
+"#;
+
+    #[test]
+    fn loads_a_local_proxy_config() {
+        let c = Config::parse(DOC, |_| None).unwrap();
+        assert_eq!(c.workload.service, "catalog");
+        assert_eq!(c.workload.service_account, "catalog");
+        assert_eq!(c.outbound.unknown_hosts, UnknownHosts::Reject);
+        assert_eq!(c.outbound.listeners[0].target, "payments.shop:80");
+        assert_eq!(c.inbound.unwrap().connect_timeout, Duration::from_millis(100));
+        assert_eq!(c.drain_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn env_overrides_the_file() {
+        let env = |k: &str| match k {
+            "FERRYMESH_PROXY_CONTROL_PLANE_DISCOVERY" => Some("127.0.0.1:7000".to_owned()),
+            "FERRYMESH_PROXY_OUTBOUND_CONNECT_TIMEOUT" => Some("250ms".to_owned()),
+            _ => None,
+        };
+        let c = Config::parse(DOC, env).unwrap();
+        assert_eq!(c.control_plane.discovery, "127.0.0.1:7000");
+        assert_eq!(c.outbound.connect_timeout, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let bad = DOC
+            .replace("\"127.0.0.1:8080\"", "nope")
+            .replace("mode: Disabled", "mode: ControlPlane")
+            .replace("payments.shop:80", "payments");
+        let err = Config::parse(&bad, |_| None).unwrap_err();
+        assert_eq!(err.0.len(), 3, "{err}");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_with_their_path() {
+        let err = Config::parse(&DOC.replace("readinessPath", "readinesPath"), |_| None).unwrap_err();
+        assert!(err.0[0].starts_with("spec.inbound"), "{err}");
+    }
+}

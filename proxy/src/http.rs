@@ -1,0 +1,112 @@
+//! HTTP plumbing shared by the inbound and outbound sides: the body type, hop-by-hop header
+//! removal (RFC 9110 7.6.1) and responses the proxy makes itself.
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+
+/// Any error, as tower services return them.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body every proxy service speaks.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Boxes any body into [`Body`].
+pub fn boxed<B>(body: B) -> Body
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}
+
+/// An empty body.
+pub fn empty() -> Body {
+    boxed(http_body_util::Empty::new())
+}
+
+/// The header on every response the proxy itself produces, naming the cause.
+pub static FERRYMESH_ERROR: HeaderName = HeaderName::from_static("ferrymesh-error");
+
+/// A response made by the proxy (not the app), with `ferrymesh-error: <cause>`.
+pub fn proxy_response(status: StatusCode, cause: &'static str, detail: &str) -> Response<Body> {
+    let mut rsp = Response::new(boxed(Full::new(Bytes::from(format!("{cause}: {detail}\n")))));
+    *rsp.status_mut() = status;
+    rsp.headers_mut().insert(&FERRYMESH_ERROR, HeaderValue::from_static(cause));
+    rsp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    rsp
+}
+
+/// Removes hop-by-hop headers: the fixed list plus any named in `Connection`. `TE: trailers` is
+/// kept, since gRPC needs it end to end.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        if name != header::TE {
+            headers.remove(&name);
+        }
+    }
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::PROXY_AUTHORIZATION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    let te_trailers = headers
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
+    headers.remove(header::TE);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// The status class label of a status: `2xx` .. `5xx`.
+pub fn status_class(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed_but_te_trailers_stays() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h[header::TE], "trailers");
+        assert_eq!(h["x-kept"], "1");
+    }
+
+    #[test]
+    fn proxy_responses_name_their_cause() {
+        let rsp = proxy_response(StatusCode::SERVICE_UNAVAILABLE, "no-endpoints", "pricing.shop:80");
+        assert_eq!(rsp.status(), 503);
+        assert_eq!(rsp.headers()[&FERRYMESH_ERROR], "no-endpoints");
+    }
+}

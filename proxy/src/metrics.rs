@@ -1,0 +1,98 @@
+//! The proxy's Prometheus metrics: request totals and latency histograms by direction, service
+//! and status class, and opaque TCP connections. Labels are bounded: the service label is a
+//! mesh service (`namespace/name`) or `passthrough`, never a raw host or path.
+
+use std::time::Duration;
+
+use http::StatusCode;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::http::status_class;
+
+/// Relative to the pod: requests arriving for the app, or leaving it.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Direction {
+    /// To the app behind this proxy.
+    #[allow(non_camel_case_types)]
+    inbound,
+    /// From the app behind this proxy.
+    #[allow(non_camel_case_types)]
+    outbound,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    direction: Direction,
+    service: String,
+    status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    direction: Direction,
+    service: String,
+}
+
+const LATENCY_BUCKETS: [f64; 15] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+type HistogramFamily = Family<ServiceLabels, Histogram, fn() -> Histogram>;
+
+/// Every proxy metric.
+#[derive(Debug)]
+pub struct Metrics {
+    requests: Family<RequestLabels, Counter>,
+    latency: HistogramFamily,
+    tcp: Family<ServiceLabels, Counter>,
+    registry: Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("ferrymesh_proxy");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency: HistogramFamily = Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS));
+        let tcp = Family::<ServiceLabels, Counter>::default();
+        registry.register("requests", "HTTP requests by direction, service and status class", requests.clone());
+        registry.register(
+            "request_duration_seconds",
+            "Time to response headers, by direction and service",
+            latency.clone(),
+        );
+        registry.register("tcp_connections", "Opaque TCP connections forwarded", tcp.clone());
+        Self { requests, latency, tcp, registry }
+    }
+
+    /// One HTTP request finished with `status` after `elapsed`.
+    pub fn request(&self, direction: Direction, service: &str, status: StatusCode, elapsed: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels { direction, service: service.to_owned(), status_class: status_class(status) })
+            .inc();
+        self.latency
+            .get_or_create(&ServiceLabels { direction, service: service.to_owned() })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// One opaque TCP connection forwarded.
+    pub fn tcp_connection(&self, direction: Direction, service: &str) {
+        self.tcp.get_or_create(&ServiceLabels { direction, service: service.to_owned() }).inc();
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,329 @@
+//! The outbound side: requests the app sends. The explicit-proxy listener takes absolute-form
+//! HTTP/1.1 (`GET http://pricing.shop/...`), origin-form with `Host`, HTTP/2 prior knowledge,
+//! and `CONNECT host:port` tunnels (inside which HTTP/1.1 or h2c is detected and handled at L7
+//! for known services, anything else forwarded as opaque TCP). Fixed-target listeners send
+//! everything to one service. Each request resolves its authority to a [`logical::Logical`]
+//! target and goes to the endpoint the balancer picks; unknown hosts pass through or get 502.
+
+pub mod logical;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use http::uri::Authority;
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use self::logical::{CallTimeouts, Logical, Resolution};
+use crate::app::Context;
+use crate::config::UnknownHosts;
+use crate::detect::{Detected, PrefixedIo, sniff};
+use crate::http::{Body, boxed, empty, proxy_response};
+use crate::metrics::Direction;
+use crate::server::{HttpVersion, serve_http};
+
+/// How long the first bytes of a tunnel or fixed-target connection may take to arrive.
+const DETECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Label for traffic to hosts outside the mesh.
+const PASSTHROUGH: &str = "passthrough";
+
+/// The outbound side's shared state.
+#[derive(Debug, Default)]
+pub struct Outbound {
+    targets: Mutex<HashMap<String, Arc<Logical>>>,
+}
+
+/// Where a request goes, as the app named it.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The authority as sent (kept on the forwarded request).
+    pub authority: Authority,
+    /// The discovery name, `None` for names outside the mesh's forms.
+    pub name: Option<String>,
+}
+
+impl Target {
+    /// Parses an authority (default port 80) and derives its discovery name: `name`,
+    /// `name.ns`, `name.ns.svc` and `name.ns.svc.cluster.local` are mesh forms (the first in
+    /// the proxy's own namespace); IP addresses are looked up as-is (ClusterIPs).
+    pub fn parse(authority: &str, namespace: &str) -> Option<Target> {
+        let authority: Authority = authority.parse().ok()?;
+        let port = authority.port_u16().unwrap_or(80);
+        let host = authority.host().trim_end_matches('.').to_ascii_lowercase();
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let name = if bare.parse::<std::net::IpAddr>().is_ok() {
+            Some(if bare.contains(':') { format!("[{bare}]:{port}") } else { format!("{bare}:{port}") })
+        } else {
+            let labels: Vec<&str> = host.split('.').collect();
+            match labels.as_slice() {
+                [s] => Some(format!("{s}.{namespace}.svc.cluster.local:{port}")),
+                [s, ns] | [s, ns, "svc"] | [s, ns, "svc", "cluster", "local"] => {
+                    Some(format!("{s}.{ns}.svc.cluster.local:{port}"))
+                }
+                _ => None,
+            }
+        };
+        Some(Target { authority, name })
+    }
+}
+
+impl Outbound {
+    fn logical(&self, ctx: &Context, name: &str) -> Arc<Logical> {
+        let mut targets = self.targets.lock().expect("targets lock poisoned");
+        targets
+            .entry(name.to_owned())
+            .or_insert_with(|| Arc::new(Logical::new(&ctx.discovery, name.to_owned())))
+            .clone()
+    }
+
+    /// Every target with its balancer state, for `/config_dump`.
+    pub fn dump(&self) -> serde_json::Value {
+        let targets = self.targets.lock().expect("targets lock poisoned");
+        targets
+            .iter()
+            .map(|(name, l)| {
+                let endpoints: Vec<_> = l
+                    .balancer
+                    .slots()
+                    .iter()
+                    .map(|s| serde_json::json!({"addr": s.endpoint.addr, "ready": s.endpoint.ready, "inFlight": s.pending()}))
+                    .collect();
+                (name.clone(), serde_json::json!({ "endpoints": endpoints }))
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    }
+}
+
+/// Handles one connection on the explicit-proxy listener.
+pub async fn serve_explicit<I>(ctx: Arc<Context>, io: I, drain: watch::Receiver<bool>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut io = io;
+    let Ok((detected, prefix)) = sniff(&mut io, DETECT_TIMEOUT).await else { return };
+    let io = PrefixedIo::new(prefix, io);
+    let version = match detected {
+        Detected::Http1 => HttpVersion::Http1,
+        Detected::Http2 => HttpVersion::Http2,
+        Detected::Opaque => {
+            tracing::debug!("non-HTTP bytes on the explicit proxy listener; closing");
+            return;
+        }
+    };
+    let handler_drain = drain.clone();
+    serve_http(
+        io,
+        version,
+        move |req| {
+            let ctx = ctx.clone();
+            let drain = handler_drain.clone();
+            async move { handle(ctx, req, None, drain).await }
+        },
+        drain,
+    )
+    .await;
+}
+
+/// Handles one connection on a fixed-target listener.
+pub async fn serve_fixed<I>(ctx: Arc<Context>, io: I, target: Target, drain: watch::Receiver<bool>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    serve_tunnel(ctx, io, target, drain).await;
+}
+
+/// Serves a connection bound for `target`: HTTP (detected) at L7, anything else as opaque TCP.
+async fn serve_tunnel<I>(ctx: Arc<Context>, io: I, target: Target, drain: watch::Receiver<bool>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut io = io;
+    let Ok((detected, prefix)) = sniff(&mut io, DETECT_TIMEOUT).await else { return };
+    let io = PrefixedIo::new(prefix, io);
+    let version = match detected {
+        Detected::Http1 => HttpVersion::Http1,
+        Detected::Http2 => HttpVersion::Http2,
+        Detected::Opaque => return opaque(ctx, io, target).await,
+    };
+    let handler_drain = drain.clone();
+    serve_http(
+        io,
+        version,
+        move |req| {
+            let ctx = ctx.clone();
+            let target = target.clone();
+            let drain = handler_drain.clone();
+            async move { handle(ctx, req, Some(target), drain).await }
+        },
+        drain,
+    )
+    .await;
+}
+
+/// Forwards an opaque connection to an endpoint of `target` (or passes it through).
+async fn opaque<I>(ctx: Arc<Context>, mut io: I, target: Target)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (addr, service) = match route(&ctx, &target).await {
+        Route::Service(logical, endpoints) => {
+            let Some(pick) = logical.balancer.pick() else {
+                tracing::info!(target = %target.authority, "opaque connection: no endpoints");
+                return;
+            };
+            (pick.endpoint().addr, endpoints.service.clone())
+        }
+        Route::Passthrough(addr) => (addr, PASSTHROUGH.to_owned()),
+        Route::Error(rsp) => {
+            tracing::info!(target = %target.authority, status = %rsp.status(), "opaque connection refused");
+            return;
+        }
+    };
+    ctx.metrics.tcp_connection(Direction::outbound, &service);
+    let Ok(mut upstream) = crate::pool::connect(addr, ctx.config.outbound.connect_timeout).await else {
+        tracing::info!(%addr, "opaque connection: connect failed");
+        return;
+    };
+    let _ = tokio::io::copy_bidirectional(&mut io, upstream.inner_mut()).await;
+}
+
+enum Route {
+    Service(Arc<Logical>, Arc<crate::policy::Endpoints>),
+    Passthrough(SocketAddr),
+    Error(Response<Body>),
+}
+
+async fn route(ctx: &Context, target: &Target) -> Route {
+    if let Some(name) = &target.name {
+        let logical = ctx.outbound.logical(ctx, name);
+        match logical.resolve().await {
+            Ok(Resolution::Service { endpoints, .. }) => return Route::Service(logical, endpoints),
+            Ok(Resolution::Unknown) => {}
+            Err(e) => {
+                return Route::Error(proxy_response(StatusCode::SERVICE_UNAVAILABLE, "discovery-timeout", &e.to_string()));
+            }
+        }
+    }
+    if ctx.config.outbound.unknown_hosts == UnknownHosts::Reject {
+        return Route::Error(proxy_response(
+            StatusCode::BAD_GATEWAY,
+            "unknown-host",
+            &format!("{} is not a mesh service", target.authority),
+        ));
+    }
+    let host_port = format!("{}:{}", target.authority.host(), target.authority.port_u16().unwrap_or(80));
+    match tokio::net::lookup_host(host_port.as_str()).await.ok().and_then(|mut a| a.next()) {
+        Some(addr) => Route::Passthrough(addr),
+        None => Route::Error(proxy_response(StatusCode::BAD_GATEWAY, "unknown-host", &format!("cannot resolve {host_port}"))),
+    }
+}
+
+/// Handles one request from the app.
+async fn handle(ctx: Arc<Context>, req: Request<Incoming>, fixed: Option<Target>, drain: watch::Receiver<bool>) -> Response<Body> {
+    let start = Instant::now();
+    let namespace = ctx.config.workload.namespace.as_str();
+    if req.method() == Method::CONNECT {
+        return connect(ctx, req, drain).await;
+    }
+    let target = match fixed {
+        Some(t) => Some(t),
+        None => {
+            let authority = req
+                .uri()
+                .authority()
+                .map(|a| a.as_str().to_owned())
+                .or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned));
+            if req.uri().scheme().is_some_and(|s| *s != http::uri::Scheme::HTTP) {
+                return proxy_response(StatusCode::BAD_REQUEST, "bad-request", "only http:// URIs can be proxied; use CONNECT for TLS");
+            }
+            authority.and_then(|a| Target::parse(&a, namespace))
+        }
+    };
+    let Some(target) = target else {
+        return proxy_response(StatusCode::BAD_REQUEST, "bad-request", "the request names no valid host");
+    };
+    let req = req.map(boxed);
+    let (rsp, service) = match route(&ctx, &target).await {
+        Route::Service(logical, endpoints) => {
+            let policy = match logical.resolve().await {
+                Ok(Resolution::Service { policy, .. }) => policy,
+                _ => None,
+            };
+            let request = policy
+                .as_ref()
+                .and_then(|p| p.request_timeout)
+                .unwrap_or(ctx.config.outbound.default_request_timeout);
+            let timeouts = CallTimeouts {
+                request: (!request.is_zero()).then_some(request),
+                connect: policy.as_ref().and_then(|p| p.connect_timeout).unwrap_or(ctx.config.outbound.connect_timeout),
+            };
+            let (rsp, _instance) = logical::forward(&ctx.pool, &logical, &target.authority, req, timeouts).await;
+            (rsp, endpoints.service.clone())
+        }
+        Route::Passthrough(addr) => {
+            let timeouts = CallTimeouts {
+                request: Some(ctx.config.outbound.default_request_timeout),
+                connect: ctx.config.outbound.connect_timeout,
+            };
+            (logical::send(&ctx.pool, addr, &target.authority, req, timeouts).await, PASSTHROUGH.to_owned())
+        }
+        Route::Error(rsp) => (rsp, PASSTHROUGH.to_owned()),
+    };
+    ctx.metrics.request(Direction::outbound, &service, rsp.status(), start.elapsed());
+    rsp
+}
+
+/// `CONNECT host:port`: decides the route first (so an unknown host can still get a 502), then
+/// answers 200 and serves the tunnel.
+async fn connect(ctx: Arc<Context>, req: Request<Incoming>, drain: watch::Receiver<bool>) -> Response<Body> {
+    let namespace = ctx.config.workload.namespace.as_str();
+    let Some(target) = req.uri().authority().and_then(|a| Target::parse(a.as_str(), namespace)) else {
+        return proxy_response(StatusCode::BAD_REQUEST, "bad-request", "CONNECT needs host:port");
+    };
+    if let Route::Error(rsp) = route(&ctx, &target).await {
+        return rsp;
+    }
+    tokio::spawn(tunnel(ctx, req, target, drain));
+    Response::new(empty())
+}
+
+/// The tunnel behind an answered CONNECT.
+// NOTE: a named boxed future breaks the type cycle serve_tunnel -> handle -> connect -> tunnel.
+fn tunnel(
+    ctx: Arc<Context>,
+    req: Request<Incoming>,
+    target: Target,
+    drain: watch::Receiver<bool>,
+) -> futures::future::BoxFuture<'static, ()> {
+    Box::pin(async move {
+        match hyper::upgrade::on(req).await {
+            Ok(upgraded) => serve_tunnel(ctx, TokioIo::new(upgraded), target, drain).await,
+            Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorities_map_to_discovery_names() {
+        let name = |a: &str| Target::parse(a, "shop").and_then(|t| t.name);
+        assert_eq!(name("pricing").as_deref(), Some("pricing.shop.svc.cluster.local:80"));
+        assert_eq!(name("pricing.shop:8080").as_deref(), Some("pricing.shop.svc.cluster.local:8080"));
+        assert_eq!(name("Pricing.Shop.svc.").as_deref(), Some("pricing.shop.svc.cluster.local:80"));
+        assert_eq!(name("pricing.shop.svc.cluster.local:80").as_deref(), Some("pricing.shop.svc.cluster.local:80"));
+        assert_eq!(name("10.96.0.1:443").as_deref(), Some("10.96.0.1:443"));
+        assert_eq!(name("[::1]:80").as_deref(), Some("[::1]:80"));
+        assert_eq!(name("www.example.test"), None);
+        assert!(Target::parse("bad host", "shop").is_none());
+    }
+}

@@ -1,0 +1,177 @@
+//! A logical target: one service port as the app named it. Resolves it through discovery
+//! (lazily subscribing ENDPOINTS and CLIENT_POLICY), keeps its balancer in step with the
+//! endpoint set, and forwards requests to the endpoint the balancer picks.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferrymesh_proto::discovery::v1 as pb;
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt as _;
+use tokio::sync::watch;
+
+use crate::balance::Balancer;
+use crate::discovery::{Discovery, State, Value};
+use crate::http::{Body, proxy_response, strip_hop_by_hop};
+use crate::policy::{ClientPolicy, Endpoints};
+use crate::pool::{Pool, PoolError, Version};
+
+/// How long a request waits for the controller's first answer on a new name.
+pub const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What a name resolved to.
+#[derive(Debug, Clone)]
+pub enum Resolution {
+    /// A mesh service port.
+    Service {
+        /// Its endpoints.
+        endpoints: Arc<Endpoints>,
+        /// Its client policy, when the controller sent one.
+        policy: Option<Arc<ClientPolicy>>,
+    },
+    /// The controller does not know the name.
+    Unknown,
+}
+
+/// Why a name could not be resolved in time.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("no answer from the controller within {DISCOVERY_TIMEOUT:?}")]
+pub struct DiscoveryTimeout;
+
+/// One service port, resolved and balanced.
+#[derive(Debug)]
+pub struct Logical {
+    /// The discovery name (`name.namespace.svc.cluster.local:port` or `ip:port`).
+    pub name: String,
+    endpoints: watch::Receiver<State>,
+    policy: watch::Receiver<State>,
+    /// The balancer over the endpoints.
+    pub balancer: Balancer,
+    applied: Mutex<Option<String>>,
+}
+
+impl Logical {
+    /// Subscribes `name` (if not yet) and returns its target.
+    pub fn new(discovery: &Discovery, name: String) -> Self {
+        Self {
+            endpoints: discovery.watch(pb::ResourceType::Endpoints, &name),
+            policy: discovery.watch(pb::ResourceType::ClientPolicy, &name),
+            name,
+            balancer: Balancer::default(),
+            applied: Mutex::new(None),
+        }
+    }
+
+    /// Waits (at most [`DISCOVERY_TIMEOUT`]) for the controller's answer and returns it, with
+    /// the balancer updated to the latest endpoints.
+    ///
+    /// # Errors
+    /// [`DiscoveryTimeout`] when the controller has not answered.
+    pub async fn resolve(&self) -> Result<Resolution, DiscoveryTimeout> {
+        let mut endpoints = self.endpoints.clone();
+        let mut policy = self.policy.clone();
+        let wait = async {
+            let e = endpoints.wait_for(State::is_known).await.map(|s| s.clone());
+            let p = policy.wait_for(State::is_known).await.map(|s| s.clone());
+            (e, p)
+        };
+        let (e, p) = tokio::time::timeout(DISCOVERY_TIMEOUT, wait).await.map_err(|_| DiscoveryTimeout)?;
+        let (Ok(State::Found(e)), p) = (e, p) else { return Ok(Resolution::Unknown) };
+        let Value::Endpoints(endpoints) = &e.value else { return Ok(Resolution::Unknown) };
+        {
+            let mut applied = self.applied.lock().expect("logical lock poisoned");
+            if applied.as_deref() != Some(e.version.as_str()) {
+                self.balancer.update(&endpoints.endpoints);
+                *applied = Some(e.version.clone());
+            }
+        }
+        let policy = match p {
+            Ok(State::Found(held)) => match &held.value {
+                Value::ClientPolicy(p) => Some(p.clone()),
+                _ => None,
+            },
+            _ => None,
+        };
+        Ok(Resolution::Service { endpoints: endpoints.clone(), policy })
+    }
+}
+
+/// Timeouts in force for one call.
+#[derive(Debug, Clone, Copy)]
+pub struct CallTimeouts {
+    /// Until response headers; `None`: none.
+    pub request: Option<Duration>,
+    /// TCP connect.
+    pub connect: Duration,
+}
+
+/// Forwards `req` to one endpoint of `logical`, producing the proxy's own error responses for
+/// every failure (`ferrymesh-error`).
+pub async fn forward(
+    pool: &Pool,
+    logical: &Logical,
+    authority: &http::uri::Authority,
+    req: Request<Body>,
+    timeouts: CallTimeouts,
+) -> (Response<Body>, Option<String>) {
+    let Some(pick) = logical.balancer.pick() else {
+        return (proxy_response(StatusCode::SERVICE_UNAVAILABLE, "no-endpoints", &logical.name), None);
+    };
+    let addr = pick.endpoint().addr;
+    let instance = Some(pick.endpoint().instance.clone());
+    let rsp = send(pool, addr, authority, req, timeouts).await;
+    if rsp.headers().contains_key(&crate::http::FERRYMESH_ERROR) && rsp.status().is_server_error() {
+        drop(pick); // released without a latency sample: errors are not fast responses
+    } else {
+        pick.complete();
+    }
+    (rsp, instance)
+}
+
+/// Sends `req` to `addr` keeping `authority` as the request's authority.
+pub async fn send(
+    pool: &Pool,
+    addr: std::net::SocketAddr,
+    authority: &http::uri::Authority,
+    req: Request<Body>,
+    timeouts: CallTimeouts,
+) -> Response<Body> {
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let version = if parts.version == http::Version::HTTP_2 { Version::Http2 } else { Version::Http1 };
+    let path = parts.uri.path_and_query().map_or("/", http::uri::PathAndQuery::as_str).to_owned();
+    parts.uri = match version {
+        Version::Http1 => {
+            if !parts.headers.contains_key(http::header::HOST)
+                && let Ok(v) = http::HeaderValue::from_str(authority.as_str())
+            {
+                parts.headers.insert(http::header::HOST, v);
+            }
+            Uri::builder().path_and_query(path).build()
+        }
+        Version::Http2 => Uri::builder().scheme("http").authority(authority.clone()).path_and_query(path).build(),
+    }
+    .expect("a path and an authority taken from a valid URI form a valid URI");
+    let req = Request::from_parts(parts, body);
+    let call = pool.send(addr, version, req, timeouts.connect);
+    let result = match timeouts.request {
+        Some(t) => match tokio::time::timeout(t, call).await {
+            Ok(r) => r,
+            Err(_) => {
+                return proxy_response(StatusCode::GATEWAY_TIMEOUT, "timeout", &format!("no response within {t:?}"));
+            }
+        },
+        None => call.await,
+    };
+    match result {
+        Ok(rsp) => {
+            let (mut parts, body) = rsp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, body.map_err(Into::into).boxed_unsync())
+        }
+        Err(e @ (PoolError::Connect { .. } | PoolError::ConnectTimeout { .. })) => {
+            proxy_response(StatusCode::BAD_GATEWAY, "connect-failed", &e.to_string())
+        }
+        Err(e @ PoolError::Http { .. }) => proxy_response(StatusCode::BAD_GATEWAY, "upstream-reset", &e.to_string()),
+    }
+}

@@ -1,0 +1,81 @@
+//! Serving accepted connections: HTTP/1.1 (with upgrades, for CONNECT) or HTTP/2 with hardened
+//! limits, each connection tracked so that a drain can close idle ones, let in-flight requests
+//! finish, and wait for them with a deadline.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+
+use crate::http::Body;
+
+/// How long a client may take to send request headers (slowloris defence).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Which HTTP version a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpVersion {
+    /// HTTP/1.x.
+    Http1,
+    /// HTTP/2 prior knowledge.
+    Http2,
+}
+
+/// Serves HTTP on `io` with `handler` until the connection ends; on drain, finishes in-flight
+/// requests and closes (HTTP/1.1: after the current response; HTTP/2: GOAWAY).
+pub async fn serve_http<I, H, F>(io: I, version: HttpVersion, handler: H, mut drain: watch::Receiver<bool>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let handler = handler.clone();
+        async move { Ok::<_, Infallible>(handler(req).await) }
+    });
+    let io = TokioIo::new(io);
+    let result = match version {
+        HttpVersion::Http1 => {
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(io, service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                () = async { let _ = drain.wait_for(|d| *d).await; } => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }
+        HttpVersion::Http2 => {
+            let conn = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                // NOTE: set both explicitly (Rapid Reset, MadeYouReset): bounded resets per
+                // connection before it is closed with GOAWAY.
+                .max_pending_accept_reset_streams(Some(20))
+                .max_local_error_reset_streams(Some(1024))
+                .max_concurrent_streams(1024)
+                .serve_connection(io, service);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                () = async { let _ = drain.wait_for(|d| *d).await; } => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "HTTP server connection ended with an error");
+    }
+}
