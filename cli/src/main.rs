@@ -1,1 +1,44 @@
-fn main() {}
+//! `ferryctl`: bring the Ferrymesh mesh up locally, see its state, break it on purpose.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use ferryctl::{chaos, status, up};
+
+#[derive(Debug, Parser)]
+#[command(name = "ferryctl", version, about = "Ferrymesh command line")]
+struct Cli {
+    /// The local mesh's state folder (ProxyConfigs, logs, controller address).
+    #[arg(long, global = true, default_value = ".ferrymesh", env = "FERRYMESH_STATE_DIR")]
+    state_dir: PathBuf,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Start the controller, the demo shop with a sidecar per instance, and the storefront entry.
+    Up(up::UpArgs),
+    /// Services, instances, endpoints, versions and every proxy's listeners.
+    Status {
+        /// The controller's status document as JSON (stable; see docs/status.md).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set chaos knobs on a service's instances.
+    Chaos(chaos::ChaosArgs),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FERRYMESH_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match &cli.command {
+        Cmd::Up(args) => up::run(&cli.state_dir, args).await,
+        Cmd::Status { json } => status::run(&cli.state_dir, *json).await,
+        Cmd::Chaos(args) => chaos::run(&cli.state_dir, args).await,
+    }
+}

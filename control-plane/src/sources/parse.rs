@@ -83,6 +83,12 @@ pub fn parse_documents(file: &Path, text: &str) -> Result<Parsed, ParseError> {
             ("", "Service") => service(meta, &json),
             ("discovery.k8s.io", "EndpointSlice") => endpoint_slice(meta, &json),
             (g, k) if POLICY_KINDS.contains(&(g, k)) => policy(meta, g, k, &json),
+            ("apps", "Deployment" | "StatefulSet" | "DaemonSet") | ("", "Namespace" | "ConfigMap" | "ServiceAccount") => {
+                // Kubernetes kinds that share the folder (ferryctl reads Deployments) but
+                // carry nothing the controller serves.
+                tracing::debug!("{}: {object_label}: not served by the controller", file.display());
+                continue;
+            }
             _ => {
                 parsed.warnings.push(format!(
                     "{}: {object_label}: skipped: unknown kind {}/{}",

@@ -48,10 +48,10 @@ spec:
 
 #[test]
 fn unknown_kinds_are_skipped_with_a_warning() {
-    let parsed = parse("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n").unwrap();
+    let parsed = parse("apiVersion: example.test/v1\nkind: Widget\nmetadata: {name: x}\n").unwrap();
     assert!(parsed.objects.is_empty());
     assert_eq!(parsed.warnings.len(), 1);
-    assert!(parsed.warnings[0].contains("apps/v1"), "{:?}", parsed.warnings);
+    assert!(parsed.warnings[0].contains("example.test/v1"), "{:?}", parsed.warnings);
 }
 
 #[test]

@@ -1,0 +1,11 @@
+//! `ferryctl`, the Ferrymesh command line: thin commands over the controller's and proxies'
+//! admin APIs.
+//!
+//! - [`up`]: the local mesh (controller, demo shop with sidecars, storefront entry).
+//! - [`status`]: what the controller knows. [`chaos`]: break an instance on purpose.
+//! - [`state`]: the state folder the commands share.
+
+pub mod chaos;
+pub mod state;
+pub mod status;
+pub mod up;
