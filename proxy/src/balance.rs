@@ -38,12 +38,8 @@ struct Ewma {
 }
 
 impl Slot {
-    fn new(endpoint: Endpoint, now: Instant) -> Self {
-        Self {
-            endpoint,
-            pending: AtomicUsize::new(0),
-            ewma: Mutex::new(Ewma { cost_ns: duration_ns(DEFAULT_RTT), stamp: now }),
-        }
+    fn new(endpoint: Endpoint, cost_ns: f64, now: Instant) -> Self {
+        Self { endpoint, pending: AtomicUsize::new(0), ewma: Mutex::new(Ewma { cost_ns, stamp: now }) }
     }
 
     /// Current load: decayed latency estimate x (in-flight + 1).
@@ -127,11 +123,21 @@ impl Balancer {
     pub fn update(&self, endpoints: &[Endpoint]) {
         let now = Instant::now();
         let mut slots = self.slots.lock().expect("balancer lock poisoned");
+        // NOTE: a new endpoint starts at the mean estimate of the others (DEFAULT_RTT when there
+        // are none). Starting every newcomer at DEFAULT_RTT, as tower's PeakEwma does, starves a
+        // scaled-up replica behind fast incumbents until their estimates decay, which is exactly
+        // what a student adding a replica does not expect to see.
+        #[allow(clippy::cast_precision_loss)] // endpoint counts are far below 2^52
+        let start_cost = if slots.is_empty() {
+            duration_ns(DEFAULT_RTT)
+        } else {
+            slots.iter().map(|s| s.ewma.lock().expect("ewma lock poisoned").cost_ns).sum::<f64>() / slots.len() as f64
+        };
         let next = endpoints
             .iter()
             .map(|e| match slots.iter().find(|s| s.endpoint.addr == e.addr) {
                 Some(s) if s.endpoint == *e => s.clone(),
-                _ => Arc::new(Slot::new(e.clone(), now)),
+                _ => Arc::new(Slot::new(e.clone(), start_cost, now)),
             })
             .collect();
         *slots = next;
@@ -231,6 +237,33 @@ mod tests {
             p.complete();
         }
         assert!(slow_picks < 30, "the slow endpoint got {slow_picks} of 100");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_endpoint_competes_with_fast_incumbents() {
+        let b = Balancer::default();
+        b.update(&[ep(1, true), ep(2, true)]);
+        for _ in 0..20 {
+            let p = b.pick().unwrap();
+            tokio::time::advance(Duration::from_millis(1)).await;
+            p.complete();
+        }
+        b.update(&[ep(1, true), ep(2, true), ep(3, true)]);
+        // Three requests in flight at a time, as under real load.
+        let mut new_picks = 0;
+        let mut in_flight = std::collections::VecDeque::new();
+        for _ in 0..60 {
+            let p = b.pick().unwrap();
+            if p.endpoint().addr.port() == 3 {
+                new_picks += 1;
+            }
+            in_flight.push_back(p);
+            if in_flight.len() == 3 {
+                tokio::time::advance(Duration::from_millis(1)).await;
+                in_flight.pop_front().unwrap().complete();
+            }
+        }
+        assert!(new_picks >= 10, "the new endpoint got {new_picks} of 60");
     }
 
     #[tokio::test(start_paused = true)]

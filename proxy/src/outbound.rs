@@ -249,6 +249,14 @@ async fn handle(ctx: Arc<Context>, req: Request<Incoming>, fixed: Option<Target>
     let Some(target) = target else {
         return proxy_response(StatusCode::BAD_REQUEST, "bad-request", "the request names no valid host");
     };
+    // Route by the target; send the authority the request itself names (inside a CONNECT
+    // tunnel the two differ by the port, e.g. `echo.shop:80` vs `echo.shop`).
+    let authority = req
+        .uri()
+        .authority()
+        .cloned()
+        .or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).and_then(|h| h.parse().ok()))
+        .unwrap_or_else(|| target.authority.clone());
     let req = req.map(boxed);
     let (rsp, service) = match route(&ctx, &target).await {
         Route::Service(logical, endpoints) => {
@@ -264,7 +272,7 @@ async fn handle(ctx: Arc<Context>, req: Request<Incoming>, fixed: Option<Target>
                 request: (!request.is_zero()).then_some(request),
                 connect: policy.as_ref().and_then(|p| p.connect_timeout).unwrap_or(ctx.config.outbound.connect_timeout),
             };
-            let (rsp, _instance) = logical::forward(&ctx.pool, &logical, &target.authority, req, timeouts).await;
+            let (rsp, _instance) = logical::forward(&ctx.pool, &logical, &authority, req, timeouts).await;
             (rsp, endpoints.service.clone())
         }
         Route::Passthrough(addr) => {
@@ -272,7 +280,7 @@ async fn handle(ctx: Arc<Context>, req: Request<Incoming>, fixed: Option<Target>
                 request: Some(ctx.config.outbound.default_request_timeout),
                 connect: ctx.config.outbound.connect_timeout,
             };
-            (logical::send(&ctx.pool, addr, &target.authority, req, timeouts).await, PASSTHROUGH.to_owned())
+            (logical::send(&ctx.pool, addr, &authority, req, timeouts).await, PASSTHROUGH.to_owned())
         }
         Route::Error(rsp) => (rsp, PASSTHROUGH.to_owned()),
     };

@@ -1,1 +1,17 @@
-//! placeholder
+//! Test helpers shared by the workspace's integration tests: real processes on loopback.
+//!
+//! - [`process`]: find the workspace's binaries, start them, read the address line they print,
+//!   stop them with SIGTERM or SIGKILL.
+//! - [`upstream`]: in-process apps: an HTTP echo server (HTTP/1.1 and h2c) and a gRPC echo
+//!   service (unary, server streaming, bidi), each answer naming its instance.
+//! - [`mesh`]: a controller on a temporary config folder plus sidecar proxies in front of apps.
+
+pub mod mesh;
+pub mod process;
+pub mod upstream;
+
+/// Generated code of the test gRPC service.
+#[allow(clippy::pedantic, unreachable_pub, missing_debug_implementations, rust_2018_idioms)]
+pub mod echo_pb {
+    include!(concat!(env!("OUT_DIR"), "/ferrymesh.test.v1.rs"));
+}

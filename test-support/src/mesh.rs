@@ -1,0 +1,233 @@
+//! A local mesh for tests: the real controller on a temporary config folder, and real proxy
+//! processes in front of in-process apps, all on loopback with ports chosen by the kernel.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty};
+use hyper_util::rt::TokioIo;
+
+use crate::process::{Spawned, bin};
+
+/// A controller with its config folder.
+#[derive(Debug)]
+pub struct Mesh {
+    /// Holds the config folder, proxy configs and logs.
+    pub dir: tempfile::TempDir,
+    /// The controller.
+    pub controller: Spawned,
+    /// Its Discovery address (kept across restarts).
+    pub discovery: SocketAddr,
+}
+
+/// What a test proxy fronts and offers.
+#[derive(Debug, Clone, Default)]
+pub struct ProxySpec {
+    /// Instance name.
+    pub name: String,
+    /// Service (default: the name).
+    pub service: Option<String>,
+    /// The app behind it; none for a client-only proxy.
+    pub app: Option<SocketAddr>,
+    /// App readiness path polled by the proxy.
+    pub readiness_path: Option<String>,
+    /// `Opaque` to skip protocol detection inbound.
+    pub inbound_protocol: Option<String>,
+    /// Fixed-target listeners: targets like `echo.shop:80`.
+    pub fixed: Vec<String>,
+    /// `Passthrough` (default) or `Reject`.
+    pub unknown_hosts: Option<String>,
+    /// Drain timeout, e.g. `2s`.
+    pub drain_timeout: Option<String>,
+}
+
+impl ProxySpec {
+    /// A proxy named `name` in front of `app`.
+    pub fn app(name: &str, service: &str, app: SocketAddr) -> Self {
+        Self { name: name.into(), service: Some(service.into()), app: Some(app), ..Self::default() }
+    }
+
+    /// A client-only proxy (outbound listener, no app).
+    pub fn client(name: &str) -> Self {
+        Self { name: name.into(), ..Self::default() }
+    }
+
+    fn yaml(&self, discovery: SocketAddr) -> String {
+        let service = self.service.clone().unwrap_or_else(|| self.name.clone());
+        let mut s = format!(
+            "apiVersion: config.ferrymesh.io/v1alpha1\nkind: ProxyConfig\nmetadata: {{name: {n}}}\nspec:\n  workload: {{name: {n}, namespace: shop, service: {service}}}\n",
+            n = self.name
+        );
+        if let Some(app) = self.app {
+            s.push_str(&format!("  inbound:\n    listen: \"127.0.0.1:0\"\n    app: \"{app}\"\n"));
+            if let Some(p) = &self.readiness_path {
+                s.push_str(&format!("    readinessPath: {p}\n"));
+            }
+            if let Some(p) = &self.inbound_protocol {
+                s.push_str(&format!("    protocol: {p}\n"));
+            }
+        }
+        s.push_str(&format!(
+            "  outbound:\n    mode: HttpProxy\n    listen: \"127.0.0.1:0\"\n    unknownHosts: {}\n",
+            self.unknown_hosts.as_deref().unwrap_or("Passthrough")
+        ));
+        if !self.fixed.is_empty() {
+            s.push_str("    listeners:\n");
+            for t in &self.fixed {
+                s.push_str(&format!("    - {{listen: \"127.0.0.1:0\", service: \"{t}\"}}\n"));
+            }
+        }
+        s.push_str(&format!(
+            "  admin: {{listen: \"127.0.0.1:0\", healthListen: \"127.0.0.1:0\"}}\n  controlPlane: {{discovery: \"{discovery}\"}}\n"
+        ));
+        if let Some(d) = &self.drain_timeout {
+            s.push_str(&format!("  drainTimeout: {d}\n"));
+        }
+        s
+    }
+}
+
+impl Mesh {
+    /// Writes `files` (name, YAML) into a new config folder and starts the controller on it.
+    ///
+    /// # Panics
+    /// When the controller does not start.
+    pub fn start(files: &[(&str, &str)]) -> Mesh {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        std::fs::create_dir_all(dir.path().join("mesh")).expect("creating the config folder");
+        for (name, text) in files {
+            std::fs::write(dir.path().join("mesh").join(name), text).expect("writing a config file");
+        }
+        let controller = start_controller(dir.path(), "127.0.0.1:0".parse().expect("valid"));
+        let discovery = controller.addr("discovery");
+        Mesh { dir, controller, discovery }
+    }
+
+    /// The config folder.
+    pub fn config_dir(&self) -> PathBuf {
+        self.dir.path().join("mesh")
+    }
+
+    /// Replaces a config file atomically (write, then rename), as editors do.
+    ///
+    /// # Panics
+    /// When the file cannot be written.
+    pub fn write(&self, name: &str, text: &str) {
+        let tmp = self.dir.path().join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).expect("writing a config file");
+        std::fs::rename(&tmp, self.config_dir().join(name)).expect("moving a config file in place");
+    }
+
+    /// Starts a proxy.
+    ///
+    /// # Panics
+    /// When it does not start.
+    pub fn proxy(&self, spec: &ProxySpec) -> Spawned {
+        let config = self.dir.path().join(format!("{}.proxy.yaml", spec.name));
+        std::fs::write(&config, spec.yaml(self.discovery)).expect("writing a proxy config");
+        let mut cmd = Command::new(bin("ferrymesh-proxy"));
+        cmd.arg("run").arg("--config").arg(&config).env("FERRYMESH_LOG", "info,ferrymesh_proxy=debug");
+        Spawned::start(&format!("proxy {}", spec.name), cmd, &self.dir.path().join(format!("{}.proxy.log", spec.name)))
+            .expect("starting a proxy")
+    }
+
+    /// Stops the controller (SIGKILL) and starts a new one on the same Discovery address.
+    ///
+    /// # Panics
+    /// When it does not come back.
+    pub fn restart_controller(&mut self) {
+        self.controller.kill();
+        self.controller = start_controller(self.dir.path(), self.discovery);
+    }
+
+    /// The controller's `/status`.
+    ///
+    /// # Panics
+    /// When it does not answer.
+    pub async fn status(&self) -> serde_json::Value {
+        let (status, body) = get(self.controller.addr("admin"), "/status").await.expect("controller /status");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).expect("status is JSON")
+    }
+}
+
+fn start_controller(dir: &Path, discovery: SocketAddr) -> Spawned {
+    let mut cmd = Command::new(bin("ferrymesh-controller"));
+    cmd.args(["--source", "files", "--admin-listen", "127.0.0.1:0", "--discovery-listen"])
+        .arg(discovery.to_string())
+        .arg("--config-dir")
+        .arg(dir.join("mesh"))
+        .env("FERRYMESH_LOG", "info,ferrymesh_controller=debug");
+    // NOTE: a restarted controller binds the port its predecessor held; retry briefly.
+    let mut last = None;
+    for attempt in 0..20 {
+        let log = dir.join(format!("controller-{attempt}.log"));
+        match Spawned::start("controller", cmd_clone(&cmd), &log) {
+            Ok(s) => return s,
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the controller did not start: {:?}", last);
+}
+
+fn cmd_clone(cmd: &Command) -> Command {
+    let mut c = Command::new(cmd.get_program());
+    c.args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        if let Some(v) = v {
+            c.env(k, v);
+        }
+    }
+    c
+}
+
+/// A plain HTTP/1.1 GET to `addr` (no proxy), returning status and body.
+///
+/// # Errors
+/// Connecting or the exchange fails.
+pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = http::Request::get(path).header("host", addr.to_string()).body(Empty::<Bytes>::new())?;
+    let rsp = sender.send_request(req).await?;
+    let status = rsp.status().as_u16();
+    let body = rsp.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// GETs JSON from an admin address.
+///
+/// # Panics
+/// When it does not answer 200 with JSON.
+pub async fn get_json(addr: SocketAddr, path: &str) -> serde_json::Value {
+    let (status, body) = get(addr, path).await.unwrap_or_else(|e| panic!("GET {addr}{path}: {e}"));
+    assert_eq!(status, 200, "GET {addr}{path}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {addr}{path}: {e}: {body}"))
+}
+
+/// Polls `check` every 20ms until it returns true or `timeout` passes; returns how long it took.
+///
+/// # Errors
+/// The timeout passed.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> anyhow::Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = tokio::time::Instant::now();
+    loop {
+        if check().await {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > timeout {
+            anyhow::bail!("condition not met within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,187 @@
+//! In-process apps for tests, on 127.0.0.1 port 0.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::echo_pb::{self, EchoReply, EchoRequest};
+
+/// An HTTP server (HTTP/1.1 and h2c on one port) that describes every request it gets:
+/// `{"instance", "method", "path", "version", "authority", "body"}`. `/status/<code>` answers
+/// with that status. Stops when dropped.
+#[derive(Debug)]
+pub struct HttpEcho {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its name, in every answer and the `x-instance` header.
+    pub instance: String,
+    /// Requests served.
+    pub hits: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl HttpEcho {
+    /// Starts one.
+    ///
+    /// # Panics
+    /// When 127.0.0.1:0 cannot be bound.
+    pub async fn start(instance: &str) -> HttpEcho {
+        Self::start_on("127.0.0.1:0".parse().expect("valid"), instance).await
+    }
+
+    /// Starts one on a given address (to bring an instance back on the same port).
+    ///
+    /// # Panics
+    /// When the address cannot be bound.
+    pub async fn start_on(addr: SocketAddr, instance: &str) -> HttpEcho {
+        let listener = TcpListener::bind(addr).await.expect("binding the echo server");
+        let addr = listener.local_addr().expect("bound");
+        let hits = Arc::new(AtomicUsize::new(0));
+        let name: Arc<str> = instance.into();
+        let (h, n) = (hits.clone(), name.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let (h, n) = (h.clone(), n.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let (h, n) = (h.clone(), n.clone());
+                        async move { Ok::<_, Infallible>(echo(req, &n, &h).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        HttpEcho { addr, instance: instance.to_owned(), hits, task }
+    }
+}
+
+impl Drop for HttpEcho {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn echo(req: Request<Incoming>, instance: &str, hits: &AtomicUsize) -> Response<Full<Bytes>> {
+    hits.fetch_add(1, Ordering::SeqCst);
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let authority = parts
+        .uri
+        .authority()
+        .map(ToString::to_string)
+        .or_else(|| parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned));
+    let status = parts
+        .uri
+        .path()
+        .strip_prefix("/status/")
+        .and_then(|c| c.parse::<u16>().ok())
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .unwrap_or(StatusCode::OK);
+    if let Some(ms) = parts.uri.path().strip_prefix("/slow/").and_then(|m| m.parse::<u64>().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let doc = serde_json::json!({
+        "instance": instance,
+        "method": parts.method.as_str(),
+        "path": parts.uri.path_and_query().map(ToString::to_string),
+        "version": format!("{:?}", parts.version),
+        "authority": authority,
+        "body": String::from_utf8_lossy(&body),
+        "headers": parts.headers.iter().map(|(k, v)| (k.as_str().to_owned(), serde_json::Value::from(v.to_str().unwrap_or("")))).collect::<serde_json::Map<_, _>>(),
+    });
+    Response::builder()
+        .status(status)
+        .header("x-instance", instance)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(doc.to_string())))
+        .expect("a valid response")
+}
+
+/// The test gRPC service, answering as `instance`.
+#[derive(Debug, Clone)]
+pub struct GrpcEcho {
+    instance: String,
+}
+
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<EchoReply, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl echo_pb::echo_server::Echo for GrpcEcho {
+    type ServerStreamStream = ReplyStream;
+    type ChatStream = ReplyStream;
+
+    async fn unary(&self, req: tonic::Request<EchoRequest>) -> Result<tonic::Response<EchoReply>, tonic::Status> {
+        let r = req.into_inner();
+        if r.message == "fail" {
+            return Err(tonic::Status::unavailable("asked to fail"));
+        }
+        Ok(tonic::Response::new(EchoReply { message: r.message, instance: self.instance.clone(), index: 0 }))
+    }
+
+    async fn server_stream(&self, req: tonic::Request<EchoRequest>) -> Result<tonic::Response<ReplyStream>, tonic::Status> {
+        let r = req.into_inner();
+        let instance = self.instance.clone();
+        let replies = (0..r.count).map(move |i| Ok(EchoReply { message: r.message.clone(), instance: instance.clone(), index: i }));
+        Ok(tonic::Response::new(Box::pin(tokio_stream::iter(replies))))
+    }
+
+    async fn chat(&self, req: tonic::Request<tonic::Streaming<EchoRequest>>) -> Result<tonic::Response<ReplyStream>, tonic::Status> {
+        let instance = self.instance.clone();
+        let mut index = 0;
+        let replies = req.into_inner().map(move |m| {
+            index += 1;
+            m.map(|m| EchoReply { message: m.message, instance: instance.clone(), index })
+        });
+        Ok(tonic::Response::new(Box::pin(replies)))
+    }
+}
+
+/// A running gRPC echo server; stops when dropped.
+#[derive(Debug)]
+pub struct GrpcServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl GrpcServer {
+    /// Starts one on 127.0.0.1, port 0.
+    ///
+    /// # Panics
+    /// When it cannot bind.
+    pub async fn start(instance: &str) -> GrpcServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding the gRPC echo server");
+        let addr = listener.local_addr().expect("bound");
+        let service = echo_pb::echo_server::EchoServer::new(GrpcEcho { instance: instance.to_owned() });
+        let task = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(TcpListenerStream::new(listener))
+                .await;
+        });
+        GrpcServer { addr, task }
+    }
+}
+
+impl Drop for GrpcServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
