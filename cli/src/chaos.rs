@@ -73,7 +73,12 @@ pub async fn run(state_dir: &Path, args: &ChaosArgs) -> anyhow::Result<()> {
         .into_iter()
         .flatten()
         .filter(|p| p["service"] == service.as_str())
-        .filter_map(|p| Some((p["instance"].as_str()?.to_owned(), p["app"].as_str()?.to_owned())))
+        .filter_map(|p| {
+            Some((
+                p["instance"].as_str()?.to_owned(),
+                p["app"].as_str()?.to_owned(),
+            ))
+        })
         .collect();
     instances.sort();
     if instances.is_empty() {
@@ -82,7 +87,10 @@ pub async fn run(state_dir: &Path, args: &ChaosArgs) -> anyhow::Result<()> {
     if let Some(pick) = &args.instance {
         let chosen = match pick.parse::<usize>() {
             Ok(n) if (1..=instances.len()).contains(&n) => instances[n - 1].clone(),
-            Ok(n) => bail!("{service} has {} instances; --instance {n} is out of range", instances.len()),
+            Ok(n) => bail!(
+                "{service} has {} instances; --instance {n} is out of range",
+                instances.len()
+            ),
             Err(_) => instances
                 .iter()
                 .find(|(name, _)| name == pick)
@@ -94,7 +102,12 @@ pub async fn run(state_dir: &Path, args: &ChaosArgs) -> anyhow::Result<()> {
     let client = crate::state::http_client()?;
     let body = body(args);
     for (name, app) in instances {
-        let rsp = client.put(format!("http://{app}/chaos")).json(&body).send().await.with_context(|| format!("{name} at {app}"))?;
+        let rsp = client
+            .put(format!("http://{app}/chaos"))
+            .json(&body)
+            .send()
+            .await
+            .with_context(|| format!("{name} at {app}"))?;
         let ok = rsp.status().is_success();
         let result: Value = rsp.json().await.unwrap_or(Value::Null);
         if !ok {

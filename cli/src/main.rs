@@ -9,7 +9,12 @@ use ferryctl::{chaos, status, up};
 #[command(name = "ferryctl", version, about = "Ferrymesh command line")]
 struct Cli {
     /// The local mesh's state folder (ProxyConfigs, logs, controller address).
-    #[arg(long, global = true, default_value = ".ferrymesh", env = "FERRYMESH_STATE_DIR")]
+    #[arg(
+        long,
+        global = true,
+        default_value = ".ferrymesh",
+        env = "FERRYMESH_STATE_DIR"
+    )]
     state_dir: PathBuf,
     #[command(subcommand)]
     command: Cmd,
@@ -32,7 +37,10 @@ enum Cmd {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FERRYMESH_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FERRYMESH_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

@@ -31,7 +31,8 @@ pub fn file(dir: &Path) -> PathBuf {
 /// # Errors
 /// The folder cannot be written.
 pub fn save(dir: &Path, state: &State) -> anyhow::Result<()> {
-    std::fs::write(file(dir), serde_json::to_vec_pretty(state)?).with_context(|| format!("writing {}", file(dir).display()))
+    std::fs::write(file(dir), serde_json::to_vec_pretty(state)?)
+        .with_context(|| format!("writing {}", file(dir).display()))
 }
 
 /// Reads the state of a running `ferryctl up`.
@@ -39,14 +40,21 @@ pub fn save(dir: &Path, state: &State) -> anyhow::Result<()> {
 /// # Errors
 /// No mesh is up from this folder.
 pub fn load(dir: &Path) -> anyhow::Result<State> {
-    let bytes = std::fs::read(file(dir))
-        .with_context(|| format!("no local mesh state in {} (is `ferryctl up` running here?)", dir.display()))?;
+    let bytes = std::fs::read(file(dir)).with_context(|| {
+        format!(
+            "no local mesh state in {} (is `ferryctl up` running here?)",
+            dir.display()
+        )
+    })?;
     serde_json::from_slice(&bytes).with_context(|| format!("reading {}", file(dir).display()))
 }
 
 /// An HTTP client that never goes through `HTTP_PROXY` (the CLI talks to admin ports).
 pub fn http_client() -> anyhow::Result<reqwest::Client> {
-    Ok(reqwest::Client::builder().no_proxy().timeout(std::time::Duration::from_secs(5)).build()?)
+    Ok(reqwest::Client::builder()
+        .no_proxy()
+        .timeout(std::time::Duration::from_secs(5))
+        .build()?)
 }
 
 /// The controller's `/status` document.
@@ -56,10 +64,8 @@ pub fn http_client() -> anyhow::Result<reqwest::Client> {
 pub async fn status(dir: &Path) -> anyhow::Result<serde_json::Value> {
     let state = load(dir)?;
     let url = format!("http://{}/status", state.controller_admin);
-    let rsp = http_client()?
-        .get(&url)
-        .send()
-        .await
-        .with_context(|| format!("asking the controller at {url} (is `ferryctl up` still running?)"))?;
+    let rsp = http_client()?.get(&url).send().await.with_context(|| {
+        format!("asking the controller at {url} (is `ferryctl up` still running?)")
+    })?;
     Ok(rsp.error_for_status()?.json().await?)
 }

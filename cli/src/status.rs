@@ -28,12 +28,23 @@ fn s(v: &Value) -> &str {
 /// The human-readable form.
 pub fn render(status: &Value) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "controller  discovery {}  admin {}", s(&status["controller"]["discovery"]), s(&status["controller"]["admin"]));
+    let _ = writeln!(
+        out,
+        "controller  discovery {}  admin {}",
+        s(&status["controller"]["discovery"]),
+        s(&status["controller"]["admin"])
+    );
     let _ = writeln!(out, "\nSERVICES");
     for svc in status["services"].as_array().into_iter().flatten() {
         for port in svc["ports"].as_array().into_iter().flatten() {
-            let eps: Vec<&Value> = port["endpoints"].as_array().map(|a| a.iter().collect()).unwrap_or_default();
-            let ready = eps.iter().filter(|e| e["ready"].as_bool() == Some(true)).count();
+            let eps: Vec<&Value> = port["endpoints"]
+                .as_array()
+                .map(|a| a.iter().collect())
+                .unwrap_or_default();
+            let ready = eps
+                .iter()
+                .filter(|e| e["ready"].as_bool() == Some(true))
+                .count();
             let _ = writeln!(
                 out,
                 "  {}/{}:{}  {}  endpoints {}/{} ready  version {}",
@@ -46,7 +57,17 @@ pub fn render(status: &Value) -> String {
                 s(&port["endpointsVersion"])
             );
             for e in eps {
-                let _ = writeln!(out, "      {}  {}  {}", s(&e["address"]), if e["ready"].as_bool() == Some(true) { "ready" } else { "not-ready" }, s(&e["instance"]));
+                let _ = writeln!(
+                    out,
+                    "      {}  {}  {}",
+                    s(&e["address"]),
+                    if e["ready"].as_bool() == Some(true) {
+                        "ready"
+                    } else {
+                        "not-ready"
+                    },
+                    s(&e["instance"])
+                );
             }
         }
     }
@@ -57,7 +78,11 @@ pub fn render(status: &Value) -> String {
             out,
             "  {:<24} {:<6} app {:<21} outbound {:<21} inbound {:<21} admin {:<21} health {}",
             s(&p["workload"]),
-            if p["ready"].as_bool() == Some(true) { "ready" } else { "-" },
+            if p["ready"].as_bool() == Some(true) {
+                "ready"
+            } else {
+                "-"
+            },
             s(&p["app"]),
             s(&l["outbound"]),
             s(&l["inbound"]),
@@ -65,11 +90,23 @@ pub fn render(status: &Value) -> String {
             s(&l["health"])
         );
         for f in l["fixed"].as_array().into_iter().flatten() {
-            let _ = writeln!(out, "      fixed {} -> {}", s(&f["listen"]), s(&f["target"]));
+            let _ = writeln!(
+                out,
+                "      fixed {} -> {}",
+                s(&f["listen"]),
+                s(&f["target"])
+            );
         }
     }
     for e in status["fileErrors"].as_array().into_iter().flatten() {
-        let _ = writeln!(out, "\nREJECTED {}: {}: {}: {}", s(&e["file"]), s(&e["object"]), s(&e["field"]), s(&e["message"]));
+        let _ = writeln!(
+            out,
+            "\nREJECTED {}: {}: {}: {}",
+            s(&e["file"]),
+            s(&e["object"]),
+            s(&e["field"]),
+            s(&e["message"])
+        );
     }
     out
 }

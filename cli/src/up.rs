@@ -112,18 +112,38 @@ pub fn read_workloads(dir: &Path) -> anyhow::Result<Vec<Workload>> {
     for file in files {
         let text = std::fs::read_to_string(&file)?;
         for doc in serde_yaml_ng::Deserializer::from_str(&text) {
-            let value = serde_yaml_ng::Value::deserialize(doc).with_context(|| format!("{}: bad YAML", file.display()))?;
+            let value = serde_yaml_ng::Value::deserialize(doc)
+                .with_context(|| format!("{}: bad YAML", file.display()))?;
             if value.get("kind").and_then(|k| k.as_str()) != Some("Deployment") {
                 continue;
             }
-            let d: RawDeployment = serde_yaml_ng::from_value(value).with_context(|| format!("{}: bad Deployment", file.display()))?;
-            let container = d.spec.template.spec.containers.into_iter().next().with_context(|| format!("{}: {} has no container", file.display(), d.metadata.name))?;
+            let d: RawDeployment = serde_yaml_ng::from_value(value)
+                .with_context(|| format!("{}: bad Deployment", file.display()))?;
+            let container = d
+                .spec
+                .template
+                .spec
+                .containers
+                .into_iter()
+                .next()
+                .with_context(|| {
+                    format!("{}: {} has no container", file.display(), d.metadata.name)
+                })?;
             out.push(Workload {
-                service: d.metadata.labels.get("app").cloned().unwrap_or_else(|| d.metadata.name.clone()),
+                service: d
+                    .metadata
+                    .labels
+                    .get("app")
+                    .cloned()
+                    .unwrap_or_else(|| d.metadata.name.clone()),
                 namespace: d.metadata.namespace.unwrap_or_else(|| "default".into()),
                 replicas: d.spec.replicas.unwrap_or(1),
                 args: container.args,
-                env: container.env.into_iter().map(|e| (e.name, e.value)).collect(),
+                env: container
+                    .env
+                    .into_iter()
+                    .map(|e| (e.name, e.value))
+                    .collect(),
                 name: d.metadata.name,
             });
         }
@@ -147,15 +167,22 @@ fn free_port() -> anyhow::Result<u16> {
 fn bin(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     let path = dir.join(name);
     if !path.exists() {
-        bail!("{} not found (build the workspace first: cargo build --release)", path.display());
+        bail!(
+            "{} not found (build the workspace first: cargo build --release)",
+            path.display()
+        );
     }
     Ok(path)
 }
 
 /// Starts `cmd`, sends its stderr to `log`, and waits for its `FERRYMESH_LISTENING` line.
 async fn start(name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<(Proc, Value)> {
-    let log_file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-    cmd.stdout(Stdio::piped()).stderr(log_file).stdin(Stdio::null()).kill_on_drop(true);
+    let log_file =
+        std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    cmd.stdout(Stdio::piped())
+        .stderr(log_file)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
     let mut child = cmd.spawn().with_context(|| format!("starting {name}"))?;
     let stdout = child.stdout.take().expect("stdout is piped");
     let mut lines = BufReader::new(stdout).lines();
@@ -171,16 +198,34 @@ async fn start(name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<(Proc
     .with_context(|| format!("{name} did not start within 30s; see {}", log.display()))??;
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok((Proc { name: name.to_owned(), child }, listening))
+    Ok((
+        Proc {
+            name: name.to_owned(),
+            child,
+        },
+        listening,
+    ))
 }
 
-fn proxy_config(name: &str, namespace: &str, service: &str, discovery: &str, app_port: Option<u16>, fixed: Option<(SocketAddr, &str)>) -> String {
+fn proxy_config(
+    name: &str,
+    namespace: &str,
+    service: &str,
+    discovery: &str,
+    app_port: Option<u16>,
+    fixed: Option<(SocketAddr, &str)>,
+) -> String {
     let inbound = app_port.map_or(String::new(), |p| {
         format!("  inbound: {{listen: \"127.0.0.1:0\", app: \"127.0.0.1:{p}\", readinessPath: /readyz}}\n")
     });
     let outbound = match fixed {
-        Some((listen, target)) => format!("  outbound: {{listeners: [{{listen: \"{listen}\", service: \"{target}\"}}]}}\n"),
-        None => "  outbound: {mode: HttpProxy, listen: \"127.0.0.1:0\", unknownHosts: Passthrough}\n".to_owned(),
+        Some((listen, target)) => format!(
+            "  outbound: {{listeners: [{{listen: \"{listen}\", service: \"{target}\"}}]}}\n"
+        ),
+        None => {
+            "  outbound: {mode: HttpProxy, listen: \"127.0.0.1:0\", unknownHosts: Passthrough}\n"
+                .to_owned()
+        }
     };
     format!(
         "apiVersion: config.ferrymesh.io/v1alpha1\nkind: ProxyConfig\nmetadata: {{name: {name}}}\nspec:\n  \
@@ -230,13 +275,24 @@ pub async fn run(state_dir: &Path, args: &UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Paths every start needs.
+struct Layout {
+    proxy_bin: PathBuf,
+    shop_bin: PathBuf,
+    logs: PathBuf,
+    configs: PathBuf,
+    discovery: String,
+}
+
 async fn start_all(state_dir: &Path, args: &UpArgs, procs: &mut Vec<Proc>) -> anyhow::Result<()> {
     let bin_dir = match &args.bin_dir {
         Some(d) => d.clone(),
-        None => std::env::current_exe()?.parent().context("ferryctl has no folder")?.to_owned(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("ferryctl has no folder")?
+            .to_owned(),
     };
-    let (controller_bin, proxy_bin, shop_bin) =
-        (bin(&bin_dir, "ferrymesh-controller")?, bin(&bin_dir, "ferrymesh-proxy")?, bin(&bin_dir, "ferry-shop")?);
+    let controller_bin = bin(&bin_dir, "ferrymesh-controller")?;
     let workloads = read_workloads(&args.config_dir)?;
     let logs = state_dir.join("logs");
     let configs = state_dir.join("proxies");
@@ -244,63 +300,163 @@ async fn start_all(state_dir: &Path, args: &UpArgs, procs: &mut Vec<Proc>) -> an
     std::fs::create_dir_all(&configs)?;
 
     let mut cmd = Command::new(&controller_bin);
-    cmd.args(["--source", "files", "--discovery-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--config-dir"])
-        .arg(&args.config_dir);
+    cmd.args([
+        "--source",
+        "files",
+        "--discovery-listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--config-dir",
+    ])
+    .arg(&args.config_dir);
     let (proc, listening) = start("controller", cmd, &logs.join("controller.log")).await?;
     procs.push(proc);
-    let discovery = listening["discovery"].as_str().context("controller did not report its discovery address")?.to_owned();
-    let admin = listening["admin"].as_str().context("controller did not report its admin address")?.to_owned();
+    let discovery = listening["discovery"]
+        .as_str()
+        .context("controller did not report its discovery address")?
+        .to_owned();
+    let admin = listening["admin"]
+        .as_str()
+        .context("controller did not report its admin address")?
+        .to_owned();
+    let layout = Layout {
+        proxy_bin: bin(&bin_dir, "ferrymesh-proxy")?,
+        shop_bin: bin(&bin_dir, "ferry-shop")?,
+        logs,
+        configs,
+        discovery,
+    };
 
-    println!("{:<14} {:<14} {:<22} {:<22} {:<22}", "SERVICE", "INSTANCE", "APP", "PROXY OUTBOUND", "PROXY INBOUND");
+    println!(
+        "{:<14} {:<14} {:<22} {:<22} {:<22}",
+        "SERVICE", "INSTANCE", "APP", "PROXY OUTBOUND", "PROXY INBOUND"
+    );
     for w in &workloads {
         for i in 1..=w.replicas {
-            let name = if w.replicas == 1 { w.name.clone() } else { format!("{}-{i}", w.name) };
-            let app_port = free_port()?;
-            let config = configs.join(format!("{name}.yaml"));
-            std::fs::write(&config, proxy_config(&name, &w.namespace, &w.service, &discovery, Some(app_port), None))?;
-            let mut cmd = Command::new(&proxy_bin);
-            cmd.arg("run").arg("--config").arg(&config);
-            let (proc, proxy) = start(&format!("{name}-proxy"), cmd, &logs.join(format!("{name}-proxy.log"))).await?;
-            procs.push(proc);
-            let outbound = proxy["outbound"].as_str().context("proxy did not report its outbound address")?.to_owned();
-            let mut cmd = Command::new(&shop_bin);
-            cmd.args(&w.args)
-                .env("FERRY_LISTEN", format!("127.0.0.1:{app_port}"))
-                .env("FERRY_INSTANCE", &name)
-                .env("FERRY_NAMESPACE", &w.namespace)
-                .env("HTTP_PROXY", format!("http://{outbound}"))
-                .env("http_proxy", format!("http://{outbound}"))
-                .env_remove("NO_PROXY")
-                .env_remove("no_proxy");
-            for (k, v) in &w.env {
-                cmd.env(k, v);
-            }
-            let (proc, _) = start(&name, cmd, &logs.join(format!("{name}.log"))).await?;
-            procs.push(proc);
-            println!("{:<14} {:<14} {:<22} {:<22} {:<22}", w.service, name, format!("127.0.0.1:{app_port}"), outbound, proxy["inbound"].as_str().unwrap_or("-"));
+            let name = if w.replicas == 1 {
+                w.name.clone()
+            } else {
+                format!("{}-{i}", w.name)
+            };
+            start_instance(&layout, w, &name, procs).await?;
         }
     }
-
-    let entry_config = configs.join("entry.yaml");
-    std::fs::write(&entry_config, proxy_config("entry", "shop", "entry", &discovery, None, Some((args.entry, "storefront.shop:80"))))?;
-    let mut cmd = Command::new(&proxy_bin);
-    cmd.arg("run").arg("--config").arg(&entry_config);
-    let (proc, entry) = start("entry-proxy", cmd, &logs.join("entry-proxy.log")).await?;
-    procs.push(proc);
-    let entry = entry["fixed"][0][0].as_str().context("entry proxy did not report its listener")?.to_owned();
-    state::save(state_dir, &State { controller_admin: admin.clone(), controller_discovery: discovery.clone(), entry: entry.clone(), pid: std::process::id() })?;
+    let entry = start_entry(&layout, args.entry, procs).await?;
+    let discovery = layout.discovery;
+    state::save(
+        state_dir,
+        &State {
+            controller_admin: admin.clone(),
+            controller_discovery: discovery.clone(),
+            entry: entry.clone(),
+            pid: std::process::id(),
+        },
+    )?;
     println!("\ncontroller: discovery {discovery}, status http://{admin}/status");
     println!("storefront: http://{entry}/   product page: http://{entry}/api/product-page?id=1");
     println!("logs and proxy configs: {}", state_dir.display());
     println!("try: ferryctl status | ferryctl chaos pricing --error-rate 1 | Ctrl-C to stop");
-    println!("{LISTENING_PREFIX}{}", serde_json::json!({ "entry": entry, "controllerAdmin": admin, "controllerDiscovery": discovery }));
+    println!(
+        "{LISTENING_PREFIX}{}",
+        serde_json::json!({ "entry": entry, "controllerAdmin": admin, "controllerDiscovery": discovery })
+    );
     Ok(())
+}
+
+/// One replica: its sidecar first (so the app's `HTTP_PROXY` is known), then the app.
+async fn start_instance(
+    layout: &Layout,
+    w: &Workload,
+    name: &str,
+    procs: &mut Vec<Proc>,
+) -> anyhow::Result<()> {
+    let app_port = free_port()?;
+    let config = layout.configs.join(format!("{name}.yaml"));
+    std::fs::write(
+        &config,
+        proxy_config(
+            name,
+            &w.namespace,
+            &w.service,
+            &layout.discovery,
+            Some(app_port),
+            None,
+        ),
+    )?;
+    let mut cmd = Command::new(&layout.proxy_bin);
+    cmd.arg("run").arg("--config").arg(&config);
+    let (proc, proxy) = start(
+        &format!("{name}-proxy"),
+        cmd,
+        &layout.logs.join(format!("{name}-proxy.log")),
+    )
+    .await?;
+    procs.push(proc);
+    let outbound = proxy["outbound"]
+        .as_str()
+        .context("proxy did not report its outbound address")?
+        .to_owned();
+    let mut cmd = Command::new(&layout.shop_bin);
+    cmd.args(&w.args)
+        .env("FERRY_LISTEN", format!("127.0.0.1:{app_port}"))
+        .env("FERRY_INSTANCE", name)
+        .env("FERRY_NAMESPACE", &w.namespace)
+        .env("HTTP_PROXY", format!("http://{outbound}"))
+        .env("http_proxy", format!("http://{outbound}"))
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy");
+    for (k, v) in &w.env {
+        cmd.env(k, v);
+    }
+    let (proc, _) = start(name, cmd, &layout.logs.join(format!("{name}.log"))).await?;
+    procs.push(proc);
+    println!(
+        "{:<14} {:<14} {:<22} {:<22} {:<22}",
+        w.service,
+        name,
+        format!("127.0.0.1:{app_port}"),
+        outbound,
+        proxy["inbound"].as_str().unwrap_or("-")
+    );
+    Ok(())
+}
+
+/// The entry: a proxy with one fixed-target listener on the storefront.
+async fn start_entry(
+    layout: &Layout,
+    listen: SocketAddr,
+    procs: &mut Vec<Proc>,
+) -> anyhow::Result<String> {
+    let config = layout.configs.join("entry.yaml");
+    std::fs::write(
+        &config,
+        proxy_config(
+            "entry",
+            "shop",
+            "entry",
+            &layout.discovery,
+            None,
+            Some((listen, "storefront.shop:80")),
+        ),
+    )?;
+    let mut cmd = Command::new(&layout.proxy_bin);
+    cmd.arg("run").arg("--config").arg(&config);
+    let (proc, entry) = start("entry-proxy", cmd, &layout.logs.join("entry-proxy.log")).await?;
+    procs.push(proc);
+    Ok(entry["fixed"][0][0]
+        .as_str()
+        .context("entry proxy did not report its listener")?
+        .to_owned())
 }
 
 /// SIGTERM to every process (workloads and proxies first, the controller last), then SIGKILL
 /// after 10s to whatever is left.
 async fn stop_all(mut procs: Vec<Proc>) {
-    let controller = procs.iter().position(|p| p.name == "controller").map(|i| procs.remove(i));
+    let controller = procs
+        .iter()
+        .position(|p| p.name == "controller")
+        .map(|i| procs.remove(i));
     stop(procs).await;
     if let Some(c) = controller {
         stop(vec![c]).await;
@@ -310,16 +466,19 @@ async fn stop_all(mut procs: Vec<Proc>) {
 async fn stop(procs: Vec<Proc>) {
     for p in &procs {
         if let Some(pid) = p.child.id().and_then(|id| i32::try_from(id).ok()) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
         }
     }
     for mut p in procs {
-        match tokio::time::timeout(Duration::from_secs(10), p.child.wait()).await {
-            Ok(_) => {}
-            Err(_) => {
-                eprintln!("ferryctl: {} did not stop in 10s; killing it", p.name);
-                let _ = p.child.kill().await;
-            }
+        if tokio::time::timeout(Duration::from_secs(10), p.child.wait())
+            .await
+            .is_err()
+        {
+            eprintln!("ferryctl: {} did not stop in 10s; killing it", p.name);
+            let _ = p.child.kill().await;
         }
     }
 }
@@ -332,22 +491,59 @@ mod tests {
     fn the_demo_folder_starts_every_shop_service() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../demo-apps/mesh");
         let workloads = read_workloads(&dir).unwrap();
-        let names: Vec<_> = workloads.iter().map(|w| (w.service.as_str(), w.replicas)).collect();
-        for service in ["storefront", "catalog", "pricing", "inventory", "reviews", "orders", "payments"] {
-            assert!(names.iter().any(|(s, _)| *s == service), "{service} missing from {names:?}");
+        let names: Vec<_> = workloads
+            .iter()
+            .map(|w| (w.service.as_str(), w.replicas))
+            .collect();
+        for service in [
+            "storefront",
+            "catalog",
+            "pricing",
+            "inventory",
+            "reviews",
+            "orders",
+            "payments",
+        ] {
+            assert!(
+                names.iter().any(|(s, _)| *s == service),
+                "{service} missing from {names:?}"
+            );
         }
         assert!(names.contains(&("catalog", 3)));
     }
 
     #[test]
     fn proxy_configs_written_for_instances_load() {
-        let text = proxy_config("catalog-2", "shop", "catalog", "127.0.0.1:9091", Some(8081), None);
+        let text = proxy_config(
+            "catalog-2",
+            "shop",
+            "catalog",
+            "127.0.0.1:9091",
+            Some(8081),
+            None,
+        );
         let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
-        assert_eq!(value["spec"]["inbound"]["app"].as_str(), Some("127.0.0.1:8081"));
-        assert_eq!(value["spec"]["workload"]["service"].as_str(), Some("catalog"));
-        let entry = proxy_config("entry", "shop", "entry", "127.0.0.1:9091", None, Some(("127.0.0.1:8080".parse().unwrap(), "storefront.shop:80")));
+        assert_eq!(
+            value["spec"]["inbound"]["app"].as_str(),
+            Some("127.0.0.1:8081")
+        );
+        assert_eq!(
+            value["spec"]["workload"]["service"].as_str(),
+            Some("catalog")
+        );
+        let entry = proxy_config(
+            "entry",
+            "shop",
+            "entry",
+            "127.0.0.1:9091",
+            None,
+            Some(("127.0.0.1:8080".parse().unwrap(), "storefront.shop:80")),
+        );
         let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(&entry).unwrap();
         assert!(value["spec"].get("inbound").is_none());
-        assert_eq!(value["spec"]["outbound"]["listeners"][0]["service"].as_str(), Some("storefront.shop:80"));
+        assert_eq!(
+            value["spec"]["outbound"]["listeners"][0]["service"].as_str(),
+            Some("storefront.shop:80")
+        );
     }
 }

@@ -40,7 +40,11 @@ pub fn router(index: IndexHandle, metrics: Arc<Metrics>, addrs: Addresses) -> Ro
         .route("/ready", get(|| async { "ready\n" }))
         .route("/metrics", get(metrics_text))
         .route("/status", get(status))
-        .with_state(AdminState { index, metrics, addrs })
+        .with_state(AdminState {
+            index,
+            metrics,
+            addrs,
+        })
 }
 
 async fn metrics_text(State(state): State<AdminState>) -> impl IntoResponse {
@@ -48,14 +52,37 @@ async fn metrics_text(State(state): State<AdminState>) -> impl IntoResponse {
     let mut text = state.metrics.encode();
     let text_end = text.rfind("# EOF").unwrap_or(text.len());
     text.truncate(text_end);
-    let _ = writeln!(text, "# HELP ferrymesh_controller_config_file_errors Config files whose last reload was rejected.");
+    let _ = writeln!(
+        text,
+        "# HELP ferrymesh_controller_config_file_errors Config files whose last reload was rejected."
+    );
     let _ = writeln!(text, "# TYPE ferrymesh_controller_config_file_errors gauge");
-    let _ = writeln!(text, "ferrymesh_controller_config_file_errors {}", snapshot.file_errors.len());
-    let _ = writeln!(text, "# HELP ferrymesh_controller_registered_workloads Local workloads registered on Discovery streams.");
-    let _ = writeln!(text, "# TYPE ferrymesh_controller_registered_workloads gauge");
-    let _ = writeln!(text, "ferrymesh_controller_registered_workloads {}", snapshot.workloads.len());
+    let _ = writeln!(
+        text,
+        "ferrymesh_controller_config_file_errors {}",
+        snapshot.file_errors.len()
+    );
+    let _ = writeln!(
+        text,
+        "# HELP ferrymesh_controller_registered_workloads Local workloads registered on Discovery streams."
+    );
+    let _ = writeln!(
+        text,
+        "# TYPE ferrymesh_controller_registered_workloads gauge"
+    );
+    let _ = writeln!(
+        text,
+        "ferrymesh_controller_registered_workloads {}",
+        snapshot.workloads.len()
+    );
     text.push_str("# EOF\n");
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
 }
 
 async fn status(State(state): State<AdminState>) -> impl IntoResponse {
@@ -170,7 +197,13 @@ pub struct FixedStatus {
 }
 
 fn addr(a: Option<&cfg::SocketAddr>) -> Option<String> {
-    a.map(|a| if a.ip.contains(':') { format!("[{}]:{}", a.ip, a.port) } else { format!("{}:{}", a.ip, a.port) })
+    a.map(|a| {
+        if a.ip.contains(':') {
+            format!("[{}]:{}", a.ip, a.port)
+        } else {
+            format!("{}:{}", a.ip, a.port)
+        }
+    })
 }
 
 impl Status {
@@ -196,7 +229,11 @@ impl Status {
                                 .map(|e| EndpointStatus {
                                     address: addr(e.addr.as_ref()).unwrap_or_default(),
                                     ready: e.ready,
-                                    instance: e.metric_labels.get("instance").cloned().unwrap_or_default(),
+                                    instance: e
+                                        .metric_labels
+                                        .get("instance")
+                                        .cloned()
+                                        .unwrap_or_default(),
                                     meshed: e.proxy_inbound_port != 0,
                                 })
                                 .collect(),
@@ -224,7 +261,11 @@ impl Status {
             .iter()
             .map(|(id, node)| {
                 let local = node.local_workload.as_ref();
-                let ready = snapshot.workloads.iter().find(|w| w.stream == *id).is_some_and(|w| w.ready);
+                let ready = snapshot
+                    .workloads
+                    .iter()
+                    .find(|w| w.stream == *id)
+                    .is_some_and(|w| w.ready);
                 let l = local.and_then(|l| l.listeners.as_ref());
                 ProxyStatus {
                     workload: node.workload.clone(),
@@ -244,7 +285,10 @@ impl Status {
                             .map(|l| {
                                 l.fixed
                                     .iter()
-                                    .map(|f| FixedStatus { listen: addr(f.listen.as_ref()).unwrap_or_default(), target: f.target.clone() })
+                                    .map(|f| FixedStatus {
+                                        listen: addr(f.listen.as_ref()).unwrap_or_default(),
+                                        target: f.target.clone(),
+                                    })
                                     .collect()
                             })
                             .unwrap_or_default(),

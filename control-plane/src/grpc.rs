@@ -35,7 +35,12 @@ pub struct DiscoveryService {
 impl DiscoveryService {
     /// A service over `index`; streams end when `shutdown` turns true.
     pub fn new(index: IndexHandle, metrics: Arc<Metrics>, shutdown: watch::Receiver<bool>) -> Self {
-        Self { index, metrics, next_stream: Arc::new(AtomicU64::new(1)), shutdown }
+        Self {
+            index,
+            metrics,
+            next_stream: Arc::new(AtomicU64::new(1)),
+            shutdown,
+        }
     }
 
     /// As a tonic service.
@@ -72,14 +77,17 @@ impl pb::discovery_server::Discovery for DiscoveryService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn fetch(&self, request: Request<pb::FetchRequest>) -> Result<Response<pb::FetchResponse>, Status> {
+    async fn fetch(
+        &self,
+        request: Request<pb::FetchRequest>,
+    ) -> Result<Response<pb::FetchResponse>, Status> {
         let req = request.into_inner();
         let ty = resource_type(req.r#type)?;
         let snapshot = self.index.snapshot();
         let mut response = pb::FetchResponse::default();
         for name in req.names {
             match snapshot.lookup(ty, &name) {
-                Lookup::Found(r) => response.resources.push(r),
+                Lookup::Found(r) => response.resources.push(*r),
                 Lookup::NotFound => response.not_found.push(name),
                 Lookup::Invalid(e) => return Err(Status::invalid_argument(e)),
             }
@@ -90,7 +98,9 @@ impl pb::discovery_server::Discovery for DiscoveryService {
 
 fn resource_type(raw: i32) -> Result<pb::ResourceType, Status> {
     match pb::ResourceType::try_from(raw) {
-        Ok(pb::ResourceType::Unspecified) | Err(_) => Err(Status::invalid_argument(format!("unknown resource type {raw}"))),
+        Ok(pb::ResourceType::Unspecified) | Err(_) => Err(Status::invalid_argument(format!(
+            "unknown resource type {raw}"
+        ))),
         Ok(t) => Ok(t),
     }
 }
@@ -117,7 +127,11 @@ struct StreamTask {
 }
 
 impl StreamTask {
-    async fn run(mut self, mut requests: Streaming<pb::DiscoveryRequest>, mut shutdown: watch::Receiver<bool>) {
+    async fn run(
+        mut self,
+        mut requests: Streaming<pb::DiscoveryRequest>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let mut snapshots = self.index.subscribe();
         self.metrics.streams.inc();
         loop {
@@ -159,9 +173,16 @@ impl StreamTask {
         }
     }
 
-    async fn handle(&mut self, req: pb::DiscoveryRequest, snapshot: &Arc<Snapshot>) -> Result<(), Status> {
+    async fn handle(
+        &mut self,
+        req: pb::DiscoveryRequest,
+        snapshot: &Arc<Snapshot>,
+    ) -> Result<(), Status> {
         if !self.opened {
-            let node = req.node.as_ref().ok_or_else(|| Status::invalid_argument("the first request must carry node"))?;
+            let node = req
+                .node
+                .as_ref()
+                .ok_or_else(|| Status::invalid_argument("the first request must carry node"))?;
             tracing::info!(stream = self.id, workload = %node.workload, "proxy connected");
             self.index.stream_opened(self.id, node);
             self.opened = true;
@@ -169,32 +190,41 @@ impl StreamTask {
         if let Some(status) = req.workload_status {
             self.index.workload_ready(self.id, status.ready);
         }
-        if req.r#type == 0 && req.subscribe.is_empty() && req.unsubscribe.is_empty() && req.response_nonce.is_empty() {
+        if req.r#type == 0
+            && req.subscribe.is_empty()
+            && req.unsubscribe.is_empty()
+            && req.response_nonce.is_empty()
+        {
             return Ok(()); // a node or status message only
         }
         let ty = resource_type(req.r#type)?;
-        if !req.response_nonce.is_empty() {
-            if let Some(error) = &req.error_detail {
-                self.metrics.nack(ty);
-                for r in &req.rejected {
-                    tracing::warn!(stream = self.id, name = %r.name, version = %r.version, reason = %r.reason, "proxy rejected a resource");
-                    self.nacked.insert((r.name.clone(), r.version.clone()));
-                }
-                tracing::warn!(stream = self.id, nonce = %req.response_nonce, error = %error.message, "NACK");
+        if !req.response_nonce.is_empty()
+            && let Some(error) = &req.error_detail
+        {
+            self.metrics.nack(ty);
+            for r in &req.rejected {
+                tracing::warn!(stream = self.id, name = %r.name, version = %r.version, reason = %r.reason, "proxy rejected a resource");
+                self.nacked.insert((r.name.clone(), r.version.clone()));
             }
+            tracing::warn!(stream = self.id, nonce = %req.response_nonce, error = %error.message, "NACK");
         }
         let subs = self.subs.entry(ty).or_default();
         for name in &req.unsubscribe {
             subs.remove(name);
         }
         if subs.len() + req.subscribe.len() > MAX_SUBSCRIPTIONS {
-            return Err(Status::resource_exhausted(format!("more than {MAX_SUBSCRIPTIONS} subscriptions on one stream")));
+            return Err(Status::resource_exhausted(format!(
+                "more than {MAX_SUBSCRIPTIONS} subscriptions on one stream"
+            )));
         }
         if req.subscribe.is_empty() {
             return Ok(());
         }
         for name in &req.subscribe {
-            let sent = req.initial_versions.get(name).map_or(Sent::Nothing, |v| Sent::Version(v.clone()));
+            let sent = req
+                .initial_versions
+                .get(name)
+                .map_or(Sent::Nothing, |v| Sent::Version(v.clone()));
             subs.insert(name.clone(), sent);
         }
         // NOTE: every subscribe is answered, even when nothing changed (the proxy's cached
@@ -205,9 +235,20 @@ impl StreamTask {
 
     /// Sends what changed for `names` (all subscribed names when `None`). Returns false when
     /// the proxy is gone.
-    async fn push(&mut self, ty: pb::ResourceType, names: Option<&[String]>, snapshot: &Snapshot, always: bool) -> bool {
-        let mut response = pb::DiscoveryResponse { r#type: ty.into(), ..Default::default() };
-        let Some(subs) = self.subs.get_mut(&ty) else { return true };
+    async fn push(
+        &mut self,
+        ty: pb::ResourceType,
+        names: Option<&[String]>,
+        snapshot: &Snapshot,
+        always: bool,
+    ) -> bool {
+        let mut response = pb::DiscoveryResponse {
+            r#type: ty.into(),
+            ..Default::default()
+        };
+        let Some(subs) = self.subs.get_mut(&ty) else {
+            return true;
+        };
         let all: Vec<String>;
         let names = if let Some(n) = names {
             n
@@ -216,12 +257,16 @@ impl StreamTask {
             &all
         };
         for name in names {
-            let Some(sent) = subs.get_mut(name) else { continue };
+            let Some(sent) = subs.get_mut(name) else {
+                continue;
+            };
             match snapshot.lookup(ty, name) {
                 Lookup::Found(r) => {
-                    if *sent != Sent::Version(r.version.clone()) && !self.nacked.contains(&(name.clone(), r.version.clone())) {
+                    if *sent != Sent::Version(r.version.clone())
+                        && !self.nacked.contains(&(name.clone(), r.version.clone()))
+                    {
                         *sent = Sent::Version(r.version.clone());
-                        response.resources.push(r);
+                        response.resources.push(*r);
                     }
                 }
                 Lookup::NotFound | Lookup::Invalid(_) => match sent {
@@ -237,7 +282,11 @@ impl StreamTask {
                 },
             }
         }
-        if !always && response.resources.is_empty() && response.removed.is_empty() && response.not_found.is_empty() {
+        if !always
+            && response.resources.is_empty()
+            && response.removed.is_empty()
+            && response.not_found.is_empty()
+        {
             return true;
         }
         self.nonce += 1;

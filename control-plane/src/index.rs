@@ -88,7 +88,10 @@ impl IndexHandle {
     /// An empty index.
     pub fn new() -> Self {
         let (tx, _) = watch::channel(Arc::new(Snapshot::default()));
-        Self { inner: Arc::default(), tx: Arc::new(tx) }
+        Self {
+            inner: Arc::default(),
+            tx: Arc::new(tx),
+        }
     }
 
     /// Snapshots, latest first: the receiver is marked changed on every rebuild.
@@ -102,7 +105,10 @@ impl IndexHandle {
     }
 
     fn update(&self, f: impl FnOnce(&mut Index)) {
-        let mut index = self.inner.lock().expect("index lock poisoned: a panic while updating");
+        let mut index = self
+            .inner
+            .lock()
+            .expect("index lock poisoned: a panic while updating");
         f(&mut index);
         index.generation += 1;
         let snapshot = Arc::new(index.build());
@@ -136,9 +142,14 @@ impl IndexHandle {
         self.update(|index| {
             index.streams.insert(stream, node.clone());
             if let Some(local) = &node.local_workload {
-                index
-                    .workloads
-                    .insert(stream, Registered { stream, node: node.clone(), ready: local.ready });
+                index.workloads.insert(
+                    stream,
+                    Registered {
+                        stream,
+                        node: node.clone(),
+                        ready: local.ready,
+                    },
+                );
             }
         });
     }
@@ -180,7 +191,12 @@ impl Index {
                         key.kind,
                         key.namespace,
                         key.name,
-                        first.meta().file.as_deref().unwrap_or(Path::new("?")).display()
+                        first
+                            .meta()
+                            .file
+                            .as_deref()
+                            .unwrap_or(Path::new("?"))
+                            .display()
                     ));
                     continue;
                 }
@@ -188,7 +204,8 @@ impl Index {
             }
         }
         let workloads: Vec<Registered> = self.workloads.values().cloned().collect();
-        let (resources, services) = translate::build(objects.values().copied(), &workloads, &mut warnings);
+        let (resources, services) =
+            translate::build(objects.values().copied(), &workloads, &mut warnings);
         Snapshot {
             generation: self.generation,
             resources,

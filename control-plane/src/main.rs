@@ -4,7 +4,11 @@ use clap::Parser;
 use ferrymesh_controller::run::{RunArgs, run};
 
 #[derive(Debug, Parser)]
-#[command(name = "ferrymesh-controller", version, about = "Ferrymesh control plane")]
+#[command(
+    name = "ferrymesh-controller",
+    version,
+    about = "Ferrymesh control plane"
+)]
 struct Cli {
     #[command(flatten)]
     run: RunArgs,
@@ -14,7 +18,8 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FERRYMESH_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("FERRYMESH_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();

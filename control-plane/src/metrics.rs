@@ -37,26 +37,52 @@ impl Metrics {
         let streams = Gauge::default();
         let pushes = Family::<TypeLabel, Counter>::default();
         let nacks = Family::<TypeLabel, Counter>::default();
-        registry.register("discovery_streams", "Open Discovery streams", streams.clone());
-        registry.register("discovery_pushes", "Discovery responses sent", pushes.clone());
-        registry.register("discovery_nacks", "Discovery responses rejected by proxies", nacks.clone());
-        Self { streams, pushes, nacks, registry }
+        registry.register(
+            "discovery_streams",
+            "Open Discovery streams",
+            streams.clone(),
+        );
+        registry.register(
+            "discovery_pushes",
+            "Discovery responses sent",
+            pushes.clone(),
+        );
+        registry.register(
+            "discovery_nacks",
+            "Discovery responses rejected by proxies",
+            nacks.clone(),
+        );
+        Self {
+            streams,
+            pushes,
+            nacks,
+            registry,
+        }
     }
 
     /// One response of type `ty` sent.
     pub fn push(&self, ty: pb::ResourceType) {
-        self.pushes.get_or_create(&TypeLabel { r#type: ty.as_str_name().to_owned() }).inc();
+        self.pushes
+            .get_or_create(&TypeLabel {
+                r#type: ty.as_str_name().to_owned(),
+            })
+            .inc();
     }
 
     /// One NACK of type `ty` received.
     pub fn nack(&self, ty: pb::ResourceType) {
-        self.nacks.get_or_create(&TypeLabel { r#type: ty.as_str_name().to_owned() }).inc();
+        self.nacks
+            .get_or_create(&TypeLabel {
+                r#type: ty.as_str_name().to_owned(),
+            })
+            .inc();
     }
 
     /// Prometheus text exposition (without the final `# EOF`, so gauges can be appended).
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode_registry(&mut out, &self.registry).expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode_registry(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
         out
     }
 }

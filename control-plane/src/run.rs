@@ -33,10 +33,18 @@ pub struct RunArgs {
     #[arg(long, env = "FERRYMESH_CONTROLLER_CONFIG_DIR")]
     pub config_dir: PathBuf,
     /// Discovery gRPC address (port 0: any free port, printed at start).
-    #[arg(long, default_value = "127.0.0.1:9091", env = "FERRYMESH_CONTROLLER_DISCOVERY_LISTEN")]
+    #[arg(
+        long,
+        default_value = "127.0.0.1:9091",
+        env = "FERRYMESH_CONTROLLER_DISCOVERY_LISTEN"
+    )]
     pub discovery_listen: SocketAddr,
     /// Health, metrics and `/status` address.
-    #[arg(long, default_value = "127.0.0.1:9990", env = "FERRYMESH_CONTROLLER_ADMIN_LISTEN")]
+    #[arg(
+        long,
+        default_value = "127.0.0.1:9990",
+        env = "FERRYMESH_CONTROLLER_ADMIN_LISTEN"
+    )]
     pub admin_listen: SocketAddr,
 }
 
@@ -54,16 +62,27 @@ pub async fn run(args: RunArgs, shutdown: watch::Receiver<bool>) -> anyhow::Resu
     let mut source = FileSource::new(args.config_dir.clone(), index.clone());
     let rejected = source.load()?;
     if rejected > 0 {
-        tracing::warn!(rejected, "some config files were rejected at start; serving the others");
+        tracing::warn!(
+            rejected,
+            "some config files were rejected at start; serving the others"
+        );
     }
 
     let discovery = TcpListener::bind(args.discovery_listen)
         .await
-        .with_context(|| format!("binding the Discovery listener on {}", args.discovery_listen))?;
+        .with_context(|| {
+            format!(
+                "binding the Discovery listener on {}",
+                args.discovery_listen
+            )
+        })?;
     let admin_listener = TcpListener::bind(args.admin_listen)
         .await
         .with_context(|| format!("binding the admin listener on {}", args.admin_listen))?;
-    let addrs = Addresses { discovery: discovery.local_addr()?, admin: admin_listener.local_addr()? };
+    let addrs = Addresses {
+        discovery: discovery.local_addr()?,
+        admin: admin_listener.local_addr()?,
+    };
     println!("{LISTENING_PREFIX}{}", serde_json::to_string(&addrs)?);
     tracing::info!(discovery = %addrs.discovery, admin = %addrs.admin, "controller listening");
 
@@ -88,7 +107,10 @@ pub async fn run(args: RunArgs, shutdown: watch::Receiver<bool>) -> anyhow::Resu
         })
         .await
         .context("serving Discovery")?;
-    admin_task.await.context("admin task")?.context("serving admin")?;
+    admin_task
+        .await
+        .context("admin task")?
+        .context("serving admin")?;
     watch_task.await.context("watch task")??;
     Ok(())
 }

@@ -150,7 +150,11 @@ pub struct TargetRef {
     /// Name, same namespace as the policy.
     pub name: String,
     /// Port name, route rule name or listener name.
-    #[serde(default, rename = "sectionName", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "sectionName",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub section_name: Option<String>,
 }
 

@@ -31,7 +31,13 @@ pub struct Chaos {
 
 impl Default for Chaos {
     fn default() -> Self {
-        Self { error_rate: 0.0, latency: "0s".into(), hang_rate: 0.0, ready: true, live: true }
+        Self {
+            error_rate: 0.0,
+            latency: "0s".into(),
+            hang_rate: 0.0,
+            ready: true,
+            live: true,
+        }
     }
 }
 
@@ -64,12 +70,18 @@ impl Chaos {
             reset: false,
         };
         let mut chaos = Chaos::default();
-        chaos.apply(update, &Chaos::default()).map_err(|e| anyhow::anyhow!("CHAOS_*: {e}"))?;
+        chaos
+            .apply(update, &Chaos::default())
+            .map_err(|e| anyhow::anyhow!("CHAOS_*: {e}"))?;
         Ok(chaos)
     }
 
     fn apply(&mut self, u: ChaosUpdate, initial: &Chaos) -> Result<(), String> {
-        let mut next = if u.reset { initial.clone() } else { self.clone() };
+        let mut next = if u.reset {
+            initial.clone()
+        } else {
+            self.clone()
+        };
         if let Some(r) = u.error_rate {
             next.error_rate = r;
         }
@@ -110,7 +122,10 @@ pub struct Knobs {
 impl Knobs {
     /// Knobs starting at `initial`.
     pub fn new(initial: Chaos) -> Self {
-        Self { current: Arc::new(RwLock::new(initial.clone())), initial: Arc::new(initial) }
+        Self {
+            current: Arc::new(RwLock::new(initial.clone())),
+            initial: Arc::new(initial),
+        }
     }
 
     /// The knobs now.
@@ -120,11 +135,13 @@ impl Knobs {
 }
 
 /// `GET /chaos`.
+#[allow(clippy::unused_async)] // axum handlers are async
 pub async fn get(State(knobs): State<Knobs>) -> Json<Chaos> {
     Json(knobs.get())
 }
 
 /// `PUT /chaos`.
+#[allow(clippy::unused_async)] // axum handlers are async
 pub async fn put(State(knobs): State<Knobs>, Json(update): Json<ChaosUpdate>) -> Response {
     let mut current = knobs.current.write().expect("chaos lock poisoned");
     match current.apply(update, &knobs.initial) {
@@ -132,18 +149,32 @@ pub async fn put(State(knobs): State<Knobs>, Json(update): Json<ChaosUpdate>) ->
             tracing::info!(chaos = ?*current, "chaos changed");
             Json(current.clone()).into_response()
         }
-        Err(e) => (StatusCode::BAD_REQUEST, Json(serde_json::json!({ "error": e }))).into_response(),
+        Err(e) => (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({ "error": e })),
+        )
+            .into_response(),
     }
 }
 
 /// `/healthz`: liveness.
+#[allow(clippy::unused_async)] // axum handlers are async
 pub async fn healthz(State(knobs): State<Knobs>) -> Response {
-    if knobs.get().live { (StatusCode::OK, "live\n").into_response() } else { (StatusCode::INTERNAL_SERVER_ERROR, "not live (chaos)\n").into_response() }
+    if knobs.get().live {
+        (StatusCode::OK, "live\n").into_response()
+    } else {
+        (StatusCode::INTERNAL_SERVER_ERROR, "not live (chaos)\n").into_response()
+    }
 }
 
 /// `/readyz`: readiness.
+#[allow(clippy::unused_async)] // axum handlers are async
 pub async fn readyz(State(knobs): State<Knobs>) -> Response {
-    if knobs.get().ready { (StatusCode::OK, "ready\n").into_response() } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready (chaos)\n").into_response() }
+    if knobs.get().ready {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready (chaos)\n").into_response()
+    }
 }
 
 /// Middleware on business routes: latency, then hang, then error, as configured.
@@ -155,14 +186,21 @@ pub async fn inject(State(knobs): State<Knobs>, req: Request, next: Next) -> Res
     }
     let (hang, error) = {
         let mut rng = rand::rng();
-        (rng.random_bool(chaos.hang_rate), rng.random_bool(chaos.error_rate))
+        (
+            rng.random_bool(chaos.hang_rate),
+            rng.random_bool(chaos.error_rate),
+        )
     };
     if hang {
         // Never answers; the caller's timeout (or the mesh's) has to deal with it.
         std::future::pending::<()>().await;
     }
     if error {
-        return (StatusCode::INTERNAL_SERVER_ERROR, Json(serde_json::json!({ "error": "chaos: injected error" }))).into_response();
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(serde_json::json!({ "error": "chaos: injected error" })),
+        )
+            .into_response();
     }
     next.run(req).await
 }
@@ -173,20 +211,63 @@ mod tests {
 
     #[test]
     fn updates_change_only_named_fields_and_reset_restores_start_values() {
-        let initial = Chaos { latency: "10ms".into(), ..Chaos::default() };
+        let initial = Chaos {
+            latency: "10ms".into(),
+            ..Chaos::default()
+        };
         let mut c = initial.clone();
-        c.apply(ChaosUpdate { error_rate: Some(1.0), ..Default::default() }, &initial).unwrap();
-        assert_eq!(c.error_rate, 1.0);
+        c.apply(
+            ChaosUpdate {
+                error_rate: Some(1.0),
+                ..Default::default()
+            },
+            &initial,
+        )
+        .unwrap();
+        assert!((c.error_rate - 1.0).abs() < f64::EPSILON);
         assert_eq!(c.latency, "10ms");
-        c.apply(ChaosUpdate { reset: true, ready: Some(false), ..Default::default() }, &initial).unwrap();
-        assert_eq!(c, Chaos { ready: false, ..initial.clone() });
+        c.apply(
+            ChaosUpdate {
+                reset: true,
+                ready: Some(false),
+                ..Default::default()
+            },
+            &initial,
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            Chaos {
+                ready: false,
+                ..initial.clone()
+            }
+        );
     }
 
     #[test]
     fn bad_values_are_refused_and_change_nothing() {
         let mut c = Chaos::default();
-        assert!(c.apply(ChaosUpdate { error_rate: Some(2.0), ready: Some(false), ..Default::default() }, &Chaos::default()).is_err());
-        assert!(c.apply(ChaosUpdate { latency: Some("fast".into()), ..Default::default() }, &Chaos::default()).is_err());
+        assert!(
+            c.apply(
+                ChaosUpdate {
+                    error_rate: Some(2.0),
+                    ready: Some(false),
+                    ..Default::default()
+                },
+                &Chaos::default()
+            )
+            .is_err()
+        );
+        assert!(
+            c.apply(
+                ChaosUpdate {
+                    latency: Some("fast".into()),
+                    ..Default::default()
+                },
+                &Chaos::default()
+            )
+            .is_err()
+        );
         assert_eq!(c, Chaos::default());
     }
 
@@ -198,7 +279,8 @@ mod tests {
             _ => None,
         };
         let c = Chaos::from_env(env).unwrap();
-        assert_eq!((c.error_rate, c.ready), (0.5, false));
+        assert!((c.error_rate - 0.5).abs() < f64::EPSILON);
+        assert!(!c.ready);
         assert!(Chaos::from_env(|k| (k == "CHAOS_HANG_RATE").then(|| "x".to_owned())).is_err());
     }
 }

@@ -43,11 +43,19 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let name = cli.service.to_possible_value().expect("every service has a name").get_name().to_owned();
+    let name = cli
+        .service
+        .to_possible_value()
+        .expect("every service has a name")
+        .get_name()
+        .to_owned();
     let instance = cli.instance.clone().unwrap_or_else(|| name.clone());
     let knobs = chaos::Knobs::new(chaos::Chaos::from_env(|k| std::env::var(k).ok())?);
     let peers = services::Peers::new(cli.namespace.clone())?;
@@ -60,7 +68,10 @@ async fn main() -> anyhow::Result<()> {
         Service::Orders => services::orders::routes(peers),
         Service::Payments => services::payments::routes(),
     };
-    let business = business.layer(axum::middleware::from_fn_with_state(knobs.clone(), chaos::inject));
+    let business = business.layer(axum::middleware::from_fn_with_state(
+        knobs.clone(),
+        chaos::inject,
+    ));
     let tag = HeaderValue::from_str(&instance)?;
     let app = Router::new()
         .route("/healthz", get(chaos::healthz))
@@ -68,13 +79,15 @@ async fn main() -> anyhow::Result<()> {
         .route("/chaos", get(chaos::get).put(chaos::put))
         .with_state(knobs)
         .merge(business)
-        .layer(axum::middleware::map_response(move |mut rsp: axum::response::Response| {
-            let tag = tag.clone();
-            async move {
-                rsp.headers_mut().insert("x-ferry-instance", tag);
-                rsp
-            }
-        }));
+        .layer(axum::middleware::map_response(
+            move |mut rsp: axum::response::Response| {
+                let tag = tag.clone();
+                async move {
+                    rsp.headers_mut().insert("x-ferry-instance", tag);
+                    rsp
+                }
+            },
+        ));
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;
     let addr = listener.local_addr()?;
     println!("FERRYMESH_LISTENING {}", serde_json::json!({ "app": addr }));

@@ -42,7 +42,9 @@ impl Peers {
     /// # Errors
     /// The HTTP client cannot be built.
     pub fn new(namespace: String) -> anyhow::Result<Self> {
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()?;
         Ok(Self { client, namespace })
     }
 
@@ -63,7 +65,13 @@ impl Peers {
     ///
     /// # Errors
     /// As [`Peers::get`].
-    pub async fn post(&self, service: &str, path: &str, body: &Value, headers: &[(&str, String)]) -> Result<Value, PeerError> {
+    pub async fn post(
+        &self,
+        service: &str,
+        path: &str,
+        body: &Value,
+        headers: &[(&str, String)],
+    ) -> Result<Value, PeerError> {
         let mut req = self.client.post(self.url(service, path)).json(body);
         for (k, v) in headers {
             req = req.header(*k, v);
@@ -72,20 +80,39 @@ impl Peers {
     }
 
     async fn json(sent: reqwest::Result<reqwest::Response>) -> Result<Value, PeerError> {
-        let rsp = sent.map_err(|e| PeerError { status: None, ferrymesh_error: None, message: e.to_string() })?;
+        let rsp = sent.map_err(|e| PeerError {
+            status: None,
+            ferrymesh_error: None,
+            message: e.to_string(),
+        })?;
         let status = rsp.status();
-        let mesh = rsp.headers().get("ferrymesh-error").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let mesh = rsp
+            .headers()
+            .get("ferrymesh-error")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let text = rsp.text().await.unwrap_or_default();
         if !status.is_success() {
-            return Err(PeerError { status: Some(status.as_u16()), ferrymesh_error: mesh, message: text.trim().chars().take(200).collect() });
+            return Err(PeerError {
+                status: Some(status.as_u16()),
+                ferrymesh_error: mesh,
+                message: text.trim().chars().take(200).collect(),
+            });
         }
-        serde_json::from_str(&text).map_err(|e| PeerError { status: Some(status.as_u16()), ferrymesh_error: None, message: format!("bad JSON: {e}") })
+        serde_json::from_str(&text).map_err(|e| PeerError {
+            status: Some(status.as_u16()),
+            ferrymesh_error: None,
+            message: format!("bad JSON: {e}"),
+        })
     }
 }
 
 /// A JSON error response.
 pub fn error(status: StatusCode, message: impl Into<String>) -> (StatusCode, axum::Json<Value>) {
-    (status, axum::Json(serde_json::json!({ "error": message.into() })))
+    (
+        status,
+        axum::Json(serde_json::json!({ "error": message.into() })),
+    )
 }
 
 /// The shop's products: (id, name, price in cents, stock).

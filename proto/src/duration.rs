@@ -11,7 +11,9 @@ pub enum DurationError {
     #[error("empty duration (expected e.g. \"250ms\", \"1h30m\", \"0s\")")]
     Empty,
     /// A part has no digits, more than 5, or an unknown unit.
-    #[error("invalid duration {0:?} (expected 1-4 parts of <up to 5 digits><h|m|s|ms>, e.g. \"1h30m\")")]
+    #[error(
+        "invalid duration {0:?} (expected 1-4 parts of <up to 5 digits><h|m|s|ms>, e.g. \"1h30m\")"
+    )]
     Invalid(String),
 }
 
@@ -87,7 +89,17 @@ mod tests {
 
     #[test]
     fn rejects_other_forms() {
-        for bad in ["", "5", "s", "1.5s", "1d", "123456s", "1h1m1s1ms1ms", "-1s", " 1s"] {
+        for bad in [
+            "",
+            "5",
+            "s",
+            "1.5s",
+            "1d",
+            "123456s",
+            "1h1m1s1ms1ms",
+            "-1s",
+            " 1s",
+        ] {
             assert!(parse(bad).is_err(), "{bad:?} should be refused");
         }
     }

@@ -2,7 +2,12 @@
 //!
 //! - [`discovery::v1`]: the Discovery service (one delta stream per proxy, ACK/NACK by nonce).
 //! - [`config::v1`]: the resources it carries (endpoints, client and inbound policy).
-#![allow(clippy::pedantic, unreachable_pub, missing_debug_implementations, rust_2018_idioms)]
+#![allow(
+    clippy::pedantic,
+    unreachable_pub,
+    missing_debug_implementations,
+    rust_2018_idioms
+)]
 
 /// `google.rpc`: the standard gRPC error model.
 pub mod google {

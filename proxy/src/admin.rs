@@ -2,8 +2,6 @@
 //! first discovery sync) and `/metrics`; the admin listener (loopback) adds `/config_dump`:
 //! every resource held with its version and sources, plus each target's balancer.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
@@ -15,12 +13,15 @@ use crate::http::{Body, boxed};
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
     let mut rsp = Response::new(boxed(Full::new(Bytes::from(body))));
     *rsp.status_mut() = status;
-    rsp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     rsp
 }
 
 /// Handles one admin or health request; `full` enables the admin-only paths.
-pub async fn handle(ctx: Arc<Context>, req: Request<Incoming>, full: bool) -> Response<Body> {
+pub fn handle(ctx: &Context, req: &Request<Incoming>, full: bool) -> Response<Body> {
     const PLAIN: &str = "text/plain; charset=utf-8";
     match req.uri().path() {
         "/live" => text(StatusCode::OK, PLAIN, "live\n".into()),
@@ -28,10 +29,18 @@ pub async fn handle(ctx: Arc<Context>, req: Request<Incoming>, full: bool) -> Re
             if *ctx.discovery.synced().borrow() {
                 text(StatusCode::OK, PLAIN, "ready\n".into())
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "not ready: waiting for the first discovery sync\n".into())
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    PLAIN,
+                    "not ready: waiting for the first discovery sync\n".into(),
+                )
             }
         }
-        "/metrics" => text(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", ctx.metrics.encode()),
+        "/metrics" => text(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            ctx.metrics.encode(),
+        ),
         "/config_dump" if full => {
             let mut dump = ctx.discovery.dump();
             dump["proxy"] = serde_json::json!({

@@ -71,13 +71,18 @@ pub struct App {
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<(TcpListener, SocketAddr)> {
-    let l = TcpListener::bind(addr).await.with_context(|| format!("binding the {what} listener on {addr}"))?;
+    let l = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the {what} listener on {addr}"))?;
     let local = l.local_addr()?;
     Ok((l, local))
 }
 
 fn sock(a: SocketAddr) -> cfg::SocketAddr {
-    cfg::SocketAddr { ip: a.ip().to_string(), port: u32::from(a.port()) }
+    cfg::SocketAddr {
+        ip: a.ip().to_string(),
+        port: u32::from(a.port()),
+    }
 }
 
 impl App {
@@ -106,17 +111,41 @@ impl App {
         let mut fixed = Vec::new();
         let mut fixed_addrs = Vec::new();
         for f in &config.outbound.listeners {
-            let target = Target::parse(&f.target, &config.workload.namespace)
-                .with_context(|| format!("fixed listener target {:?} is not host:port", f.target))?;
+            let target =
+                Target::parse(&f.target, &config.workload.namespace).with_context(|| {
+                    format!("fixed listener target {:?} is not host:port", f.target)
+                })?;
             let (l, a) = bind(f.listen, "fixed-target").await?;
             fixed.push((l, target));
             fixed_addrs.push((a, f.target.clone()));
         }
-        let addresses = Addresses { outbound: outbound_addr, inbound: inbound_addr, admin: admin_addr, health: health_addr, fixed: fixed_addrs };
+        let addresses = Addresses {
+            outbound: outbound_addr,
+            inbound: inbound_addr,
+            admin: admin_addr,
+            health: health_addr,
+            fixed: fixed_addrs,
+        };
         let (discovery, commands) = Discovery::new(config.control_plane.discovery.clone());
         let service_label = format!("{}/{}", config.workload.namespace, config.workload.service);
-        let ctx = Arc::new(Context { config, discovery, pool: Pool::default(), metrics: Metrics::new(), outbound: Outbound::default(), service_label });
-        Ok(App { ctx, commands, outbound, inbound, fixed, admin, health, addresses })
+        let ctx = Arc::new(Context {
+            config,
+            discovery,
+            pool: Pool::default(),
+            metrics: Metrics::new(),
+            outbound: Outbound::default(),
+            service_label,
+        });
+        Ok(App {
+            ctx,
+            commands,
+            outbound,
+            inbound,
+            fixed,
+            admin,
+            health,
+            addresses,
+        })
     }
 
     /// The bound addresses.
@@ -127,11 +156,22 @@ impl App {
     fn node(&self) -> pb::Node {
         let c = &self.ctx.config;
         let local_workload = self.addresses.inbound.map(|inbound| {
-            let advertised = c.inbound.as_ref().and_then(|i| i.advertise).unwrap_or_else(|| {
-                if inbound.ip().is_unspecified() { SocketAddr::from(([127, 0, 0, 1], inbound.port())) } else { inbound }
-            });
+            let advertised = c
+                .inbound
+                .as_ref()
+                .and_then(|i| i.advertise)
+                .unwrap_or_else(|| {
+                    if inbound.ip().is_unspecified() {
+                        SocketAddr::from(([127, 0, 0, 1], inbound.port()))
+                    } else {
+                        inbound
+                    }
+                });
             pb::LocalWorkload {
-                service: Some(cfg::ServiceRef { name: c.workload.service.clone(), namespace: c.workload.namespace.clone() }),
+                service: Some(cfg::ServiceRef {
+                    name: c.workload.service.clone(),
+                    namespace: c.workload.namespace.clone(),
+                }),
                 instance: c.workload.name.clone(),
                 inbound: Some(sock(advertised)),
                 app: c.inbound.as_ref().map(|i| sock(i.app)),
@@ -149,14 +189,17 @@ impl App {
                 .addresses
                 .fixed
                 .iter()
-                .map(|(a, t)| pb::FixedListener { listen: Some(sock(*a)), target: t.clone() })
+                .map(|(a, t)| pb::FixedListener {
+                    listen: Some(sock(*a)),
+                    target: t.clone(),
+                })
                 .collect(),
         };
         // A proxy without an app (an edge proxy) still announces its listeners, with no service.
         let mut local_workload = local_workload.unwrap_or_default();
         local_workload.listeners = Some(listeners);
         if local_workload.instance.is_empty() {
-            local_workload.instance = c.workload.name.clone();
+            local_workload.instance.clone_from(&c.workload.name);
         }
         pb::Node {
             workload: format!("{}/{}", c.workload.namespace, c.workload.name),
@@ -176,7 +219,16 @@ impl App {
     /// Never at present; kept for future listeners that can fail at run time.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         let node = self.node();
-        let App { ctx, commands, outbound, inbound, fixed, admin, health, .. } = self;
+        let App {
+            ctx,
+            commands,
+            outbound,
+            inbound,
+            fixed,
+            admin,
+            health,
+            ..
+        } = self;
         let tracker = TaskTracker::new();
         let (drain_tx, drain) = watch::channel(false);
         let (leave_tx, leave) = watch::channel(false);
@@ -190,7 +242,13 @@ impl App {
             spawn_accept(&tracker, listener, drain.clone(), move |stream, drain| {
                 let ctx = ctx.clone();
                 async move {
-                    serve_http(stream, HttpVersion::Http1, move |req| crate::admin::handle(ctx.clone(), req, full), drain).await;
+                    serve_http(
+                        stream,
+                        HttpVersion::Http1,
+                        move |req| std::future::ready(crate::admin::handle(&ctx, &req, full)),
+                        drain,
+                    )
+                    .await;
                 }
             });
         }
@@ -223,8 +281,14 @@ impl App {
         readiness.abort();
         tracker.close();
         let deadline = ctx.config.drain_timeout.saturating_sub(grace);
-        if tokio::time::timeout(deadline, tracker.wait()).await.is_err() {
-            tracing::warn!(remaining = tracker.len(), "drain deadline passed; closing the remaining connections");
+        if tokio::time::timeout(deadline, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = tracker.len(),
+                "drain deadline passed; closing the remaining connections"
+            );
         } else {
             tracing::info!("drained");
         }
@@ -233,8 +297,12 @@ impl App {
 }
 
 /// Accepts on `listener` until drain, serving each connection in a tracked task.
-fn spawn_accept<F, Fut>(tracker: &TaskTracker, listener: TcpListener, mut drain: watch::Receiver<bool>, serve: F)
-where
+fn spawn_accept<F, Fut>(
+    tracker: &TaskTracker,
+    listener: TcpListener,
+    mut drain: watch::Receiver<bool>,
+    serve: F,
+) where
     F: Fn(TcpStream, watch::Receiver<bool>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
@@ -263,19 +331,31 @@ where
 /// Reports the app's readiness to the controller: polls `readinessPath` every second, or
 /// reports ready at once when there is none.
 async fn readiness(ctx: Arc<Context>, drain: watch::Receiver<bool>) {
-    let Some(inbound) = ctx.config.inbound.clone() else { return };
+    let Some(inbound) = ctx.config.inbound.clone() else {
+        return;
+    };
     let Some(path) = inbound.readiness_path.clone() else {
         ctx.discovery.set_ready(true);
         return;
     };
-    let authority: http::uri::Authority = inbound.app.to_string().parse().expect("a socket address is an authority");
+    let authority: http::uri::Authority = inbound
+        .app
+        .to_string()
+        .parse()
+        .expect("a socket address is an authority");
     let mut interval = tokio::time::interval(Duration::from_secs(1));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !*drain.borrow() {
         interval.tick().await;
-        let req = http::Request::get(path.as_str()).body(crate::http::empty()).expect("a path is a valid URI");
-        let timeouts = crate::outbound::logical::CallTimeouts { request: Some(Duration::from_secs(1)), connect: inbound.connect_timeout };
-        let rsp = crate::outbound::logical::send(&ctx.pool, inbound.app, &authority, req, timeouts).await;
+        let req = http::Request::get(path.as_str())
+            .body(crate::http::empty())
+            .expect("a path is a valid URI");
+        let timeouts = crate::outbound::logical::CallTimeouts {
+            request: Some(Duration::from_secs(1)),
+            connect: inbound.connect_timeout,
+        };
+        let rsp =
+            crate::outbound::logical::send(&ctx.pool, inbound.app, &authority, req, timeouts).await;
         let ready = rsp.status().is_success();
         if ready != ctx.discovery.ready() {
             tracing::info!(ready, status = %rsp.status(), "app readiness changed");

@@ -39,7 +39,14 @@ struct Ewma {
 
 impl Slot {
     fn new(endpoint: Endpoint, cost_ns: f64, now: Instant) -> Self {
-        Self { endpoint, pending: AtomicUsize::new(0), ewma: Mutex::new(Ewma { cost_ns, stamp: now }) }
+        Self {
+            endpoint,
+            pending: AtomicUsize::new(0),
+            ewma: Mutex::new(Ewma {
+                cost_ns,
+                stamp: now,
+            }),
+        }
     }
 
     /// Current load: decayed latency estimate x (in-flight + 1).
@@ -131,7 +138,11 @@ impl Balancer {
         let start_cost = if slots.is_empty() {
             duration_ns(DEFAULT_RTT)
         } else {
-            slots.iter().map(|s| s.ewma.lock().expect("ewma lock poisoned").cost_ns).sum::<f64>() / slots.len() as f64
+            slots
+                .iter()
+                .map(|s| s.ewma.lock().expect("ewma lock poisoned").cost_ns)
+                .sum::<f64>()
+                / slots.len() as f64
         };
         let next = endpoints
             .iter()
@@ -159,11 +170,19 @@ impl Balancer {
                     b += 1;
                 }
                 let (a, b) = (ready[a], ready[b]);
-                if a.load(now) <= b.load(now) { a.clone() } else { b.clone() }
+                if a.load(now) <= b.load(now) {
+                    a.clone()
+                } else {
+                    b.clone()
+                }
             }
         };
         slot.pending.fetch_add(1, Ordering::Relaxed);
-        Some(Pick { slot, start: now, done: false })
+        Some(Pick {
+            slot,
+            start: now,
+            done: false,
+        })
     }
 
     /// Every endpoint with its statistics (for dumps and tests).
@@ -224,7 +243,12 @@ mod tests {
         for _ in 0..50 {
             let p = b.pick().unwrap();
             let slow = p.endpoint().addr.port() == 1;
-            tokio::time::advance(if slow { Duration::from_millis(500) } else { Duration::from_millis(5) }).await;
+            tokio::time::advance(if slow {
+                Duration::from_millis(500)
+            } else {
+                Duration::from_millis(5)
+            })
+            .await;
             p.complete();
         }
         let mut slow_picks = 0;
@@ -272,7 +296,11 @@ mod tests {
         b.update(&[ep(1, true)]);
         let p = b.pick().unwrap();
         b.update(&[ep(1, true), ep(2, true)]);
-        let slot1 = b.slots().into_iter().find(|s| s.endpoint.addr.port() == 1).unwrap();
+        let slot1 = b
+            .slots()
+            .into_iter()
+            .find(|s| s.endpoint.addr.port() == 1)
+            .unwrap();
         assert_eq!(slot1.pending(), 1);
         drop(p);
         assert_eq!(slot1.pending(), 0);

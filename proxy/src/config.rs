@@ -220,7 +220,8 @@ struct Problems(Vec<String>);
 impl Problems {
     fn addr(&mut self, field: &str, text: &str) -> SocketAddr {
         text.parse().unwrap_or_else(|_| {
-            self.0.push(format!("{field}: {text:?} is not an ip:port address"));
+            self.0
+                .push(format!("{field}: {text:?} is not an ip:port address"));
             SocketAddr::from(([127, 0, 0, 1], 0))
         })
     }
@@ -244,7 +245,8 @@ impl Config {
     /// # Errors
     /// The file cannot be read, or [`InvalidConfig`] with every problem.
     pub fn load(file: &Path, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<Config> {
-        let text = std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
         Ok(Self::parse(&text, env)?)
     }
 
@@ -252,11 +254,13 @@ impl Config {
     ///
     /// # Errors
     /// [`InvalidConfig`] with every problem found.
-    pub fn parse(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Config, InvalidConfig> {
+    pub fn parse(
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, InvalidConfig> {
         let de = serde_yaml_ng::Deserializer::from_str(text);
-        let raw: RawDoc = serde_path_to_error::deserialize(de).map_err(|e| {
-            InvalidConfig(vec![format!("{}: {}", e.path(), e.inner())])
-        })?;
+        let raw: RawDoc = serde_path_to_error::deserialize(de)
+            .map_err(|e| InvalidConfig(vec![format!("{}: {}", e.path(), e.inner())]))?;
         let mut p = Problems(Vec::new());
         if raw.api_version != "config.ferrymesh.io/v1alpha1" || raw.kind != "ProxyConfig" {
             p.0.push(format!(
@@ -268,60 +272,47 @@ impl Config {
         if let Some(mode) = s.identity.mode.as_deref()
             && mode != "Disabled"
         {
-            p.0.push(format!("identity.mode: {mode:?} is not available yet; use Disabled (plaintext)"));
+            p.0.push(format!(
+                "identity.mode: {mode:?} is not available yet; use Disabled (plaintext)"
+            ));
         }
-        if let Some(mode) = s.outbound.mode.as_deref()
-            && mode != "HttpProxy"
-        {
-            p.0.push(format!("outbound.mode: {mode:?}: local mode supports HttpProxy"));
-        }
-        let service = s.workload.service.clone().unwrap_or_else(|| s.workload.name.clone());
+        let service = s
+            .workload
+            .service
+            .clone()
+            .unwrap_or_else(|| s.workload.name.clone());
         let workload = Workload {
             namespace: s.workload.namespace.unwrap_or_else(|| "default".into()),
-            service_account: s.workload.service_account.unwrap_or_else(|| service.clone()),
+            service_account: s
+                .workload
+                .service_account
+                .unwrap_or_else(|| service.clone()),
             service,
             zone: s.workload.zone.unwrap_or_default(),
             name: s.workload.name,
         };
-        let inbound = s.inbound.map(|i| Inbound {
-            listen: p.addr("inbound.listen", &i.listen),
-            advertise: i.advertise.as_deref().map(|a| p.addr("inbound.advertise", a)),
-            app: p.addr("inbound.app", &i.app),
-            protocol: i.protocol.unwrap_or(InboundProtocol::Http),
-            readiness_path: i.readiness_path,
-            connect_timeout: p.duration("inbound.connectTimeout", i.connect_timeout.as_deref(), Duration::from_millis(100)),
-        });
-        let connect_timeout = env("FERRYMESH_PROXY_OUTBOUND_CONNECT_TIMEOUT").or(s.outbound.connect_timeout);
-        let outbound = Outbound {
-            listen: s.outbound.listen.as_deref().map(|a| p.addr("outbound.listen", a)),
-            unknown_hosts: s.outbound.unknown_hosts.unwrap_or(UnknownHosts::Passthrough),
-            listeners: s
-                .outbound
-                .listeners
-                .iter()
-                .enumerate()
-                .map(|(i, l)| FixedListener {
-                    listen: p.addr(&format!("outbound.listeners[{i}].listen"), &l.listen),
-                    target: l.service.clone(),
-                })
-                .collect(),
-            connect_timeout: p.duration("outbound.connectTimeout", connect_timeout.as_deref(), Duration::from_secs(1)),
-            default_request_timeout: p.duration(
-                "outbound.requestTimeout",
-                s.outbound.request_timeout.as_deref(),
-                Duration::from_secs(15),
-            ),
-        };
+        let inbound = s.inbound.map(|i| inbound(&mut p, &i));
+        let outbound = outbound(&mut p, s.outbound, &env);
         for (i, l) in outbound.listeners.iter().enumerate() {
             if !l.target.contains(':') {
-                p.0.push(format!("outbound.listeners[{i}].service: {:?}: expected name.namespace:port", l.target));
+                p.0.push(format!(
+                    "outbound.listeners[{i}].service: {:?}: expected name.namespace:port",
+                    l.target
+                ));
             }
         }
         let admin = Admin {
-            listen: p.addr("admin.listen", s.admin.listen.as_deref().unwrap_or("127.0.0.1:4390")),
-            health_listen: p.addr("admin.healthListen", s.admin.health_listen.as_deref().unwrap_or("127.0.0.1:4391")),
+            listen: p.addr(
+                "admin.listen",
+                s.admin.listen.as_deref().unwrap_or("127.0.0.1:4390"),
+            ),
+            health_listen: p.addr(
+                "admin.healthListen",
+                s.admin.health_listen.as_deref().unwrap_or("127.0.0.1:4391"),
+            ),
         };
-        let discovery = env("FERRYMESH_PROXY_CONTROL_PLANE_DISCOVERY").unwrap_or(s.control_plane.discovery);
+        let discovery =
+            env("FERRYMESH_PROXY_CONTROL_PLANE_DISCOVERY").unwrap_or(s.control_plane.discovery);
         let drain = env("FERRYMESH_PROXY_DRAIN_TIMEOUT").or(s.drain_timeout);
         let drain_timeout = p.duration("drainTimeout", drain.as_deref(), Duration::from_secs(10));
         if outbound.listen.is_none() && outbound.listeners.is_empty() && inbound.is_none() {
@@ -339,6 +330,58 @@ impl Config {
             control_plane: ControlPlane { discovery },
             drain_timeout,
         })
+    }
+}
+
+fn inbound(p: &mut Problems, i: &RawInbound) -> Inbound {
+    Inbound {
+        listen: p.addr("inbound.listen", &i.listen),
+        advertise: i
+            .advertise
+            .as_deref()
+            .map(|a| p.addr("inbound.advertise", a)),
+        app: p.addr("inbound.app", &i.app),
+        protocol: i.protocol.unwrap_or(InboundProtocol::Http),
+        readiness_path: i.readiness_path.clone(),
+        connect_timeout: p.duration(
+            "inbound.connectTimeout",
+            i.connect_timeout.as_deref(),
+            Duration::from_millis(100),
+        ),
+    }
+}
+
+fn outbound(p: &mut Problems, o: RawOutbound, env: &impl Fn(&str) -> Option<String>) -> Outbound {
+    if let Some(mode) = o.mode.as_deref()
+        && mode != "HttpProxy"
+    {
+        p.0.push(format!(
+            "outbound.mode: {mode:?}: local mode supports HttpProxy"
+        ));
+    }
+    let connect_timeout = env("FERRYMESH_PROXY_OUTBOUND_CONNECT_TIMEOUT").or(o.connect_timeout);
+    Outbound {
+        listen: o.listen.as_deref().map(|a| p.addr("outbound.listen", a)),
+        unknown_hosts: o.unknown_hosts.unwrap_or(UnknownHosts::Passthrough),
+        listeners: o
+            .listeners
+            .iter()
+            .enumerate()
+            .map(|(i, l)| FixedListener {
+                listen: p.addr(&format!("outbound.listeners[{i}].listen"), &l.listen),
+                target: l.service.clone(),
+            })
+            .collect(),
+        connect_timeout: p.duration(
+            "outbound.connectTimeout",
+            connect_timeout.as_deref(),
+            Duration::from_secs(1),
+        ),
+        default_request_timeout: p.duration(
+            "outbound.requestTimeout",
+            o.request_timeout.as_deref(),
+            Duration::from_secs(15),
+        ),
     }
 }
 
@@ -370,7 +413,10 @@ spec:
         assert_eq!(c.workload.service_account, "catalog");
         assert_eq!(c.outbound.unknown_hosts, UnknownHosts::Reject);
         assert_eq!(c.outbound.listeners[0].target, "payments.shop:80");
-        assert_eq!(c.inbound.unwrap().connect_timeout, Duration::from_millis(100));
+        assert_eq!(
+            c.inbound.unwrap().connect_timeout,
+            Duration::from_millis(100)
+        );
         assert_eq!(c.drain_timeout, Duration::from_secs(10));
     }
 
@@ -398,7 +444,8 @@ spec:
 
     #[test]
     fn unknown_fields_are_refused_with_their_path() {
-        let err = Config::parse(&DOC.replace("readinessPath", "readinesPath"), |_| None).unwrap_err();
+        let err =
+            Config::parse(&DOC.replace("readinessPath", "readinesPath"), |_| None).unwrap_err();
         assert!(err.0[0].starts_with("spec.inbound"), "{err}");
     }
 }

@@ -29,7 +29,10 @@ pub enum Detected {
 ///
 /// # Errors
 /// Reading fails.
-pub async fn sniff<I: AsyncRead + Unpin>(io: &mut I, timeout: Duration) -> io::Result<(Detected, Bytes)> {
+pub async fn sniff<I: AsyncRead + Unpin>(
+    io: &mut I,
+    timeout: Duration,
+) -> io::Result<(Detected, Bytes)> {
     let mut buf = BytesMut::with_capacity(64);
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
@@ -37,8 +40,8 @@ pub async fn sniff<I: AsyncRead + Unpin>(io: &mut I, timeout: Duration) -> io::R
             return Ok((d, buf.freeze()));
         }
         match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
-            Err(_) => return Ok((Detected::Opaque, buf.freeze())),
-            Ok(Ok(0)) => return Ok((Detected::Opaque, buf.freeze())),
+            // Silence until the deadline, or EOF: nothing says HTTP.
+            Err(_) | Ok(Ok(0)) => return Ok((Detected::Opaque, buf.freeze())),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(e),
         }
@@ -52,7 +55,11 @@ fn decide(buf: &[u8]) -> Option<Detected> {
     }
     let n = buf.len().min(H2_PREFACE.len());
     if buf[..n] == H2_PREFACE[..n] {
-        return if n == H2_PREFACE.len() { Some(Detected::Http2) } else { None };
+        return if n == H2_PREFACE.len() {
+            Some(Detected::Http2)
+        } else {
+            None
+        };
     }
     for (i, &b) in buf.iter().enumerate().take(MAX_METHOD + 1) {
         match b {
@@ -61,7 +68,11 @@ fn decide(buf: &[u8]) -> Option<Detected> {
             _ => return Some(Detected::Opaque),
         }
     }
-    if buf.len() > MAX_METHOD { Some(Detected::Opaque) } else { None }
+    if buf.len() > MAX_METHOD {
+        Some(Detected::Opaque)
+    } else {
+        None
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -82,7 +93,11 @@ impl<I> PrefixedIo<I> {
 }
 
 impl<I: AsyncRead> AsyncRead for PrefixedIo<I> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.project();
         if this.prefix.has_remaining() {
             let n = this.prefix.len().min(buf.remaining());
@@ -95,7 +110,11 @@ impl<I: AsyncRead> AsyncRead for PrefixedIo<I> {
 }
 
 impl<I: AsyncWrite> AsyncWrite for PrefixedIo<I> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.project().inner.poll_write(cx, buf)
     }
 
@@ -133,7 +152,11 @@ mod tests {
         assert_eq!(decide(H2_PREFACE), Some(Detected::Http2));
         assert_eq!(decide(&H2_PREFACE[..10]), None);
         assert_eq!(decide(b"PRI * HTTP/1.1"), Some(Detected::Http1));
-        assert_eq!(decide(b"\x16\x03\x01"), Some(Detected::Opaque), "TLS ClientHello");
+        assert_eq!(
+            decide(b"\x16\x03\x01"),
+            Some(Detected::Opaque),
+            "TLS ClientHello"
+        );
         assert_eq!(decide(b"GE"), None);
         assert_eq!(decide(b"ABCDEFGHIJKLMNOPQRS"), Some(Detected::Opaque));
         assert_eq!(decide(b" GET"), Some(Detected::Opaque));

@@ -111,18 +111,30 @@ impl Discovery {
             ready: AtomicBool::new(false),
             address,
         };
-        (Self { inner: Arc::new(inner) }, Commands(rx))
+        (
+            Self {
+                inner: Arc::new(inner),
+            },
+            Commands(rx),
+        )
     }
 
     /// Watches a name, subscribing it on first use.
     pub fn watch(&self, ty: pb::ResourceType, name: &str) -> watch::Receiver<State> {
-        let mut entries = self.inner.entries.lock().expect("discovery cache lock poisoned");
+        let mut entries = self
+            .inner
+            .entries
+            .lock()
+            .expect("discovery cache lock poisoned");
         if let Some(tx) = entries.get(&(ty, name.to_owned())) {
             return tx.subscribe();
         }
         let (tx, rx) = watch::channel(State::Pending);
         entries.insert((ty, name.to_owned()), tx);
-        let _ = self.inner.commands.send(Command::Subscribe(ty, name.to_owned()));
+        let _ = self
+            .inner
+            .commands
+            .send(Command::Subscribe(ty, name.to_owned()));
         rx
     }
 
@@ -150,7 +162,11 @@ impl Discovery {
 
     /// Every held resource, for `/config_dump`.
     pub fn dump(&self) -> serde_json::Value {
-        let entries = self.inner.entries.lock().expect("discovery cache lock poisoned");
+        let entries = self
+            .inner
+            .entries
+            .lock()
+            .expect("discovery cache lock poisoned");
         let resources: Vec<serde_json::Value> = entries
             .iter()
             .map(|((ty, name), tx)| {
@@ -162,7 +178,8 @@ impl Discovery {
                         v["state"] = "found".into();
                         v["version"] = held.version.clone().into();
                         v["sources"] = serde_json::to_value(&held.sources).unwrap_or_default();
-                        v["value"] = serde_json::to_value(&held.value).unwrap_or_default()["value"].take();
+                        v["value"] =
+                            serde_json::to_value(&held.value).unwrap_or_default()["value"].take();
                     }
                 }
                 v
@@ -176,7 +193,11 @@ impl Discovery {
 
     /// Names per type with the versions held, for a (re)connect.
     fn subscriptions(&self) -> BTreeMap<pb::ResourceType, Vec<(String, Option<String>)>> {
-        let entries = self.inner.entries.lock().expect("discovery cache lock poisoned");
+        let entries = self
+            .inner
+            .entries
+            .lock()
+            .expect("discovery cache lock poisoned");
         let mut out: BTreeMap<_, Vec<_>> = BTreeMap::new();
         for ((ty, name), tx) in entries.iter() {
             let version = match &*tx.borrow() {
@@ -189,7 +210,11 @@ impl Discovery {
     }
 
     fn set(&self, ty: pb::ResourceType, name: &str, state: State) {
-        let entries = self.inner.entries.lock().expect("discovery cache lock poisoned");
+        let entries = self
+            .inner
+            .entries
+            .lock()
+            .expect("discovery cache lock poisoned");
         if let Some(tx) = entries.get(&(ty, name.to_owned())) {
             tx.send_replace(state);
         }
@@ -200,6 +225,8 @@ impl Discovery {
     }
 
     fn mark_synced(&self) {
-        self.inner.synced.send_if_modified(|s| !std::mem::replace(s, true));
+        self.inner
+            .synced
+            .send_if_modified(|s| !std::mem::replace(s, true));
     }
 }

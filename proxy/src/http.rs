@@ -30,11 +30,16 @@ pub static FERRYMESH_ERROR: HeaderName = HeaderName::from_static("ferrymesh-erro
 
 /// A response made by the proxy (not the app), with `ferrymesh-error: <cause>`.
 pub fn proxy_response(status: StatusCode, cause: &'static str, detail: &str) -> Response<Body> {
-    let mut rsp = Response::new(boxed(Full::new(Bytes::from(format!("{cause}: {detail}\n")))));
+    let mut rsp = Response::new(boxed(Full::new(Bytes::from(format!(
+        "{cause}: {detail}\n"
+    )))));
     *rsp.status_mut() = status;
-    rsp.headers_mut().insert(&FERRYMESH_ERROR, HeaderValue::from_static(cause));
     rsp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        .insert(&FERRYMESH_ERROR, HeaderValue::from_static(cause));
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     rsp
 }
 
@@ -66,7 +71,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let te_trailers = headers
         .get(header::TE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
     headers.remove(header::TE);
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -91,11 +99,17 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_are_removed_but_te_trailers_stays() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert("x-kept", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 2, "{h:?}");
@@ -105,7 +119,11 @@ mod tests {
 
     #[test]
     fn proxy_responses_name_their_cause() {
-        let rsp = proxy_response(StatusCode::SERVICE_UNAVAILABLE, "no-endpoints", "pricing.shop:80");
+        let rsp = proxy_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no-endpoints",
+            "pricing.shop:80",
+        );
         assert_eq!(rsp.status(), 503);
         assert_eq!(rsp.headers()[&FERRYMESH_ERROR], "no-endpoints");
     }

@@ -55,7 +55,8 @@ where
 }
 
 async fn opaque<I: AsyncRead + AsyncWrite + Unpin>(ctx: &Context, inbound: &Inbound, mut io: I) {
-    ctx.metrics.tcp_connection(Direction::inbound, &ctx.service_label);
+    ctx.metrics
+        .tcp_connection(Direction::inbound, &ctx.service_label);
     match crate::pool::connect(inbound.app, inbound.connect_timeout).await {
         Ok(mut app) => {
             let _ = tokio::io::copy_bidirectional(&mut io, app.inner_mut()).await;
@@ -70,10 +71,23 @@ async fn handle(ctx: &Context, inbound: &Inbound, req: Request<Incoming>) -> Res
         .uri()
         .authority()
         .cloned()
-        .or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).and_then(|h| h.parse().ok()))
+        .or_else(|| {
+            req.headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .and_then(|h| h.parse().ok())
+        })
         .unwrap_or_else(|| http::uri::Authority::from_static("localhost"));
-    let timeouts = CallTimeouts { request: None, connect: inbound.connect_timeout };
+    let timeouts = CallTimeouts {
+        request: None,
+        connect: inbound.connect_timeout,
+    };
     let rsp = send(&ctx.pool, inbound.app, &authority, req.map(boxed), timeouts).await;
-    ctx.metrics.request(Direction::inbound, &ctx.service_label, rsp.status(), start.elapsed());
+    ctx.metrics.request(
+        Direction::inbound,
+        &ctx.service_label,
+        rsp.status(),
+        start.elapsed(),
+    );
     rsp
 }

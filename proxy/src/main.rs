@@ -8,7 +8,11 @@ use ferrymesh_proxy::app::App;
 use ferrymesh_proxy::config::Config;
 
 #[derive(Debug, Parser)]
-#[command(name = "ferrymesh-proxy", version, about = "Ferrymesh data-plane proxy")]
+#[command(
+    name = "ferrymesh-proxy",
+    version,
+    about = "Ferrymesh data-plane proxy"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -33,17 +37,27 @@ const LISTENING_PREFIX: &str = "FERRYMESH_LISTENING ";
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FERRYMESH_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FERRYMESH_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
-    let Command::Run { config, check_config } = Cli::parse().command;
-    let config = Config::load(&config, |k| std::env::var(k).ok()).context("loading the proxy config")?;
+    let Command::Run {
+        config,
+        check_config,
+    } = Cli::parse().command;
+    let config =
+        Config::load(&config, |k| std::env::var(k).ok()).context("loading the proxy config")?;
     if check_config {
         println!("config ok");
         return Ok(());
     }
     let app = App::build(config).await?;
-    println!("{LISTENING_PREFIX}{}", serde_json::to_string(app.addresses())?);
+    println!(
+        "{LISTENING_PREFIX}{}",
+        serde_json::to_string(app.addresses())?
+    );
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};

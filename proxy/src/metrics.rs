@@ -37,8 +37,9 @@ struct ServiceLabels {
     service: String,
 }
 
-const LATENCY_BUCKETS: [f64; 15] =
-    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const LATENCY_BUCKETS: [f64; 15] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 type HistogramFamily = Family<ServiceLabels, Histogram, fn() -> Histogram>;
 
@@ -62,37 +63,70 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("ferrymesh_proxy");
         let requests = Family::<RequestLabels, Counter>::default();
-        let latency: HistogramFamily = Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS));
+        let latency: HistogramFamily =
+            Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS));
         let tcp = Family::<ServiceLabels, Counter>::default();
-        registry.register("requests", "HTTP requests by direction, service and status class", requests.clone());
+        registry.register(
+            "requests",
+            "HTTP requests by direction, service and status class",
+            requests.clone(),
+        );
         registry.register(
             "request_duration_seconds",
             "Time to response headers, by direction and service",
             latency.clone(),
         );
-        registry.register("tcp_connections", "Opaque TCP connections forwarded", tcp.clone());
-        Self { requests, latency, tcp, registry }
+        registry.register(
+            "tcp_connections",
+            "Opaque TCP connections forwarded",
+            tcp.clone(),
+        );
+        Self {
+            requests,
+            latency,
+            tcp,
+            registry,
+        }
     }
 
     /// One HTTP request finished with `status` after `elapsed`.
-    pub fn request(&self, direction: Direction, service: &str, status: StatusCode, elapsed: Duration) {
+    pub fn request(
+        &self,
+        direction: Direction,
+        service: &str,
+        status: StatusCode,
+        elapsed: Duration,
+    ) {
         self.requests
-            .get_or_create(&RequestLabels { direction, service: service.to_owned(), status_class: status_class(status) })
+            .get_or_create(&RequestLabels {
+                direction,
+                service: service.to_owned(),
+                status_class: status_class(status),
+            })
             .inc();
         self.latency
-            .get_or_create(&ServiceLabels { direction, service: service.to_owned() })
+            .get_or_create(&ServiceLabels {
+                direction,
+                service: service.to_owned(),
+            })
             .observe(elapsed.as_secs_f64());
     }
 
     /// One opaque TCP connection forwarded.
     pub fn tcp_connection(&self, direction: Direction, service: &str) {
-        self.tcp.get_or_create(&ServiceLabels { direction, service: service.to_owned() }).inc();
+        self.tcp
+            .get_or_create(&ServiceLabels {
+                direction,
+                service: service.to_owned(),
+            })
+            .inc();
     }
 
     /// Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
         out
     }
 }

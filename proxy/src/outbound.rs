@@ -58,7 +58,11 @@ impl Target {
         let host = authority.host().trim_end_matches('.').to_ascii_lowercase();
         let bare = host.trim_start_matches('[').trim_end_matches(']');
         let name = if bare.parse::<std::net::IpAddr>().is_ok() {
-            Some(if bare.contains(':') { format!("[{bare}]:{port}") } else { format!("{bare}:{port}") })
+            Some(if bare.contains(':') {
+                format!("[{bare}]:{port}")
+            } else {
+                format!("{bare}:{port}")
+            })
         } else {
             let labels: Vec<&str> = host.split('.').collect();
             match labels.as_slice() {
@@ -107,7 +111,9 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut io = io;
-    let Ok((detected, prefix)) = sniff(&mut io, DETECT_TIMEOUT).await else { return };
+    let Ok((detected, prefix)) = sniff(&mut io, DETECT_TIMEOUT).await else {
+        return;
+    };
     let io = PrefixedIo::new(prefix, io);
     let version = match detected {
         Detected::Http1 => HttpVersion::Http1,
@@ -145,7 +151,9 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut io = io;
-    let Ok((detected, prefix)) = sniff(&mut io, DETECT_TIMEOUT).await else { return };
+    let Ok((detected, prefix)) = sniff(&mut io, DETECT_TIMEOUT).await else {
+        return;
+    };
     let io = PrefixedIo::new(prefix, io);
     let version = match detected {
         Detected::Http1 => HttpVersion::Http1,
@@ -187,7 +195,8 @@ where
         }
     };
     ctx.metrics.tcp_connection(Direction::outbound, &service);
-    let Ok(mut upstream) = crate::pool::connect(addr, ctx.config.outbound.connect_timeout).await else {
+    let Ok(mut upstream) = crate::pool::connect(addr, ctx.config.outbound.connect_timeout).await
+    else {
         tracing::info!(%addr, "opaque connection: connect failed");
         return;
     };
@@ -207,7 +216,11 @@ async fn route(ctx: &Context, target: &Target) -> Route {
             Ok(Resolution::Service { endpoints, .. }) => return Route::Service(logical, endpoints),
             Ok(Resolution::Unknown) => {}
             Err(e) => {
-                return Route::Error(proxy_response(StatusCode::SERVICE_UNAVAILABLE, "discovery-timeout", &e.to_string()));
+                return Route::Error(proxy_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "discovery-timeout",
+                    &e.to_string(),
+                ));
             }
         }
     }
@@ -218,45 +231,70 @@ async fn route(ctx: &Context, target: &Target) -> Route {
             &format!("{} is not a mesh service", target.authority),
         ));
     }
-    let host_port = format!("{}:{}", target.authority.host(), target.authority.port_u16().unwrap_or(80));
-    match tokio::net::lookup_host(host_port.as_str()).await.ok().and_then(|mut a| a.next()) {
+    let host_port = format!(
+        "{}:{}",
+        target.authority.host(),
+        target.authority.port_u16().unwrap_or(80)
+    );
+    match tokio::net::lookup_host(host_port.as_str())
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+    {
         Some(addr) => Route::Passthrough(addr),
-        None => Route::Error(proxy_response(StatusCode::BAD_GATEWAY, "unknown-host", &format!("cannot resolve {host_port}"))),
+        None => Route::Error(proxy_response(
+            StatusCode::BAD_GATEWAY,
+            "unknown-host",
+            &format!("cannot resolve {host_port}"),
+        )),
     }
 }
 
 /// Handles one request from the app.
-async fn handle(ctx: Arc<Context>, req: Request<Incoming>, fixed: Option<Target>, drain: watch::Receiver<bool>) -> Response<Body> {
+async fn handle(
+    ctx: Arc<Context>,
+    req: Request<Incoming>,
+    fixed: Option<Target>,
+    drain: watch::Receiver<bool>,
+) -> Response<Body> {
     let start = Instant::now();
     let namespace = ctx.config.workload.namespace.as_str();
     if req.method() == Method::CONNECT {
         return connect(ctx, req, drain).await;
     }
-    let target = match fixed {
-        Some(t) => Some(t),
-        None => {
-            let authority = req
-                .uri()
-                .authority()
-                .map(|a| a.as_str().to_owned())
-                .or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned));
-            if req.uri().scheme().is_some_and(|s| *s != http::uri::Scheme::HTTP) {
-                return proxy_response(StatusCode::BAD_REQUEST, "bad-request", "only http:// URIs can be proxied; use CONNECT for TLS");
-            }
-            authority.and_then(|a| Target::parse(&a, namespace))
-        }
-    };
-    let Some(target) = target else {
-        return proxy_response(StatusCode::BAD_REQUEST, "bad-request", "the request names no valid host");
-    };
-    // Route by the target; send the authority the request itself names (inside a CONNECT
-    // tunnel the two differ by the port, e.g. `echo.shop:80` vs `echo.shop`).
-    let authority = req
+    if req
         .uri()
-        .authority()
-        .cloned()
-        .or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).and_then(|h| h.parse().ok()))
-        .unwrap_or_else(|| target.authority.clone());
+        .scheme()
+        .is_some_and(|s| *s != http::uri::Scheme::HTTP)
+    {
+        return proxy_response(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            "only http:// URIs can be proxied; use CONNECT for TLS",
+        );
+    }
+    // The authority the request names (absolute form, `:authority` or `Host`) is what the app
+    // sees; the target (a fixed listener's or the CONNECT's) only routes, and may differ by the
+    // port, e.g. `echo.shop:80` vs `echo.shop`.
+    let named: Option<http::uri::Authority> = req.uri().authority().cloned().or_else(|| {
+        req.headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.parse().ok())
+    });
+    let target = fixed.or_else(|| {
+        named
+            .as_ref()
+            .and_then(|a| Target::parse(a.as_str(), namespace))
+    });
+    let Some(target) = target else {
+        return proxy_response(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            "the request names no valid host",
+        );
+    };
+    let authority = named.unwrap_or_else(|| target.authority.clone());
     let req = req.map(boxed);
     let (rsp, service) = match route(&ctx, &target).await {
         Route::Service(logical, endpoints) => {
@@ -270,9 +308,13 @@ async fn handle(ctx: Arc<Context>, req: Request<Incoming>, fixed: Option<Target>
                 .unwrap_or(ctx.config.outbound.default_request_timeout);
             let timeouts = CallTimeouts {
                 request: (!request.is_zero()).then_some(request),
-                connect: policy.as_ref().and_then(|p| p.connect_timeout).unwrap_or(ctx.config.outbound.connect_timeout),
+                connect: policy
+                    .as_ref()
+                    .and_then(|p| p.connect_timeout)
+                    .unwrap_or(ctx.config.outbound.connect_timeout),
             };
-            let (rsp, _instance) = logical::forward(&ctx.pool, &logical, &authority, req, timeouts).await;
+            let (rsp, _instance) =
+                logical::forward(&ctx.pool, &logical, &authority, req, timeouts).await;
             (rsp, endpoints.service.clone())
         }
         Route::Passthrough(addr) => {
@@ -280,20 +322,36 @@ async fn handle(ctx: Arc<Context>, req: Request<Incoming>, fixed: Option<Target>
                 request: Some(ctx.config.outbound.default_request_timeout),
                 connect: ctx.config.outbound.connect_timeout,
             };
-            (logical::send(&ctx.pool, addr, &authority, req, timeouts).await, PASSTHROUGH.to_owned())
+            (
+                logical::send(&ctx.pool, addr, &authority, req, timeouts).await,
+                PASSTHROUGH.to_owned(),
+            )
         }
         Route::Error(rsp) => (rsp, PASSTHROUGH.to_owned()),
     };
-    ctx.metrics.request(Direction::outbound, &service, rsp.status(), start.elapsed());
+    ctx.metrics
+        .request(Direction::outbound, &service, rsp.status(), start.elapsed());
     rsp
 }
 
 /// `CONNECT host:port`: decides the route first (so an unknown host can still get a 502), then
 /// answers 200 and serves the tunnel.
-async fn connect(ctx: Arc<Context>, req: Request<Incoming>, drain: watch::Receiver<bool>) -> Response<Body> {
+async fn connect(
+    ctx: Arc<Context>,
+    req: Request<Incoming>,
+    drain: watch::Receiver<bool>,
+) -> Response<Body> {
     let namespace = ctx.config.workload.namespace.as_str();
-    let Some(target) = req.uri().authority().and_then(|a| Target::parse(a.as_str(), namespace)) else {
-        return proxy_response(StatusCode::BAD_REQUEST, "bad-request", "CONNECT needs host:port");
+    let Some(target) = req
+        .uri()
+        .authority()
+        .and_then(|a| Target::parse(a.as_str(), namespace))
+    else {
+        return proxy_response(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            "CONNECT needs host:port",
+        );
     };
     if let Route::Error(rsp) = route(&ctx, &target).await {
         return rsp;
@@ -325,10 +383,22 @@ mod tests {
     #[test]
     fn authorities_map_to_discovery_names() {
         let name = |a: &str| Target::parse(a, "shop").and_then(|t| t.name);
-        assert_eq!(name("pricing").as_deref(), Some("pricing.shop.svc.cluster.local:80"));
-        assert_eq!(name("pricing.shop:8080").as_deref(), Some("pricing.shop.svc.cluster.local:8080"));
-        assert_eq!(name("Pricing.Shop.svc.").as_deref(), Some("pricing.shop.svc.cluster.local:80"));
-        assert_eq!(name("pricing.shop.svc.cluster.local:80").as_deref(), Some("pricing.shop.svc.cluster.local:80"));
+        assert_eq!(
+            name("pricing").as_deref(),
+            Some("pricing.shop.svc.cluster.local:80")
+        );
+        assert_eq!(
+            name("pricing.shop:8080").as_deref(),
+            Some("pricing.shop.svc.cluster.local:8080")
+        );
+        assert_eq!(
+            name("Pricing.Shop.svc.").as_deref(),
+            Some("pricing.shop.svc.cluster.local:80")
+        );
+        assert_eq!(
+            name("pricing.shop.svc.cluster.local:80").as_deref(),
+            Some("pricing.shop.svc.cluster.local:80")
+        );
         assert_eq!(name("10.96.0.1:443").as_deref(), Some("10.96.0.1:443"));
         assert_eq!(name("[::1]:80").as_deref(), Some("[::1]:80"));
         assert_eq!(name("www.example.test"), None);

@@ -89,7 +89,9 @@ impl TryFrom<cfg::ServiceEndpoints> for Endpoints {
             .into_iter()
             .map(|e| {
                 let a = e.addr.ok_or(InvalidPolicy::Missing("endpoint.addr"))?;
-                let ip: IpAddr = a.ip.parse().map_err(|_| InvalidPolicy::Address(format!("{}:{}", a.ip, a.port)))?;
+                let ip: IpAddr =
+                    a.ip.parse()
+                        .map_err(|_| InvalidPolicy::Address(format!("{}:{}", a.ip, a.port)))?;
                 let port = u16::try_from(a.port).map_err(|_| InvalidPolicy::Port(a.port))?;
                 Ok(Endpoint {
                     addr: SocketAddr::new(ip, port),
@@ -130,8 +132,12 @@ pub enum LoadBalancer {
     PeakEwma,
 }
 
-fn duration(d: Option<prost_types::Duration>, field: &'static str) -> Result<Option<Duration>, InvalidPolicy> {
-    d.map(|d| Duration::try_from(d).map_err(|_| InvalidPolicy::Duration(field))).transpose()
+fn duration(
+    d: Option<prost_types::Duration>,
+    field: &'static str,
+) -> Result<Option<Duration>, InvalidPolicy> {
+    d.map(|d| Duration::try_from(d).map_err(|_| InvalidPolicy::Duration(field)))
+        .transpose()
 }
 
 impl TryFrom<cfg::ClientPolicy> for ClientPolicy {
@@ -162,7 +168,9 @@ impl TryFrom<cfg::InboundPolicy> for InboundPolicy {
     type Error = InvalidPolicy;
 
     fn try_from(pb: cfg::InboundPolicy) -> Result<Self, InvalidPolicy> {
-        Ok(InboundPolicy { port: u16::try_from(pb.port).map_err(|_| InvalidPolicy::Port(pb.port))? })
+        Ok(InboundPolicy {
+            port: u16::try_from(pb.port).map_err(|_| InvalidPolicy::Port(pb.port))?,
+        })
     }
 }
 
@@ -171,12 +179,22 @@ mod tests {
     use super::*;
 
     fn endpoint(ip: &str, port: u32) -> cfg::Endpoint {
-        cfg::Endpoint { addr: Some(cfg::SocketAddr { ip: ip.into(), port }), ready: true, ..Default::default() }
+        cfg::Endpoint {
+            addr: Some(cfg::SocketAddr {
+                ip: ip.into(),
+                port,
+            }),
+            ready: true,
+            ..Default::default()
+        }
     }
 
     fn endpoints(list: Vec<cfg::Endpoint>) -> cfg::ServiceEndpoints {
         cfg::ServiceEndpoints {
-            service: Some(cfg::ServiceRef { name: "a".into(), namespace: "b".into() }),
+            service: Some(cfg::ServiceRef {
+                name: "a".into(),
+                namespace: "b".into(),
+            }),
             port: 80,
             endpoints: list,
             ..Default::default()
@@ -185,23 +203,39 @@ mod tests {
 
     #[test]
     fn endpoints_convert_and_bad_addresses_are_refused() {
-        let ok = Endpoints::try_from(endpoints(vec![endpoint("127.0.0.1", 81), endpoint("::1", 82)])).unwrap();
+        let ok = Endpoints::try_from(endpoints(vec![
+            endpoint("127.0.0.1", 81),
+            endpoint("::1", 82),
+        ]))
+        .unwrap();
         assert_eq!(ok.service, "b/a");
         assert_eq!(ok.endpoints[1].addr, "[::1]:82".parse().unwrap());
         assert_eq!(
             Endpoints::try_from(endpoints(vec![endpoint("nope", 1)])),
             Err(InvalidPolicy::Address("nope:1".into()))
         );
-        assert_eq!(Endpoints::try_from(endpoints(vec![endpoint("127.0.0.1", 70000)])), Err(InvalidPolicy::Port(70000)));
+        assert_eq!(
+            Endpoints::try_from(endpoints(vec![endpoint("127.0.0.1", 70000)])),
+            Err(InvalidPolicy::Port(70000))
+        );
     }
 
     #[test]
     fn negative_timeouts_are_refused() {
         let pb = cfg::ClientPolicy {
             service: Some(cfg::ServiceRef::default()),
-            timeouts: Some(cfg::Timeouts { request: Some(prost_types::Duration { seconds: -1, nanos: 0 }), ..Default::default() }),
+            timeouts: Some(cfg::Timeouts {
+                request: Some(prost_types::Duration {
+                    seconds: -1,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            }),
             ..Default::default()
         };
-        assert_eq!(ClientPolicy::try_from(pb), Err(InvalidPolicy::Duration("timeouts.request")));
+        assert_eq!(
+            ClientPolicy::try_from(pb),
+            Err(InvalidPolicy::Duration("timeouts.request"))
+        );
     }
 }

@@ -83,7 +83,12 @@ impl Pool {
         }
     }
 
-    async fn send_h1(&self, addr: SocketAddr, req: Request<Body>, timeout: Duration) -> Result<Response<Incoming>, PoolError> {
+    async fn send_h1(
+        &self,
+        addr: SocketAddr,
+        req: Request<Body>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, PoolError> {
         let mut req = req;
         if let Some(mut sender) = self.idle_h1(addr) {
             match sender.try_send_request(req).await {
@@ -96,7 +101,12 @@ impl Pool {
                 // once more on a fresh connection.
                 Err(mut e) => match e.take_message() {
                     Some(r) => req = r,
-                    None => return Err(PoolError::Http { addr, source: e.into_error() }),
+                    None => {
+                        return Err(PoolError::Http {
+                            addr,
+                            source: e.into_error(),
+                        });
+                    }
                 },
             }
         }
@@ -110,7 +120,10 @@ impl Pool {
                 tracing::debug!(%addr, error = %e, "HTTP/1.1 client connection ended");
             }
         });
-        let rsp = sender.send_request(req).await.map_err(|source| PoolError::Http { addr, source })?;
+        let rsp = sender
+            .send_request(req)
+            .await
+            .map_err(|source| PoolError::Http { addr, source })?;
         self.put_h1(addr, sender);
         Ok(rsp)
     }
@@ -131,14 +144,20 @@ impl Pool {
         }
     }
 
-    async fn send_h2(&self, addr: SocketAddr, req: Request<Body>, timeout: Duration) -> Result<Response<Incoming>, PoolError> {
+    async fn send_h2(
+        &self,
+        addr: SocketAddr,
+        req: Request<Body>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, PoolError> {
         let existing = {
             let pools = self.h2.lock().expect("pool lock poisoned");
             pools.get(&addr).filter(|s| !s.is_closed()).cloned()
         };
-        let mut sender = match existing {
-            Some(s) => s,
-            None => {
+        let mut sender = if let Some(s) = existing {
+            s
+        } else {
+            {
                 let io = connect(addr, timeout).await?;
                 let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                     .handshake(io)
@@ -149,12 +168,21 @@ impl Pool {
                         tracing::debug!(%addr, error = %e, "HTTP/2 client connection ended");
                     }
                 });
-                self.h2.lock().expect("pool lock poisoned").insert(addr, sender.clone());
+                self.h2
+                    .lock()
+                    .expect("pool lock poisoned")
+                    .insert(addr, sender.clone());
                 sender
             }
         };
-        sender.ready().await.map_err(|source| PoolError::Http { addr, source })?;
-        sender.send_request(req).await.map_err(|source| PoolError::Http { addr, source })
+        sender
+            .ready()
+            .await
+            .map_err(|source| PoolError::Http { addr, source })?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|source| PoolError::Http { addr, source })
     }
 }
 

@@ -29,8 +29,12 @@ pub enum HttpVersion {
 
 /// Serves HTTP on `io` with `handler` until the connection ends; on drain, finishes in-flight
 /// requests and closes (HTTP/1.1: after the current response; HTTP/2: GOAWAY).
-pub async fn serve_http<I, H, F>(io: I, version: HttpVersion, handler: H, mut drain: watch::Receiver<bool>)
-where
+pub async fn serve_http<I, H, F>(
+    io: I,
+    version: HttpVersion,
+    handler: H,
+    mut drain: watch::Receiver<bool>,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,

@@ -1,5 +1,6 @@
 //! The data path end to end: app -> outbound sidecar -> inbound sidecar -> app, with the real
 //! controller and proxy binaries on loopback and in-process apps.
+#![allow(clippy::unwrap_used)] // test helpers, not #[test] functions, unwrap too
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -15,7 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-const SERVICES: &str = r#"
+const SERVICES: &str = r"
 apiVersion: v1
 kind: Service
 metadata: {name: echo, namespace: shop}
@@ -30,7 +31,7 @@ apiVersion: v1
 kind: Service
 metadata: {name: tcp, namespace: shop}
 spec: {ports: [{name: tcp, port: 80, appProtocol: tcp}]}
-"#;
+";
 
 fn client(outbound: SocketAddr) -> reqwest::Client {
     reqwest::Client::builder()
@@ -41,9 +42,17 @@ fn client(outbound: SocketAddr) -> reqwest::Client {
 }
 
 /// Waits until `proxy` holds `count` ready endpoints for `name`.
-async fn wait_endpoints(proxy: &Spawned, name: &str, count: usize, timeout: Duration) -> anyhow::Result<Duration> {
+async fn wait_endpoints(
+    proxy: &Spawned,
+    name: &str,
+    count: usize,
+    timeout: Duration,
+) -> anyhow::Result<Duration> {
     let admin = proxy.addr("admin");
-    eventually(timeout, || async move { ready_endpoints(admin, name).await == count }).await
+    eventually(timeout, || async move {
+        ready_endpoints(admin, name).await == count
+    })
+    .await
 }
 
 async fn ready_endpoints(admin: SocketAddr, name: &str) -> usize {
@@ -53,15 +62,21 @@ async fn ready_endpoints(admin: SocketAddr, name: &str) -> usize {
         .unwrap()
         .iter()
         .find(|r| r["type"] == "ENDPOINTS" && r["name"] == name)
-        .and_then(|r| r["value"]["endpoints"].as_array().map(|e| e.iter().filter(|e| e["ready"] == true).count()))
+        .and_then(|r| {
+            r["value"]["endpoints"]
+                .as_array()
+                .map(|e| e.iter().filter(|e| e["ready"] == true).count())
+        })
         .unwrap_or(0)
 }
 
 async fn wait_ready(proxy: &Spawned) {
     let health = proxy.addr("health");
-    eventually(Duration::from_secs(10), || async move { get(health, "/ready").await.is_ok_and(|(s, _)| s == 200) })
-        .await
-        .expect("proxy became ready");
+    eventually(Duration::from_secs(10), || async move {
+        get(health, "/ready").await.is_ok_and(|(s, _)| s == 200)
+    })
+    .await
+    .expect("proxy became ready");
 }
 
 const ECHO: &str = "echo.shop.svc.cluster.local:80";
@@ -77,42 +92,106 @@ async fn send_batches(http: &reqwest::Client, batches: usize) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http1_h2c_and_grpc_cross_two_sidecars() {
+/// Two apps (HTTP echo, gRPC echo) behind sidecars, and a client-only sidecar with a fixed
+/// listener for the gRPC service.
+struct TwoHops {
+    _mesh: Mesh,
+    _apps: (HttpEcho, GrpcServer),
+    _servers: Vec<Spawned>,
+    client: Spawned,
+}
+
+async fn two_hops() -> TwoHops {
     let mesh = Mesh::start(&[("services.yaml", SERVICES)]);
     let echo = HttpEcho::start("echo-1").await;
     let grpc = GrpcServer::start("grpc-1").await;
-    let _echo_proxy = mesh.proxy(&ProxySpec::app("echo-1", "echo", echo.addr));
-    let _grpc_proxy = mesh.proxy(&ProxySpec::app("grpc-1", "grpc", grpc.addr));
-    let client_proxy = mesh.proxy(&ProxySpec { fixed: vec!["grpc.shop:80".into()], ..ProxySpec::client("client") });
-    wait_ready(&client_proxy).await;
-    let outbound = client_proxy.addr("outbound");
+    let servers = vec![
+        mesh.proxy(&ProxySpec::app("echo-1", "echo", echo.addr)),
+        mesh.proxy(&ProxySpec::app("grpc-1", "grpc", grpc.addr)),
+    ];
+    let client = mesh.proxy(&ProxySpec {
+        fixed: vec!["grpc.shop:80".into()],
+        ..ProxySpec::client("client")
+    });
+    wait_ready(&client).await;
+    TwoHops {
+        _mesh: mesh,
+        _apps: (echo, grpc),
+        _servers: servers,
+        client,
+    }
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_crosses_two_sidecars() {
+    let t = two_hops().await;
+    let client_proxy = &t.client;
+    let outbound = client_proxy.addr("outbound");
     // HTTP/1.1, absolute form through the explicit proxy.
-    let rsp = client(outbound).post("http://echo.shop/hello?x=1").body("ping").send().await.unwrap();
+    let rsp = client(outbound)
+        .post("http://echo.shop/hello?x=1")
+        .body("ping")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(rsp.status(), 200);
     let doc: Value = rsp.json().await.unwrap();
     assert_eq!(doc["instance"], "echo-1");
     assert_eq!(doc["version"], "HTTP/1.1");
-    assert_eq!(doc["authority"], "echo.shop", "the app sees the authority the caller used");
+    assert_eq!(
+        doc["authority"], "echo.shop",
+        "the app sees the authority the caller used"
+    );
     assert_eq!(doc["path"], "/hello?x=1");
     assert_eq!(doc["body"], "ping");
 
+    let rsp = client(outbound)
+        .get("http://echo.shop/again")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rsp.status(), 200);
+    let metrics = get(client_proxy.addr("health"), "/metrics")
+        .await
+        .unwrap()
+        .1;
+    assert!(
+        metrics.contains(r#"ferrymesh_proxy_requests_total{direction="outbound",service="shop/echo",status_class="2xx"} 2"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_crosses_two_sidecars_in_a_tunnel_and_with_prior_knowledge() {
+    let t = two_hops().await;
+    let outbound = t.client.addr("outbound");
     // h2c inside a CONNECT tunnel.
     let mut tcp = tokio::net::TcpStream::connect(outbound).await.unwrap();
-    tcp.write_all(b"CONNECT echo.shop:80 HTTP/1.1\r\nHost: echo.shop:80\r\n\r\n").await.unwrap();
+    tcp.write_all(b"CONNECT echo.shop:80 HTTP/1.1\r\nHost: echo.shop:80\r\n\r\n")
+        .await
+        .unwrap();
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
         head.push(tcp.read_u8().await.unwrap());
     }
-    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
-    let (mut h2, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
     tokio::spawn(conn);
     for path in ["/a", "/b"] {
-        let req = http::Request::get(format!("http://echo.shop{path}")).body(Empty::<Bytes>::new()).unwrap();
+        let req = http::Request::get(format!("http://echo.shop{path}"))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
         let rsp = h2.send_request(req).await.unwrap();
         assert_eq!(rsp.status(), 200);
-        let doc: Value = serde_json::from_slice(&rsp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        let doc: Value =
+            serde_json::from_slice(&rsp.into_body().collect().await.unwrap().to_bytes()).unwrap();
         assert_eq!(doc["version"], "HTTP/2.0");
         assert_eq!(doc["authority"], "echo.shop");
         assert_eq!(doc["path"], path);
@@ -120,53 +199,121 @@ async fn http1_h2c_and_grpc_cross_two_sidecars() {
 
     // h2c prior knowledge straight to the explicit proxy listener.
     let tcp = tokio::net::TcpStream::connect(outbound).await.unwrap();
-    let (mut h2, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
     tokio::spawn(conn);
-    let rsp = h2.send_request(http::Request::get("http://echo.shop/direct").body(Empty::<Bytes>::new()).unwrap()).await.unwrap();
+    let rsp = h2
+        .send_request(
+            http::Request::get("http://echo.shop/direct")
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
     assert_eq!(rsp.status(), 200);
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unary_and_streaming_cross_two_sidecars() {
+    let t = two_hops().await;
+    let client_proxy = &t.client;
     // gRPC through a fixed-target listener: unary (with an error status), server and bidi streaming.
-    let fixed: SocketAddr = client_proxy.listening["fixed"][0][0].as_str().unwrap().parse().unwrap();
-    let mut grpc_client = EchoClient::connect(format!("http://{fixed}")).await.unwrap();
-    let reply = grpc_client.unary(EchoRequest { message: "hi".into(), count: 0 }).await.unwrap().into_inner();
-    assert_eq!((reply.message.as_str(), reply.instance.as_str()), ("hi", "grpc-1"));
-    let status = grpc_client.unary(EchoRequest { message: "fail".into(), count: 0 }).await.unwrap_err();
-    assert_eq!(status.code(), tonic::Code::Unavailable, "grpc-status travels in trailers");
-    let mut stream = grpc_client.server_stream(EchoRequest { message: "s".into(), count: 5 }).await.unwrap().into_inner();
+    let fixed: SocketAddr = client_proxy.listening["fixed"][0][0]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut grpc_client = EchoClient::connect(format!("http://{fixed}"))
+        .await
+        .unwrap();
+    let reply = grpc_client
+        .unary(EchoRequest {
+            message: "hi".into(),
+            count: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (reply.message.as_str(), reply.instance.as_str()),
+        ("hi", "grpc-1")
+    );
+    let status = grpc_client
+        .unary(EchoRequest {
+            message: "fail".into(),
+            count: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        tonic::Code::Unavailable,
+        "grpc-status travels in trailers"
+    );
+    let mut stream = grpc_client
+        .server_stream(EchoRequest {
+            message: "s".into(),
+            count: 5,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let mut got = Vec::new();
     while let Some(r) = stream.message().await.unwrap() {
         got.push(r.index);
     }
     assert_eq!(got, [0, 1, 2, 3, 4]);
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let mut replies = grpc_client.chat(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let mut replies = grpc_client
+        .chat(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
     for i in 0..3 {
-        tx.send(EchoRequest { message: format!("m{i}"), count: 0 }).await.unwrap();
+        tx.send(EchoRequest {
+            message: format!("m{i}"),
+            count: 0,
+        })
+        .await
+        .unwrap();
         let r = replies.message().await.unwrap().unwrap();
-        assert_eq!(r.message, format!("m{i}"), "each message is answered before the next is sent");
+        assert_eq!(
+            r.message,
+            format!("m{i}"),
+            "each message is answered before the next is sent"
+        );
     }
     drop(tx);
     assert!(replies.message().await.unwrap().is_none());
 
-    let metrics = get(client_proxy.addr("health"), "/metrics").await.unwrap().1;
-    assert!(
-        metrics.contains(r#"ferrymesh_proxy_requests_total{direction="outbound",service="shop/echo",status_class="2xx"} 4"#),
-        "{metrics}"
-    );
+    let metrics = get(client_proxy.addr("health"), "/metrics")
+        .await
+        .unwrap()
+        .1;
     assert!(metrics.contains(r#"service="shop/grpc""#), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_spread_over_replicas_and_follow_membership() {
     let mesh = Mesh::start(&[("services.yaml", SERVICES)]);
-    let apps = [HttpEcho::start("echo-1").await, HttpEcho::start("echo-2").await, HttpEcho::start("echo-3").await];
-    let mut proxies: Vec<Spawned> =
-        apps.iter().map(|a| mesh.proxy(&ProxySpec::app(&a.instance, "echo", a.addr))).collect();
+    let apps = [
+        HttpEcho::start("echo-1").await,
+        HttpEcho::start("echo-2").await,
+        HttpEcho::start("echo-3").await,
+    ];
+    let mut proxies: Vec<Spawned> = apps
+        .iter()
+        .map(|a| mesh.proxy(&ProxySpec::app(&a.instance, "echo", a.addr)))
+        .collect();
     let client_proxy = mesh.proxy(&ProxySpec::client("client"));
     wait_ready(&client_proxy).await;
     let http = client(client_proxy.addr("outbound"));
     let _ = http.get("http://echo.shop/").send().await.unwrap(); // subscribes
-    wait_endpoints(&client_proxy, ECHO, 3, Duration::from_secs(5)).await.unwrap();
+    wait_endpoints(&client_proxy, ECHO, 3, Duration::from_secs(5))
+        .await
+        .unwrap();
 
     send_batches(&http, 10).await;
     for a in &apps {
@@ -176,7 +323,9 @@ async fn requests_spread_over_replicas_and_follow_membership() {
 
     // A crashed replica leaves the endpoint set within a second; later requests all succeed.
     proxies[1].kill();
-    let took = wait_endpoints(&client_proxy, ECHO, 2, Duration::from_secs(1)).await.expect("removed within 1s");
+    let took = wait_endpoints(&client_proxy, ECHO, 2, Duration::from_secs(1))
+        .await
+        .expect("removed within 1s");
     eprintln!("replica removal seen by the client proxy after {took:?}");
     for _ in 0..30 {
         let rsp = http.get("http://echo.shop/").send().await.unwrap();
@@ -187,7 +336,9 @@ async fn requests_spread_over_replicas_and_follow_membership() {
     // A new replica joins and gets traffic.
     let echo4 = HttpEcho::start("echo-4").await;
     proxies.push(mesh.proxy(&ProxySpec::app("echo-4", "echo", echo4.addr)));
-    wait_endpoints(&client_proxy, ECHO, 3, Duration::from_secs(5)).await.expect("the new replica joins");
+    wait_endpoints(&client_proxy, ECHO, 3, Duration::from_secs(5))
+        .await
+        .expect("the new replica joins");
     send_batches(&http, 5).await;
     assert!(echo4.hits.load(std::sync::atomic::Ordering::SeqCst) > 0);
 }
@@ -197,22 +348,46 @@ async fn only_ready_workloads_are_endpoints() {
     let mesh = Mesh::start(&[("services.yaml", SERVICES)]);
     let ok = HttpEcho::start("ok").await;
     let sick = HttpEcho::start("sick").await;
-    let _p1 = mesh.proxy(&ProxySpec { readiness_path: Some("/status/200".into()), ..ProxySpec::app("ok", "echo", ok.addr) });
-    let _p2 = mesh.proxy(&ProxySpec { readiness_path: Some("/status/503".into()), ..ProxySpec::app("sick", "echo", sick.addr) });
+    let _p1 = mesh.proxy(&ProxySpec {
+        readiness_path: Some("/status/200".into()),
+        ..ProxySpec::app("ok", "echo", ok.addr)
+    });
+    let _p2 = mesh.proxy(&ProxySpec {
+        readiness_path: Some("/status/503".into()),
+        ..ProxySpec::app("sick", "echo", sick.addr)
+    });
     let status = eventually(Duration::from_secs(5), || async {
         let s = mesh.status().await;
-        s["proxies"].as_array().unwrap().iter().filter(|p| p["service"] == "shop/echo").count() == 2
-            && s["services"][0]["ports"][0]["endpoints"].as_array().unwrap().len() == 1
+        s["proxies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["service"] == "shop/echo")
+            .count()
+            == 2
+            && s["services"][0]["ports"][0]["endpoints"]
+                .as_array()
+                .unwrap()
+                .len()
+                == 1
     })
     .await;
     status.expect("both proxies connected, one endpoint");
     let s = mesh.status().await;
-    let endpoints = s["services"][0]["ports"][0]["endpoints"].as_array().unwrap();
+    let endpoints = s["services"][0]["ports"][0]["endpoints"]
+        .as_array()
+        .unwrap();
     assert_eq!(endpoints[0]["instance"], "ok");
     // The sick one stays out while it keeps failing its readiness check.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let s = mesh.status().await;
-    assert_eq!(s["services"][0]["ports"][0]["endpoints"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        s["services"][0]["ports"][0]["endpoints"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -223,29 +398,51 @@ async fn controller_outage_keeps_traffic_and_proxies_resync() {
     let client_proxy = mesh.proxy(&ProxySpec::client("client"));
     wait_ready(&client_proxy).await;
     let http = client(client_proxy.addr("outbound"));
-    assert_eq!(http.get("http://echo.shop/").send().await.unwrap().status(), 200);
-    wait_endpoints(&client_proxy, ECHO, 1, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        http.get("http://echo.shop/").send().await.unwrap().status(),
+        200
+    );
+    wait_endpoints(&client_proxy, ECHO, 1, Duration::from_secs(5))
+        .await
+        .unwrap();
 
     mesh.controller.kill();
     let admin = client_proxy.addr("admin");
-    eventually(Duration::from_secs(5), || async move { get_json(admin, "/config_dump").await["controlPlane"]["connected"] == false })
-        .await
-        .expect("the client proxy notices the outage");
+    eventually(Duration::from_secs(5), || async move {
+        get_json(admin, "/config_dump").await["controlPlane"]["connected"] == false
+    })
+    .await
+    .expect("the client proxy notices the outage");
     for _ in 0..20 {
-        assert_eq!(http.get("http://echo.shop/").send().await.unwrap().status(), 200, "traffic flows with the controller down");
+        assert_eq!(
+            http.get("http://echo.shop/").send().await.unwrap().status(),
+            200,
+            "traffic flows with the controller down"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(ready_endpoints(admin, ECHO).await, 1, "the last good endpoints are kept");
+    assert_eq!(
+        ready_endpoints(admin, ECHO).await,
+        1,
+        "the last good endpoints are kept"
+    );
 
     mesh.restart_controller();
-    eventually(Duration::from_secs(15), || async move { get_json(admin, "/config_dump").await["controlPlane"]["connected"] == true })
-        .await
-        .expect("the client proxy reconnects");
+    eventually(Duration::from_secs(15), || async move {
+        get_json(admin, "/config_dump").await["controlPlane"]["connected"] == true
+    })
+    .await
+    .expect("the client proxy reconnects");
     // Resynced: the echo proxy re-registered, and changes flow again.
     let echo2 = HttpEcho::start("echo-2").await;
     let _echo2_proxy = mesh.proxy(&ProxySpec::app("echo-2", "echo", echo2.addr));
-    wait_endpoints(&client_proxy, ECHO, 2, Duration::from_secs(15)).await.expect("both replicas after the restart");
-    assert_eq!(http.get("http://echo.shop/").send().await.unwrap().status(), 200);
+    wait_endpoints(&client_proxy, ECHO, 2, Duration::from_secs(15))
+        .await
+        .expect("both replicas after the restart");
+    assert_eq!(
+        http.get("http://echo.shop/").send().await.unwrap().status(),
+        200
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -253,21 +450,40 @@ async fn unknown_hosts_pass_through_or_get_502() {
     let mesh = Mesh::start(&[("services.yaml", SERVICES)]);
     let outside = HttpEcho::start("outside").await;
     let pass = mesh.proxy(&ProxySpec::client("pass"));
-    let reject = mesh.proxy(&ProxySpec { unknown_hosts: Some("Reject".into()), ..ProxySpec::client("reject") });
+    let reject = mesh.proxy(&ProxySpec {
+        unknown_hosts: Some("Reject".into()),
+        ..ProxySpec::client("reject")
+    });
     wait_ready(&pass).await;
     wait_ready(&reject).await;
 
     let url = format!("http://{}/out", outside.addr);
-    let rsp = client(pass.addr("outbound")).get(&url).send().await.unwrap();
+    let rsp = client(pass.addr("outbound"))
+        .get(&url)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(rsp.status(), 200);
     assert_eq!(rsp.headers()["x-instance"], "outside");
-    let rsp = client(reject.addr("outbound")).get(&url).send().await.unwrap();
+    let rsp = client(reject.addr("outbound"))
+        .get(&url)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(rsp.status(), 502);
     assert_eq!(rsp.headers()["ferrymesh-error"], "unknown-host");
-    let rsp = client(reject.addr("outbound")).get("http://nosuch.shop/").send().await.unwrap();
+    let rsp = client(reject.addr("outbound"))
+        .get("http://nosuch.shop/")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(rsp.headers()["ferrymesh-error"], "unknown-host");
     // A known service with no ready endpoint is not an unknown host.
-    let rsp = client(reject.addr("outbound")).get("http://echo.shop/").send().await.unwrap();
+    let rsp = client(reject.addr("outbound"))
+        .get("http://echo.shop/")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(rsp.status(), 503);
     assert_eq!(rsp.headers()["ferrymesh-error"], "no-endpoints");
 }
@@ -289,8 +505,12 @@ async fn opaque_tcp_crosses_both_sidecars() {
     let _tcp_proxy = mesh.proxy(&ProxySpec::app("tcp-1", "tcp", tcp_addr));
     let client_proxy = mesh.proxy(&ProxySpec::client("client"));
     wait_ready(&client_proxy).await;
-    let mut tcp = tokio::net::TcpStream::connect(client_proxy.addr("outbound")).await.unwrap();
-    tcp.write_all(b"CONNECT tcp.shop:80 HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(client_proxy.addr("outbound"))
+        .await
+        .unwrap();
+    tcp.write_all(b"CONNECT tcp.shop:80 HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
         head.push(tcp.read_u8().await.unwrap());
@@ -299,7 +519,10 @@ async fn opaque_tcp_crosses_both_sidecars() {
     let payload = b"\x00\x01binary\xffpayload";
     tcp.write_all(payload).await.unwrap();
     let mut back = vec![0; payload.len()];
-    tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut back)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&back, payload);
 }
 
@@ -307,11 +530,17 @@ async fn opaque_tcp_crosses_both_sidecars() {
 async fn sigterm_drains_in_flight_requests_and_leaves_the_endpoints_first() {
     let mesh = Mesh::start(&[("services.yaml", SERVICES)]);
     let echo = HttpEcho::start("echo-1").await;
-    let mut echo_proxy = mesh.proxy(&ProxySpec { drain_timeout: Some("5s".into()), ..ProxySpec::app("echo-1", "echo", echo.addr) });
+    let mut echo_proxy = mesh.proxy(&ProxySpec {
+        drain_timeout: Some("5s".into()),
+        ..ProxySpec::app("echo-1", "echo", echo.addr)
+    });
     let client_proxy = mesh.proxy(&ProxySpec::client("client"));
     wait_ready(&client_proxy).await;
     let http = client(client_proxy.addr("outbound"));
-    assert_eq!(http.get("http://echo.shop/").send().await.unwrap().status(), 200);
+    assert_eq!(
+        http.get("http://echo.shop/").send().await.unwrap().status(),
+        200
+    );
 
     let slow = tokio::spawn({
         let http = http.clone();
@@ -322,17 +551,27 @@ async fn sigterm_drains_in_flight_requests_and_leaves_the_endpoints_first() {
         }
     });
     // SIGTERM only once the slow request reached the app.
-    eventually(Duration::from_secs(5), || async { echo.hits.load(std::sync::atomic::Ordering::SeqCst) == 2 })
-        .await
-        .expect("the slow request reached the app");
+    eventually(Duration::from_secs(5), || async {
+        echo.hits.load(std::sync::atomic::Ordering::SeqCst) == 2
+    })
+    .await
+    .expect("the slow request reached the app");
     let pid = echo_proxy.pid();
     let drained = tokio::task::spawn_blocking(move || {
         let status = echo_proxy.terminate(Duration::from_secs(10));
         (status, echo_proxy)
     });
-    wait_endpoints(&client_proxy, ECHO, 0, Duration::from_secs(1)).await.expect("left the endpoints at once");
+    wait_endpoints(&client_proxy, ECHO, 0, Duration::from_secs(1))
+        .await
+        .expect("left the endpoints at once");
     let (status, body) = slow.await.unwrap();
-    assert_eq!(status, 200, "the in-flight request finished during the drain: {body}");
+    assert_eq!(
+        status, 200,
+        "the in-flight request finished during the drain: {body}"
+    );
     let (status, _p) = drained.await.unwrap();
-    assert!(status.unwrap().success(), "proxy {pid} exited cleanly after draining");
+    assert!(
+        status.unwrap().success(),
+        "proxy {pid} exited cleanly after draining"
+    );
 }

@@ -11,7 +11,12 @@ pub mod process;
 pub mod upstream;
 
 /// Generated code of the test gRPC service.
-#[allow(clippy::pedantic, unreachable_pub, missing_debug_implementations, rust_2018_idioms)]
+#[allow(
+    clippy::pedantic,
+    unreachable_pub,
+    missing_debug_implementations,
+    rust_2018_idioms
+)]
 pub mod echo_pb {
     include!(concat!(env!("OUT_DIR"), "/ferrymesh.test.v1.rs"));
 }

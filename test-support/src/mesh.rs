@@ -1,6 +1,7 @@
 //! A local mesh for tests: the real controller on a temporary config folder, and real proxy
 //! processes in front of in-process apps, all on loopback with ports chosen by the kernel.
 
+use std::fmt::Write as _;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -48,44 +49,59 @@ pub struct ProxySpec {
 impl ProxySpec {
     /// A proxy named `name` in front of `app`.
     pub fn app(name: &str, service: &str, app: SocketAddr) -> Self {
-        Self { name: name.into(), service: Some(service.into()), app: Some(app), ..Self::default() }
+        Self {
+            name: name.into(),
+            service: Some(service.into()),
+            app: Some(app),
+            ..Self::default()
+        }
     }
 
     /// A client-only proxy (outbound listener, no app).
     pub fn client(name: &str) -> Self {
-        Self { name: name.into(), ..Self::default() }
+        Self {
+            name: name.into(),
+            ..Self::default()
+        }
     }
 
     fn yaml(&self, discovery: SocketAddr) -> String {
         let service = self.service.clone().unwrap_or_else(|| self.name.clone());
+        let n = &self.name;
         let mut s = format!(
-            "apiVersion: config.ferrymesh.io/v1alpha1\nkind: ProxyConfig\nmetadata: {{name: {n}}}\nspec:\n  workload: {{name: {n}, namespace: shop, service: {service}}}\n",
-            n = self.name
+            "apiVersion: config.ferrymesh.io/v1alpha1\nkind: ProxyConfig\nmetadata: {{name: {n}}}\nspec:\n  \
+             workload: {{name: {n}, namespace: shop, service: {service}}}\n"
         );
         if let Some(app) = self.app {
-            s.push_str(&format!("  inbound:\n    listen: \"127.0.0.1:0\"\n    app: \"{app}\"\n"));
+            let _ = writeln!(
+                s,
+                "  inbound:\n    listen: \"127.0.0.1:0\"\n    app: \"{app}\""
+            );
             if let Some(p) = &self.readiness_path {
-                s.push_str(&format!("    readinessPath: {p}\n"));
+                let _ = writeln!(s, "    readinessPath: {p}");
             }
             if let Some(p) = &self.inbound_protocol {
-                s.push_str(&format!("    protocol: {p}\n"));
+                let _ = writeln!(s, "    protocol: {p}");
             }
         }
-        s.push_str(&format!(
-            "  outbound:\n    mode: HttpProxy\n    listen: \"127.0.0.1:0\"\n    unknownHosts: {}\n",
-            self.unknown_hosts.as_deref().unwrap_or("Passthrough")
-        ));
+        let unknown = self.unknown_hosts.as_deref().unwrap_or("Passthrough");
+        let _ = writeln!(
+            s,
+            "  outbound:\n    mode: HttpProxy\n    listen: \"127.0.0.1:0\"\n    unknownHosts: {unknown}"
+        );
         if !self.fixed.is_empty() {
             s.push_str("    listeners:\n");
             for t in &self.fixed {
-                s.push_str(&format!("    - {{listen: \"127.0.0.1:0\", service: \"{t}\"}}\n"));
+                let _ = writeln!(s, "    - {{listen: \"127.0.0.1:0\", service: \"{t}\"}}");
             }
         }
-        s.push_str(&format!(
-            "  admin: {{listen: \"127.0.0.1:0\", healthListen: \"127.0.0.1:0\"}}\n  controlPlane: {{discovery: \"{discovery}\"}}\n"
-        ));
+        let _ = writeln!(
+            s,
+            "  admin: {{listen: \"127.0.0.1:0\", healthListen: \"127.0.0.1:0\"}}"
+        );
+        let _ = writeln!(s, "  controlPlane: {{discovery: \"{discovery}\"}}");
         if let Some(d) = &self.drain_timeout {
-            s.push_str(&format!("  drainTimeout: {d}\n"));
+            let _ = writeln!(s, "  drainTimeout: {d}");
         }
         s
     }
@@ -100,11 +116,16 @@ impl Mesh {
         let dir = tempfile::tempdir().expect("a temporary folder");
         std::fs::create_dir_all(dir.path().join("mesh")).expect("creating the config folder");
         for (name, text) in files {
-            std::fs::write(dir.path().join("mesh").join(name), text).expect("writing a config file");
+            std::fs::write(dir.path().join("mesh").join(name), text)
+                .expect("writing a config file");
         }
         let controller = start_controller(dir.path(), "127.0.0.1:0".parse().expect("valid"));
         let discovery = controller.addr("discovery");
-        Mesh { dir, controller, discovery }
+        Mesh {
+            dir,
+            controller,
+            discovery,
+        }
     }
 
     /// The config folder.
@@ -130,9 +151,16 @@ impl Mesh {
         let config = self.dir.path().join(format!("{}.proxy.yaml", spec.name));
         std::fs::write(&config, spec.yaml(self.discovery)).expect("writing a proxy config");
         let mut cmd = Command::new(bin("ferrymesh-proxy"));
-        cmd.arg("run").arg("--config").arg(&config).env("FERRYMESH_LOG", "info,ferrymesh_proxy=debug");
-        Spawned::start(&format!("proxy {}", spec.name), cmd, &self.dir.path().join(format!("{}.proxy.log", spec.name)))
-            .expect("starting a proxy")
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config)
+            .env("FERRYMESH_LOG", "info,ferrymesh_proxy=debug");
+        Spawned::start(
+            &format!("proxy {}", spec.name),
+            cmd,
+            &self.dir.path().join(format!("{}.proxy.log", spec.name)),
+        )
+        .expect("starting a proxy")
     }
 
     /// Stops the controller (SIGKILL) and starts a new one on the same Discovery address.
@@ -149,7 +177,9 @@ impl Mesh {
     /// # Panics
     /// When it does not answer.
     pub async fn status(&self) -> serde_json::Value {
-        let (status, body) = get(self.controller.addr("admin"), "/status").await.expect("controller /status");
+        let (status, body) = get(self.controller.addr("admin"), "/status")
+            .await
+            .expect("controller /status");
         assert_eq!(status, 200, "{body}");
         serde_json::from_str(&body).expect("status is JSON")
     }
@@ -157,11 +187,17 @@ impl Mesh {
 
 fn start_controller(dir: &Path, discovery: SocketAddr) -> Spawned {
     let mut cmd = Command::new(bin("ferrymesh-controller"));
-    cmd.args(["--source", "files", "--admin-listen", "127.0.0.1:0", "--discovery-listen"])
-        .arg(discovery.to_string())
-        .arg("--config-dir")
-        .arg(dir.join("mesh"))
-        .env("FERRYMESH_LOG", "info,ferrymesh_controller=debug");
+    cmd.args([
+        "--source",
+        "files",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--discovery-listen",
+    ])
+    .arg(discovery.to_string())
+    .arg("--config-dir")
+    .arg(dir.join("mesh"))
+    .env("FERRYMESH_LOG", "info,ferrymesh_controller=debug");
     // NOTE: a restarted controller binds the port its predecessor held; retry briefly.
     let mut last = None;
     for attempt in 0..20 {
@@ -172,7 +208,7 @@ fn start_controller(dir: &Path, discovery: SocketAddr) -> Spawned {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    panic!("the controller did not start: {:?}", last);
+    panic!("the controller did not start: {last:?}");
 }
 
 fn cmd_clone(cmd: &Command) -> Command {
@@ -194,7 +230,9 @@ pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> 
     let stream = tokio::net::TcpStream::connect(addr).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let req = http::Request::get(path).header("host", addr.to_string()).body(Empty::<Bytes>::new())?;
+    let req = http::Request::get(path)
+        .header("host", addr.to_string())
+        .body(Empty::<Bytes>::new())?;
     let rsp = sender.send_request(req).await?;
     let status = rsp.status().as_u16();
     let body = rsp.into_body().collect().await?.to_bytes();
@@ -206,7 +244,9 @@ pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> 
 /// # Panics
 /// When it does not answer 200 with JSON.
 pub async fn get_json(addr: SocketAddr, path: &str) -> serde_json::Value {
-    let (status, body) = get(addr, path).await.unwrap_or_else(|e| panic!("GET {addr}{path}: {e}"));
+    let (status, body) = get(addr, path)
+        .await
+        .unwrap_or_else(|e| panic!("GET {addr}{path}: {e}"));
     assert_eq!(status, 200, "GET {addr}{path}: {body}");
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {addr}{path}: {e}: {body}"))
 }

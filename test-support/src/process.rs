@@ -15,7 +15,10 @@ pub const LISTENING_PREFIX: &str = "FERRYMESH_LISTENING ";
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("the test binary has a path");
     // target/<profile>/deps/<test> -> target/<profile>
-    exe.parent().and_then(Path::parent).expect("tests run from target/<profile>/deps").to_owned()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("tests run from target/<profile>/deps")
+        .to_owned()
 }
 
 /// The path of a workspace binary.
@@ -52,7 +55,9 @@ impl Spawned {
     /// It cannot start, exits first, or prints no such line in time.
     pub fn start(name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<Spawned> {
         let log_file = std::fs::File::create(log)?;
-        cmd.stdout(Stdio::piped()).stderr(log_file).stdin(Stdio::null());
+        cmd.stdout(Stdio::piped())
+            .stderr(log_file)
+            .stdin(Stdio::null());
         let mut child = cmd.spawn().with_context(|| format!("starting {name}"))?;
         let stdout = child.stdout.take().expect("stdout is piped");
         let (tx, rx) = mpsc::channel();
@@ -64,7 +69,13 @@ impl Spawned {
                 }
             }
         });
-        let mut spawned = Spawned { name: name.to_owned(), child: Some(child), listening: serde_json::Value::Null, log: log.to_owned(), lines: rx };
+        let mut spawned = Spawned {
+            name: name.to_owned(),
+            child: Some(child),
+            listening: serde_json::Value::Null,
+            log: log.to_owned(),
+            lines: rx,
+        };
         spawned.listening = spawned.wait_for_line(LISTENING_PREFIX, Duration::from_secs(30))?;
         Ok(spawned)
     }
@@ -73,17 +84,25 @@ impl Spawned {
     ///
     /// # Errors
     /// No such line in time, or the process ended.
-    pub fn wait_for_line(&mut self, prefix: &str, timeout: Duration) -> anyhow::Result<serde_json::Value> {
-        let deadline = std::time::Instant::now() + timeout;
+    pub fn wait_for_line(
+        &mut self,
+        prefix: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<serde_json::Value> {
+        let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
                     if let Some(json) = line.strip_prefix(prefix) {
                         return Ok(serde_json::from_str(json)?);
                     }
                 }
-                Err(_) => bail!("{}: no {prefix:?} line within {timeout:?}; log:\n{}", self.name, self.log_text()),
+                Err(_) => bail!(
+                    "{}: no {prefix:?} line within {timeout:?}; log:\n{}",
+                    self.name,
+                    self.log_text()
+                ),
             }
         }
     }
@@ -120,15 +139,19 @@ impl Spawned {
         let mut child = self.child.take().context("already stopped")?;
         let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = std::time::Instant::now() + timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if let Some(status) = child.try_wait()? {
                 return Ok(status);
             }
-            if std::time::Instant::now() > deadline {
+            if tokio::time::Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("{} did not exit within {timeout:?} of SIGTERM; log:\n{}", self.name, self.log_text());
+                bail!(
+                    "{} did not exit within {timeout:?} of SIGTERM; log:\n{}",
+                    self.name,
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }

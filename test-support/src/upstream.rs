@@ -48,14 +48,18 @@ impl HttpEcho {
     /// # Panics
     /// When the address cannot be bound.
     pub async fn start_on(addr: SocketAddr, instance: &str) -> HttpEcho {
-        let listener = TcpListener::bind(addr).await.expect("binding the echo server");
+        let listener = TcpListener::bind(addr)
+            .await
+            .expect("binding the echo server");
         let addr = listener.local_addr().expect("bound");
         let hits = Arc::new(AtomicUsize::new(0));
         let name: Arc<str> = instance.into();
         let (h, n) = (hits.clone(), name.clone());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let (h, n) = (h.clone(), n.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
@@ -68,7 +72,12 @@ impl HttpEcho {
                 });
             }
         });
-        HttpEcho { addr, instance: instance.to_owned(), hits, task }
+        HttpEcho {
+            addr,
+            instance: instance.to_owned(),
+            hits,
+            task,
+        }
     }
 }
 
@@ -81,12 +90,18 @@ impl Drop for HttpEcho {
 async fn echo(req: Request<Incoming>, instance: &str, hits: &AtomicUsize) -> Response<Full<Bytes>> {
     hits.fetch_add(1, Ordering::SeqCst);
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-    let authority = parts
-        .uri
-        .authority()
-        .map(ToString::to_string)
-        .or_else(|| parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned));
+    let body = body
+        .collect()
+        .await
+        .map(http_body_util::Collected::to_bytes)
+        .unwrap_or_default();
+    let authority = parts.uri.authority().map(ToString::to_string).or_else(|| {
+        parts
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned)
+    });
     let status = parts
         .uri
         .path()
@@ -94,7 +109,12 @@ async fn echo(req: Request<Incoming>, instance: &str, hits: &AtomicUsize) -> Res
         .and_then(|c| c.parse::<u16>().ok())
         .and_then(|c| StatusCode::from_u16(c).ok())
         .unwrap_or(StatusCode::OK);
-    if let Some(ms) = parts.uri.path().strip_prefix("/slow/").and_then(|m| m.parse::<u64>().ok()) {
+    if let Some(ms) = parts
+        .uri
+        .path()
+        .strip_prefix("/slow/")
+        .and_then(|m| m.parse::<u64>().ok())
+    {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     let doc = serde_json::json!({
@@ -127,27 +147,50 @@ impl echo_pb::echo_server::Echo for GrpcEcho {
     type ServerStreamStream = ReplyStream;
     type ChatStream = ReplyStream;
 
-    async fn unary(&self, req: tonic::Request<EchoRequest>) -> Result<tonic::Response<EchoReply>, tonic::Status> {
+    async fn unary(
+        &self,
+        req: tonic::Request<EchoRequest>,
+    ) -> Result<tonic::Response<EchoReply>, tonic::Status> {
         let r = req.into_inner();
         if r.message == "fail" {
             return Err(tonic::Status::unavailable("asked to fail"));
         }
-        Ok(tonic::Response::new(EchoReply { message: r.message, instance: self.instance.clone(), index: 0 }))
+        Ok(tonic::Response::new(EchoReply {
+            message: r.message,
+            instance: self.instance.clone(),
+            index: 0,
+        }))
     }
 
-    async fn server_stream(&self, req: tonic::Request<EchoRequest>) -> Result<tonic::Response<ReplyStream>, tonic::Status> {
+    async fn server_stream(
+        &self,
+        req: tonic::Request<EchoRequest>,
+    ) -> Result<tonic::Response<ReplyStream>, tonic::Status> {
         let r = req.into_inner();
         let instance = self.instance.clone();
-        let replies = (0..r.count).map(move |i| Ok(EchoReply { message: r.message.clone(), instance: instance.clone(), index: i }));
+        let replies = (0..r.count).map(move |i| {
+            Ok(EchoReply {
+                message: r.message.clone(),
+                instance: instance.clone(),
+                index: i,
+            })
+        });
         Ok(tonic::Response::new(Box::pin(tokio_stream::iter(replies))))
     }
 
-    async fn chat(&self, req: tonic::Request<tonic::Streaming<EchoRequest>>) -> Result<tonic::Response<ReplyStream>, tonic::Status> {
+    async fn chat(
+        &self,
+        req: tonic::Request<tonic::Streaming<EchoRequest>>,
+    ) -> Result<tonic::Response<ReplyStream>, tonic::Status> {
         let instance = self.instance.clone();
         let mut index = 0;
         let replies = req.into_inner().map(move |m| {
             index += 1;
-            m.map(|m| EchoReply { message: m.message, instance: instance.clone(), index })
+            m.map(|m| EchoReply {
+                message: m.message,
+                instance: instance.clone(),
+                index,
+            })
         });
         Ok(tonic::Response::new(Box::pin(replies)))
     }
@@ -167,9 +210,13 @@ impl GrpcServer {
     /// # Panics
     /// When it cannot bind.
     pub async fn start(instance: &str) -> GrpcServer {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding the gRPC echo server");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding the gRPC echo server");
         let addr = listener.local_addr().expect("bound");
-        let service = echo_pb::echo_server::EchoServer::new(GrpcEcho { instance: instance.to_owned() });
+        let service = echo_pb::echo_server::EchoServer::new(GrpcEcho {
+            instance: instance.to_owned(),
+        });
         let task = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(service)

@@ -36,9 +36,15 @@ fn node(instance: &str, service: &str, port: u32, ready: bool) -> pb::Node {
         workload: format!("shop/{instance}"),
         namespace: "shop".into(),
         local_workload: Some(pb::LocalWorkload {
-            service: Some(cfg::ServiceRef { name: service.into(), namespace: "shop".into() }),
+            service: Some(cfg::ServiceRef {
+                name: service.into(),
+                namespace: "shop".into(),
+            }),
             instance: instance.into(),
-            inbound: Some(cfg::SocketAddr { ip: "127.0.0.1".into(), port }),
+            inbound: Some(cfg::SocketAddr {
+                ip: "127.0.0.1".into(),
+                port,
+            }),
             ready,
             ..Default::default()
         }),
@@ -49,8 +55,13 @@ fn node(instance: &str, service: &str, port: u32, ready: bool) -> pb::Node {
 fn endpoints(index: &IndexHandle, name: &str) -> Vec<u32> {
     match index.snapshot().lookup(pb::ResourceType::Endpoints, name) {
         Lookup::Found(r) => {
-            let Some(pb::resource::Body::Endpoints(e)) = r.body else { panic!("not endpoints") };
-            e.endpoints.iter().map(|e| e.addr.as_ref().unwrap().port).collect()
+            let Some(pb::resource::Body::Endpoints(e)) = r.body else {
+                panic!("not endpoints")
+            };
+            e.endpoints
+                .iter()
+                .map(|e| e.addr.as_ref().unwrap().port)
+                .collect()
         }
         other => panic!("{name}: {other:?}"),
     }
@@ -62,7 +73,10 @@ fn registered_workloads_are_endpoints_while_ready_and_connected() {
     load(&index, "shop.yaml", SHOP);
     index.stream_opened(1, &node("pricing-1", "pricing", 7001, true));
     index.stream_opened(2, &node("pricing-2", "pricing", 7002, false));
-    assert_eq!(endpoints(&index, "pricing.shop.svc.cluster.local:80"), [7001]);
+    assert_eq!(
+        endpoints(&index, "pricing.shop.svc.cluster.local:80"),
+        [7001]
+    );
     index.workload_ready(2, true);
     assert_eq!(endpoints(&index, "pricing.shop:80"), [7001, 7002]);
     index.workload_ready(1, false);
@@ -79,7 +93,10 @@ fn versions_depend_on_content_not_on_order() {
     let b = IndexHandle::new();
     b.stream_opened(9, &node("x-2", "x", 7002, true));
     b.stream_opened(8, &node("x-1", "x", 7001, true));
-    let version = |i: &IndexHandle| match i.snapshot().lookup(pb::ResourceType::Endpoints, "x.shop:80") {
+    let version = |i: &IndexHandle| match i
+        .snapshot()
+        .lookup(pb::ResourceType::Endpoints, "x.shop:80")
+    {
         Lookup::Found(r) => r.version,
         other => panic!("{other:?}"),
     };
@@ -93,22 +110,45 @@ fn unknown_names_are_not_found_and_bad_names_invalid() {
     let index = IndexHandle::new();
     load(&index, "shop.yaml", SHOP);
     let snap = index.snapshot();
-    assert_eq!(snap.lookup(pb::ResourceType::Endpoints, "nope.shop:80"), Lookup::NotFound);
-    assert_eq!(snap.lookup(pb::ResourceType::Endpoints, "pricing.shop:81"), Lookup::NotFound);
-    assert_eq!(snap.lookup(pb::ResourceType::Endpoints, "a.b.c.d.e.f:80"), Lookup::NotFound);
-    assert!(matches!(snap.lookup(pb::ResourceType::Endpoints, "pricing.shop"), Lookup::Invalid(_)));
-    assert!(matches!(snap.lookup(pb::ResourceType::InboundPolicy, "*"), Lookup::Found(_)));
-    assert!(matches!(snap.lookup(pb::ResourceType::Gateway, "*"), Lookup::Invalid(_)));
+    assert_eq!(
+        snap.lookup(pb::ResourceType::Endpoints, "nope.shop:80"),
+        Lookup::NotFound
+    );
+    assert_eq!(
+        snap.lookup(pb::ResourceType::Endpoints, "pricing.shop:81"),
+        Lookup::NotFound
+    );
+    assert_eq!(
+        snap.lookup(pb::ResourceType::Endpoints, "a.b.c.d.e.f:80"),
+        Lookup::NotFound
+    );
+    assert!(matches!(
+        snap.lookup(pb::ResourceType::Endpoints, "pricing.shop"),
+        Lookup::Invalid(_)
+    ));
+    assert!(matches!(
+        snap.lookup(pb::ResourceType::InboundPolicy, "*"),
+        Lookup::Found(_)
+    ));
+    assert!(matches!(
+        snap.lookup(pb::ResourceType::Gateway, "*"),
+        Lookup::Invalid(_)
+    ));
 }
 
 #[test]
 fn the_most_specific_policy_sets_the_timeouts_section() {
     let index = IndexHandle::new();
     load(&index, "shop.yaml", SHOP);
-    let Lookup::Found(r) = index.snapshot().lookup(pb::ResourceType::ClientPolicy, "pricing.shop:80") else {
+    let Lookup::Found(r) = index
+        .snapshot()
+        .lookup(pb::ResourceType::ClientPolicy, "pricing.shop:80")
+    else {
         panic!("no client policy")
     };
-    let Some(pb::resource::Body::ClientPolicy(p)) = r.body else { panic!() };
+    let Some(pb::resource::Body::ClientPolicy(p)) = r.body else {
+        panic!()
+    };
     assert_eq!(p.timeouts.unwrap().request.unwrap().seconds, 2);
     let names: Vec<_> = r.sources.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["pricing", "a-service-wide", "b-port"]);
@@ -118,13 +158,25 @@ fn the_most_specific_policy_sets_the_timeouts_section() {
 fn a_rejected_reload_keeps_the_last_good_objects() {
     let index = IndexHandle::new();
     load(&index, "shop.yaml", SHOP);
-    load(&index, "shop.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: pricing, namespace: shop}\nspec: {ports: []}\n");
+    load(
+        &index,
+        "shop.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: pricing, namespace: shop}\nspec: {ports: []}\n",
+    );
     let snap = index.snapshot();
     assert_eq!(snap.file_errors.len(), 1);
     assert_eq!(snap.file_errors[0].field, "spec.ports");
-    assert!(matches!(snap.lookup(pb::ResourceType::Endpoints, "pricing.shop:80"), Lookup::Found(_)));
+    assert!(matches!(
+        snap.lookup(pb::ResourceType::Endpoints, "pricing.shop:80"),
+        Lookup::Found(_)
+    ));
     index.remove_file(Path::new("shop.yaml"));
-    assert_eq!(index.snapshot().lookup(pb::ResourceType::Endpoints, "pricing.shop:80"), Lookup::NotFound);
+    assert_eq!(
+        index
+            .snapshot()
+            .lookup(pb::ResourceType::Endpoints, "pricing.shop:80"),
+        Lookup::NotFound
+    );
 }
 
 #[test]
@@ -137,9 +189,19 @@ fn static_endpoint_slices_carry_their_conditions() {
          apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: legacy-a, namespace: shop, labels: {kubernetes.io/service-name: legacy}}\n\
          ports: [{name: http, port: 9000}]\nendpoints:\n- addresses: [127.0.0.2]\n- addresses: [127.0.0.3]\n  conditions: {ready: false, terminating: true}\n",
     );
-    let Lookup::Found(r) = index.snapshot().lookup(pb::ResourceType::Endpoints, "legacy.shop:80") else { panic!() };
-    let Some(pb::resource::Body::Endpoints(e)) = r.body else { panic!() };
+    let Lookup::Found(r) = index
+        .snapshot()
+        .lookup(pb::ResourceType::Endpoints, "legacy.shop:80")
+    else {
+        panic!()
+    };
+    let Some(pb::resource::Body::Endpoints(e)) = r.body else {
+        panic!()
+    };
     assert_eq!(e.endpoints.len(), 2);
     assert!(e.endpoints[0].ready && !e.endpoints[1].ready && e.endpoints[1].terminating);
-    assert_eq!(e.endpoints[0].proxy_inbound_port, 0, "static endpoints are unmeshed");
+    assert_eq!(
+        e.endpoints[0].proxy_inbound_port, 0,
+        "static endpoints are unmeshed"
+    );
 }

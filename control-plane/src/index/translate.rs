@@ -2,6 +2,7 @@
 //! the same resources and versions (a hash of the canonical bytes) on every replica.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -52,7 +53,7 @@ pub struct Resources {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Lookup {
     /// The resource, named as subscribed.
-    Found(pb::Resource),
+    Found(Box<pb::Resource>),
     /// Explicitly absent.
     NotFound,
     /// The name cannot name anything of this type.
@@ -71,17 +72,45 @@ pub(super) fn build<'a>(
     let mut services: BTreeMap<ServiceKey, (ServiceInfo, Option<&Service>)> = BTreeMap::new();
     for o in &objects {
         if let Object::Service(s) = o {
-            let key = ServiceKey { namespace: s.meta.namespace.clone(), name: s.meta.name.clone() };
-            let info = ServiceInfo { ports: s.ports.clone(), cluster_ip: s.cluster_ip, implicit: false };
+            let key = ServiceKey {
+                namespace: s.meta.namespace.clone(),
+                name: s.meta.name.clone(),
+            };
+            let info = ServiceInfo {
+                ports: s.ports.clone(),
+                cluster_ip: s.cluster_ip,
+                implicit: false,
+            };
             services.insert(key, (info, Some(s)));
         }
     }
     for w in workloads {
-        let Some(svc) = w.node.local_workload.as_ref().and_then(|l| l.service.as_ref()) else { continue };
-        let key = ServiceKey { namespace: svc.namespace.clone(), name: svc.name.clone() };
+        let Some(svc) = w
+            .node
+            .local_workload
+            .as_ref()
+            .and_then(|l| l.service.as_ref())
+        else {
+            continue;
+        };
+        let key = ServiceKey {
+            namespace: svc.namespace.clone(),
+            name: svc.name.clone(),
+        };
         services.entry(key).or_insert_with(|| {
-            let port = ServicePort { name: "http".into(), port: IMPLICIT_PORT, protocol: PortProtocol::Http };
-            (ServiceInfo { ports: vec![port], cluster_ip: None, implicit: true }, None)
+            let port = ServicePort {
+                name: "http".into(),
+                port: IMPLICIT_PORT,
+                protocol: PortProtocol::Http,
+            };
+            (
+                ServiceInfo {
+                    ports: vec![port],
+                    cluster_ip: None,
+                    implicit: true,
+                },
+                None,
+            )
         });
     }
 
@@ -96,13 +125,19 @@ pub(super) fn build<'a>(
             let mut ep_sources: Vec<cfg::ResourceRef> = service_source.iter().cloned().collect();
             ep_sources.extend(slice_sources(key, &objects));
             let body = pb::resource::Body::Endpoints(endpoints);
-            resources.endpoints.insert((key.clone(), port.port), Arc::new(resource(body, ep_sources)));
+            resources.endpoints.insert(
+                (key.clone(), port.port),
+                Arc::new(resource(body, ep_sources)),
+            );
 
             let (policy, sources) = client_policy(key, port, &objects);
             let mut all_sources: Vec<cfg::ResourceRef> = service_source.into_iter().collect();
             all_sources.extend(sources);
             let body = pb::resource::Body::ClientPolicy(policy);
-            resources.client_policies.insert((key.clone(), port.port), Arc::new(resource(body, all_sources)));
+            resources.client_policies.insert(
+                (key.clone(), port.port),
+                Arc::new(resource(body, all_sources)),
+            );
         }
     }
     let inbound = cfg::InboundPolicy {
@@ -111,8 +146,14 @@ pub(super) fn build<'a>(
         mtls: cfg::MtlsMode::Permissive.into(),
         default_policy: cfg::DefaultPolicy::AllUnauthenticated.into(),
     };
-    resources.inbound = Some(Arc::new(resource(pb::resource::Body::InboundPolicy(inbound), Vec::new())));
-    let services = services.into_iter().map(|(k, (info, _))| (k, info)).collect();
+    resources.inbound = Some(Arc::new(resource(
+        pb::resource::Body::InboundPolicy(inbound),
+        Vec::new(),
+    )));
+    let services = services
+        .into_iter()
+        .map(|(k, (info, _))| (k, info))
+        .collect();
     (resources, services)
 }
 
@@ -125,7 +166,12 @@ fn protocol(p: PortProtocol) -> cfg::Protocol {
     }
 }
 
-fn object_ref(group: &str, kind: &str, meta: &crate::sources::Meta, section: &str) -> cfg::ResourceRef {
+fn object_ref(
+    group: &str,
+    kind: &str,
+    meta: &crate::sources::Meta,
+    section: &str,
+) -> cfg::ResourceRef {
     cfg::ResourceRef {
         group: group.to_owned(),
         kind: kind.to_owned(),
@@ -133,7 +179,11 @@ fn object_ref(group: &str, kind: &str, meta: &crate::sources::Meta, section: &st
         name: meta.name.clone(),
         section: section.to_owned(),
         generation: meta.generation,
-        file: meta.file.as_deref().map(|f| f.display().to_string()).unwrap_or_default(),
+        file: meta
+            .file
+            .as_deref()
+            .map(|f| f.display().to_string())
+            .unwrap_or_default(),
     }
 }
 
@@ -141,7 +191,9 @@ fn slice_sources(key: &ServiceKey, objects: &[&Object]) -> Vec<cfg::ResourceRef>
     objects
         .iter()
         .filter_map(|o| match o {
-            Object::EndpointSlice(s) if s.meta.namespace == key.namespace && s.service == key.name => {
+            Object::EndpointSlice(s)
+                if s.meta.namespace == key.namespace && s.service == key.name =>
+            {
                 Some(object_ref("discovery.k8s.io", "EndpointSlice", &s.meta, ""))
             }
             _ => None,
@@ -158,11 +210,14 @@ fn endpoints(
 ) -> cfg::ServiceEndpoints {
     let mut endpoints = Vec::new();
     for o in objects {
-        let Object::EndpointSlice(slice) = o else { continue };
+        let Object::EndpointSlice(slice) = o else {
+            continue;
+        };
         if slice.meta.namespace != key.namespace || slice.service != key.name {
             continue;
         }
-        let Some(&(_, target_port)) = slice.ports.iter().find(|(name, _)| *name == port.name) else {
+        let Some(&(_, target_port)) = slice.ports.iter().find(|(name, _)| *name == port.name)
+        else {
             warnings.push(format!(
                 "EndpointSlice {}/{}: no port named {:?} for Service {}/{}",
                 slice.meta.namespace, slice.meta.name, port.name, key.namespace, key.name
@@ -172,7 +227,10 @@ fn endpoints(
         for e in &slice.endpoints {
             for ip in &e.addresses {
                 endpoints.push(cfg::Endpoint {
-                    addr: Some(cfg::SocketAddr { ip: ip.to_string(), port: u32::from(target_port) }),
+                    addr: Some(cfg::SocketAddr {
+                        ip: ip.to_string(),
+                        port: u32::from(target_port),
+                    }),
                     weight: 1,
                     zone: e.zone.clone(),
                     ready: e.ready,
@@ -184,12 +242,16 @@ fn endpoints(
         }
     }
     for w in workloads {
-        let Some(local) = &w.node.local_workload else { continue };
+        let Some(local) = &w.node.local_workload else {
+            continue;
+        };
         let Some(svc) = &local.service else { continue };
         if !w.ready || svc.namespace != key.namespace || svc.name != key.name {
             continue;
         }
-        let Some(inbound) = &local.inbound else { continue };
+        let Some(inbound) = &local.inbound else {
+            continue;
+        };
         endpoints.push(cfg::Endpoint {
             addr: Some(inbound.clone()),
             weight: 1,
@@ -216,7 +278,10 @@ fn endpoints(
     });
     endpoints.dedup_by(|a, b| a.addr == b.addr);
     cfg::ServiceEndpoints {
-        service: Some(cfg::ServiceRef { name: key.name.clone(), namespace: key.namespace.clone() }),
+        service: Some(cfg::ServiceRef {
+            name: key.name.clone(),
+            namespace: key.namespace.clone(),
+        }),
         port: u32::from(port.port),
         protocol: protocol(port.protocol).into(),
         endpoints,
@@ -236,7 +301,11 @@ fn specificity(t: &crate::sources::TargetRef, key: &ServiceKey, port: &ServicePo
     }
 }
 
-fn client_policy(key: &ServiceKey, port: &ServicePort, objects: &[&Object]) -> (cfg::ClientPolicy, Vec<cfg::ResourceRef>) {
+fn client_policy(
+    key: &ServiceKey,
+    port: &ServicePort,
+    objects: &[&Object],
+) -> (cfg::ClientPolicy, Vec<cfg::ResourceRef>) {
     // Section-atomic merge: the `timeouts` section comes whole from the most specific policy
     // that sets it; at the same level the first by namespace/name wins.
     let mut best: Option<(u8, &crate::sources::Policy, &Timeouts)> = None;
@@ -246,7 +315,14 @@ fn client_policy(key: &ServiceKey, port: &ServicePort, objects: &[&Object]) -> (
         if p.kind != "ResiliencePolicy" || p.meta.namespace != key.namespace {
             continue;
         }
-        let Some(level) = p.target_refs.iter().filter_map(|t| specificity(t, key, port)).max() else { continue };
+        let Some(level) = p
+            .target_refs
+            .iter()
+            .filter_map(|t| specificity(t, key, port))
+            .max()
+        else {
+            continue;
+        };
         sources.push(object_ref(&p.group, &p.kind, &p.meta, ""));
         if let Some(t) = &p.timeouts
             && best.is_none_or(|(l, b, _)| level > l || (level == l && p.meta.name < b.meta.name))
@@ -254,7 +330,9 @@ fn client_policy(key: &ServiceKey, port: &ServicePort, objects: &[&Object]) -> (
             best = Some((level, p, t));
         }
     }
-    let d = |d: Option<std::time::Duration>| d.map(|d| prost_types::Duration::try_from(d).expect("policy durations fit"));
+    let d = |d: Option<std::time::Duration>| {
+        d.map(|d| prost_types::Duration::try_from(d).expect("policy durations fit"))
+    };
     let timeouts = best.map(|(_, _, t)| cfg::Timeouts {
         request: d(t.request),
         per_try: d(t.per_try),
@@ -262,20 +340,39 @@ fn client_policy(key: &ServiceKey, port: &ServicePort, objects: &[&Object]) -> (
         idle: d(t.idle),
     });
     let policy = cfg::ClientPolicy {
-        service: Some(cfg::ServiceRef { name: key.name.clone(), namespace: key.namespace.clone() }),
+        service: Some(cfg::ServiceRef {
+            name: key.name.clone(),
+            namespace: key.namespace.clone(),
+        }),
         port: u32::from(port.port),
-        routes: vec![cfg::Route { name: "default".into(), source: None }],
+        routes: vec![cfg::Route {
+            name: "default".into(),
+            source: None,
+        }],
         timeouts,
-        lb: Some(cfg::LoadBalancer { algorithm: cfg::load_balancer::Algorithm::PeakEwma.into() }),
+        lb: Some(cfg::LoadBalancer {
+            algorithm: cfg::load_balancer::Algorithm::PeakEwma.into(),
+        }),
         protocol: protocol(port.protocol).into(),
     };
     (policy, sources)
 }
 
 fn resource(body: pb::resource::Body, sources: Vec<cfg::ResourceRef>) -> pb::Resource {
-    let mut r = pb::Resource { name: String::new(), version: String::new(), ttl: None, sources, body: Some(body) };
+    let mut r = pb::Resource {
+        name: String::new(),
+        version: String::new(),
+        ttl: None,
+        sources,
+        body: Some(body),
+    };
     let digest = Sha256::digest(r.encode_to_vec());
-    r.version = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    r.version = digest[..8]
+        .iter()
+        .fold(String::with_capacity(16), |mut hex, b| {
+            let _ = write!(hex, "{b:02x}");
+            hex
+        });
     r
 }
 
@@ -287,7 +384,11 @@ fn resolve(snapshot: &Snapshot, name: &str) -> Result<Option<ResourceKey>, Strin
     let port: u16 = port.parse().map_err(|_| format!("{name:?}: bad port"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if let Ok(ip) = host.parse::<IpAddr>() {
-        return Ok(snapshot.resources.cluster_ips.get(&ip).map(|k| (k.clone(), port)));
+        return Ok(snapshot
+            .resources
+            .cluster_ips
+            .get(&ip)
+            .map(|k| (k.clone(), port)));
     }
     let labels: Vec<&str> = host.split('.').collect();
     let (service, namespace) = match labels.as_slice() {
@@ -295,13 +396,19 @@ fn resolve(snapshot: &Snapshot, name: &str) -> Result<Option<ResourceKey>, Strin
         [s, ns] | [s, ns, "svc"] | [s, ns, "svc", "cluster", "local"] => (*s, *ns),
         _ => return Ok(None),
     };
-    Ok(Some((ServiceKey { namespace: namespace.to_owned(), name: service.to_owned() }, port)))
+    Ok(Some((
+        ServiceKey {
+            namespace: namespace.to_owned(),
+            name: service.to_owned(),
+        },
+        port,
+    )))
 }
 
 pub(super) fn lookup(snapshot: &Snapshot, ty: pb::ResourceType, name: &str) -> Lookup {
     let found = |r: &Arc<pb::Resource>| {
-        let mut r = pb::Resource::clone(r);
-        r.name = name.to_owned();
+        let mut r = Box::new(pb::Resource::clone(r));
+        name.clone_into(&mut r.name);
         Lookup::Found(r)
     };
     let table = match ty {
@@ -309,12 +416,23 @@ pub(super) fn lookup(snapshot: &Snapshot, ty: pb::ResourceType, name: &str) -> L
         pb::ResourceType::ClientPolicy => &snapshot.resources.client_policies,
         pb::ResourceType::InboundPolicy => {
             return if name == "*" || name.parse::<u16>().is_ok() {
-                snapshot.resources.inbound.as_ref().map_or(Lookup::NotFound, found)
+                snapshot
+                    .resources
+                    .inbound
+                    .as_ref()
+                    .map_or(Lookup::NotFound, found)
             } else {
-                Lookup::Invalid(format!("{name:?}: inbound policy names are \"*\" or a port number"))
+                Lookup::Invalid(format!(
+                    "{name:?}: inbound policy names are \"*\" or a port number"
+                ))
             };
         }
-        other => return Lookup::Invalid(format!("resource type {} is not served yet", other.as_str_name())),
+        other => {
+            return Lookup::Invalid(format!(
+                "resource type {} is not served yet",
+                other.as_str_name()
+            ));
+        }
     };
     match resolve(snapshot, name) {
         Err(e) => Lookup::Invalid(e),

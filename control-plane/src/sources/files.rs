@@ -30,7 +30,11 @@ pub struct FileSource {
 impl FileSource {
     /// A source for `dir`, feeding `index`.
     pub fn new(dir: PathBuf, index: IndexHandle) -> Self {
-        Self { dir, index, hashes: BTreeMap::new() }
+        Self {
+            dir,
+            index,
+            hashes: BTreeMap::new(),
+        }
     }
 
     /// Loads every file once. Returns how many files were rejected.
@@ -38,9 +42,16 @@ impl FileSource {
     /// # Errors
     /// The folder cannot be read.
     pub fn load(&mut self) -> anyhow::Result<usize> {
-        let files = list(&self.dir).with_context(|| format!("reading config folder {}", self.dir.display()))?;
+        let files = list(&self.dir)
+            .with_context(|| format!("reading config folder {}", self.dir.display()))?;
         let mut rejected = 0;
-        for gone in self.hashes.keys().filter(|p| !files.contains(p)).cloned().collect::<Vec<_>>() {
+        for gone in self
+            .hashes
+            .keys()
+            .filter(|p| !files.contains(p))
+            .cloned()
+            .collect::<Vec<_>>()
+        {
             tracing::info!(file = %gone.display(), "config file removed");
             self.hashes.remove(&gone);
             self.index.remove_file(&gone);
@@ -83,14 +94,18 @@ impl FileSource {
     ///
     /// # Errors
     /// The watcher cannot be set up.
-    pub async fn watch(mut self, mut shutdown: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
+    pub async fn watch(
+        mut self,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok() {
-                let _ = tx.send(());
-            }
-        })
-        .context("creating the file watcher")?;
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if event.is_ok() {
+                    let _ = tx.send(());
+                }
+            })
+            .context("creating the file watcher")?;
         watcher
             .watch(&self.dir, notify::RecursiveMode::Recursive)
             .with_context(|| format!("watching {}", self.dir.display()))?;
@@ -100,12 +115,7 @@ impl FileSource {
                 event = rx.recv() => if event.is_none() { return Ok(()) },
             }
             // Debounce: wait until no event arrived for DEBOUNCE.
-            loop {
-                match tokio::time::timeout(DEBOUNCE, rx.recv()).await {
-                    Ok(Some(())) => {}
-                    Ok(None) | Err(_) => break,
-                }
-            }
+            while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
             if let Err(e) = self.load() {
                 tracing::error!(error = %e, "reloading the config folder");
             }

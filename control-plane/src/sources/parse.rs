@@ -62,7 +62,8 @@ pub fn parse_documents(file: &Path, text: &str) -> Result<Parsed, ParseError> {
             field: field.to_owned(),
             message,
         };
-        let value = serde_yaml_ng::Value::deserialize(doc).map_err(|e| err(&label, ".", e.to_string()))?;
+        let value =
+            serde_yaml_ng::Value::deserialize(doc).map_err(|e| err(&label, ".", e.to_string()))?;
         if value.is_null() {
             continue; // an empty document, e.g. a trailing `---`
         }
@@ -83,10 +84,14 @@ pub fn parse_documents(file: &Path, text: &str) -> Result<Parsed, ParseError> {
             ("", "Service") => service(meta, &json),
             ("discovery.k8s.io", "EndpointSlice") => endpoint_slice(meta, &json),
             (g, k) if POLICY_KINDS.contains(&(g, k)) => policy(meta, g, k, &json),
-            ("apps", "Deployment" | "StatefulSet" | "DaemonSet") | ("", "Namespace" | "ConfigMap" | "ServiceAccount") => {
+            ("apps", "Deployment" | "StatefulSet" | "DaemonSet")
+            | ("", "Namespace" | "ConfigMap" | "ServiceAccount") => {
                 // Kubernetes kinds that share the folder (ferryctl reads Deployments) but
                 // carry nothing the controller serves.
-                tracing::debug!("{}: {object_label}: not served by the controller", file.display());
+                tracing::debug!(
+                    "{}: {object_label}: not served by the controller",
+                    file.display()
+                );
                 continue;
             }
             _ => {
@@ -102,7 +107,11 @@ pub fn parse_documents(file: &Path, text: &str) -> Result<Parsed, ParseError> {
         .map_err(|(f, m)| err(&object_label, &f, m))?;
         let _ = version;
         if !seen.insert(object.key()) {
-            return Err(err(&object_label, "metadata.name", "defined twice in this file".to_owned()));
+            return Err(err(
+                &object_label,
+                "metadata.name",
+                "defined twice in this file".to_owned(),
+            ));
         }
         parsed.objects.push(object);
     }
@@ -114,7 +123,14 @@ type FieldError = (String, String);
 fn from_json<T: DeserializeOwned>(json: &serde_json::Value) -> Result<T, FieldError> {
     serde_path_to_error::deserialize(json).map_err(|e| {
         let path = e.path().to_string();
-        (if path.is_empty() { ".".to_owned() } else { path }, e.into_inner().to_string())
+        (
+            if path.is_empty() {
+                ".".to_owned()
+            } else {
+                path
+            },
+            e.into_inner().to_string(),
+        )
     })
 }
 
@@ -141,7 +157,10 @@ struct RawMeta {
 
 fn meta(file: &Path, raw: &RawMeta) -> Result<Meta, FieldError> {
     check_dns_label(&raw.name, 253).map_err(|m| field_err("metadata.name", m))?;
-    let namespace = raw.namespace.clone().unwrap_or_else(|| "default".to_owned());
+    let namespace = raw
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_owned());
     check_dns_label(&namespace, 63).map_err(|m| field_err("metadata.namespace", m))?;
     Ok(Meta {
         name: raw.name.clone(),
@@ -155,9 +174,9 @@ fn meta(file: &Path, raw: &RawMeta) -> Result<Meta, FieldError> {
 fn check_dns_label(name: &str, max: usize) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= max
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (max > 63 && b == b'.'))
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (max > 63 && b == b'.')
+        })
         && !name.starts_with('-')
         && !name.ends_with('-');
     if ok {
@@ -211,19 +230,39 @@ fn service(meta: Meta, json: &serde_json::Value) -> Result<Object, FieldError> {
         let name = match &p.name {
             Some(n) => n.clone(),
             None if raw.spec.ports.len() == 1 => String::new(),
-            None => return Err(field_err(at("name"), "required when a Service has several ports")),
+            None => {
+                return Err(field_err(
+                    at("name"),
+                    "required when a Service has several ports",
+                ));
+            }
         };
         if !names.insert(name.clone()) {
-            return Err(field_err(at("name"), format!("duplicate port name {name:?}")));
+            return Err(field_err(
+                at("name"),
+                format!("duplicate port name {name:?}"),
+            ));
         }
-        let protocol = port_protocol(p.app_protocol.as_deref(), &name).map_err(|m| field_err(at("appProtocol"), m))?;
-        ports.push(ServicePort { name, port: p.port, protocol });
+        let protocol = port_protocol(p.app_protocol.as_deref(), &name)
+            .map_err(|m| field_err(at("appProtocol"), m))?;
+        ports.push(ServicePort {
+            name,
+            port: p.port,
+            protocol,
+        });
     }
     let cluster_ip = match raw.spec.cluster_ip.as_deref() {
         None | Some("None" | "") => None,
-        Some(ip) => Some(ip.parse().map_err(|_| field_err("spec.clusterIP", format!("{ip:?} is not an IP address")))?),
+        Some(ip) => Some(
+            ip.parse()
+                .map_err(|_| field_err("spec.clusterIP", format!("{ip:?} is not an IP address")))?,
+        ),
     };
-    Ok(Object::Service(Service { meta, ports, cluster_ip }))
+    Ok(Object::Service(Service {
+        meta,
+        ports,
+        cluster_ip,
+    }))
 }
 
 fn port_protocol(app_protocol: Option<&str>, port_name: &str) -> Result<PortProtocol, String> {
@@ -239,7 +278,9 @@ fn port_protocol(app_protocol: Option<&str>, port_name: &str) -> Result<PortProt
             format!("unknown appProtocol {p:?} (http, http2, kubernetes.io/h2c, grpc, tcp, opaque)")
         }),
         // Like Istio, a port named `grpc-web` or `tcp-db` says its protocol; anything else is HTTP.
-        None => Ok(known(port_name.split('-').next().unwrap_or_default()).unwrap_or(PortProtocol::Http)),
+        None => Ok(
+            known(port_name.split('-').next().unwrap_or_default()).unwrap_or(PortProtocol::Http)
+        ),
     }
 }
 
@@ -284,12 +325,20 @@ fn endpoint_slice(meta: Meta, json: &serde_json::Value) -> Result<Object, FieldE
         .labels
         .get("kubernetes.io/service-name")
         .cloned()
-        .ok_or_else(|| field_err("metadata.labels", "needs the label kubernetes.io/service-name"))?;
+        .ok_or_else(|| {
+            field_err(
+                "metadata.labels",
+                "needs the label kubernetes.io/service-name",
+            )
+        })?;
     if let Some(t) = raw.address_type.as_deref()
         && t != "IPv4"
         && t != "IPv6"
     {
-        return Err(field_err("addressType", format!("{t:?}: only IPv4 and IPv6 are supported")));
+        return Err(field_err(
+            "addressType",
+            format!("{t:?}: only IPv4 and IPv6 are supported"),
+        ));
     }
     let ports = raw
         .ports
@@ -300,9 +349,12 @@ fn endpoint_slice(meta: Meta, json: &serde_json::Value) -> Result<Object, FieldE
     for (i, e) in raw.endpoints.iter().enumerate() {
         let mut addresses = Vec::new();
         for (j, a) in e.addresses.iter().enumerate() {
-            let ip: IpAddr = a
-                .parse()
-                .map_err(|_| field_err(format!("endpoints[{i}].addresses[{j}]"), format!("{a:?} is not an IP address")))?;
+            let ip: IpAddr = a.parse().map_err(|_| {
+                field_err(
+                    format!("endpoints[{i}].addresses[{j}]"),
+                    format!("{a:?} is not an IP address"),
+                )
+            })?;
             addresses.push(ip);
         }
         let ready = e.conditions.ready.unwrap_or(true);
@@ -314,7 +366,12 @@ fn endpoint_slice(meta: Meta, json: &serde_json::Value) -> Result<Object, FieldE
             zone: e.zone.clone().unwrap_or_default(),
         });
     }
-    Ok(Object::EndpointSlice(EndpointSlice { meta, service, ports, endpoints }))
+    Ok(Object::EndpointSlice(EndpointSlice {
+        meta,
+        service,
+        ports,
+        endpoints,
+    }))
 }
 
 // === policies ===
@@ -352,7 +409,12 @@ const TARGET_KINDS: &[(&str, &str)] = &[
     ("gateway.networking.k8s.io", "Gateway"),
 ];
 
-fn policy(meta: Meta, group: &str, kind: &str, json: &serde_json::Value) -> Result<Object, FieldError> {
+fn policy(
+    meta: Meta,
+    group: &str,
+    kind: &str,
+    json: &serde_json::Value,
+) -> Result<Object, FieldError> {
     let spec = json.get("spec").cloned().unwrap_or(serde_json::Value::Null);
     let uses_target_refs = group == "policy.ferrymesh.io";
     let timeouts = if uses_target_refs {
@@ -371,12 +433,20 @@ fn policy(meta: Meta, group: &str, kind: &str, json: &serde_json::Value) -> Resu
                 ));
             }
             if t.kind == "Namespace" && t.name != meta.namespace {
-                return Err(field_err(format!("spec.targetRefs[{i}].name"), "a Namespace target must name the policy's own namespace"));
+                return Err(field_err(
+                    format!("spec.targetRefs[{i}].name"),
+                    "a Namespace target must name the policy's own namespace",
+                ));
             }
         }
         let timeouts = match raw.spec.timeouts {
             Some(t) if kind == "ResiliencePolicy" => Some(timeouts(&t)?),
-            Some(_) => return Err(field_err("spec.timeouts", format!("{kind} has no timeouts"))),
+            Some(_) => {
+                return Err(field_err(
+                    "spec.timeouts",
+                    format!("{kind} has no timeouts"),
+                ));
+            }
             None => None,
         };
         (raw.spec.target_refs, timeouts)
@@ -411,13 +481,19 @@ fn timeouts(raw: &RawTimeouts) -> Result<Timeouts, FieldError> {
         && !per_try.is_zero()
         && per_try > req
     {
-        return Err(field_err("spec.timeouts.perTry", "must be <= spec.timeouts.request"));
+        return Err(field_err(
+            "spec.timeouts.perTry",
+            "must be <= spec.timeouts.request",
+        ));
     }
     if let Some(dp) = raw.deadline_propagation.as_deref()
         && dp != "Enabled"
         && dp != "Disabled"
     {
-        return Err(field_err("spec.timeouts.deadlinePropagation", "must be Enabled or Disabled"));
+        return Err(field_err(
+            "spec.timeouts.deadlinePropagation",
+            "must be Enabled or Disabled",
+        ));
     }
     Ok(t)
 }

@@ -11,7 +11,9 @@ use super::{PRODUCTS, error};
 
 /// `GET /products`, `GET /products/{id}`.
 pub fn routes() -> Router {
-    Router::new().route("/products", get(list)).route("/products/{id}", get(one))
+    Router::new()
+        .route("/products", get(list))
+        .route("/products/{id}", get(one))
 }
 
 fn product(id: u32, name: &str) -> serde_json::Value {
@@ -19,7 +21,12 @@ fn product(id: u32, name: &str) -> serde_json::Value {
 }
 
 async fn list() -> Json<serde_json::Value> {
-    Json(PRODUCTS.iter().map(|(id, name, ..)| product(*id, name)).collect())
+    Json(
+        PRODUCTS
+            .iter()
+            .map(|(id, name, ..)| product(*id, name))
+            .collect(),
+    )
 }
 
 async fn one(Path(id): Path<u32>) -> Response {

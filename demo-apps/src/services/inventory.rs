@@ -18,8 +18,13 @@ struct Stock(Arc<Mutex<HashMap<u32, u32>>>);
 
 /// `GET /stock/{id}`, `POST /reservations`.
 pub fn routes() -> Router {
-    let stock = Stock(Arc::new(Mutex::new(PRODUCTS.iter().map(|p| (p.0, p.3)).collect())));
-    Router::new().route("/stock/{id}", get(stock_of)).route("/reservations", post(reserve)).with_state(stock)
+    let stock = Stock(Arc::new(Mutex::new(
+        PRODUCTS.iter().map(|p| (p.0, p.3)).collect(),
+    )));
+    Router::new()
+        .route("/stock/{id}", get(stock_of))
+        .route("/reservations", post(reserve))
+        .with_state(stock)
 }
 
 async fn stock_of(State(stock): State<Stock>, Path(id): Path<u32>) -> Response {
@@ -39,11 +44,19 @@ struct Reservation {
 async fn reserve(State(stock): State<Stock>, Json(r): Json<Reservation>) -> Response {
     let mut stock = stock.0.lock().expect("stock lock poisoned");
     let Some(n) = stock.get_mut(&r.product_id) else {
-        return error(StatusCode::NOT_FOUND, format!("no product {}", r.product_id)).into_response();
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no product {}", r.product_id),
+        )
+        .into_response();
     };
     if *n < r.quantity {
         return error(StatusCode::CONFLICT, format!("only {n} left")).into_response();
     }
     *n -= r.quantity;
-    (StatusCode::CREATED, Json(json!({ "productId": r.product_id, "quantity": r.quantity, "remaining": *n }))).into_response()
+    (
+        StatusCode::CREATED,
+        Json(json!({ "productId": r.product_id, "quantity": r.quantity, "remaining": *n })),
+    )
+        .into_response()
 }

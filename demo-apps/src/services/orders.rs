@@ -24,7 +24,10 @@ pub fn routes(peers: Peers) -> Router {
     Router::new()
         .route("/orders", post(place))
         .route("/orders/{id}", get(one))
-        .with_state(Orders { peers, placed: Arc::default() })
+        .with_state(Orders {
+            peers,
+            placed: Arc::default(),
+        })
 }
 
 #[derive(Deserialize)]
@@ -39,9 +42,17 @@ fn one_item() -> u32 {
     1
 }
 
-async fn place(State(orders): State<Orders>, headers: HeaderMap, Json(order): Json<NewOrder>) -> Response {
+async fn place(
+    State(orders): State<Orders>,
+    headers: HeaderMap,
+    Json(order): Json<NewOrder>,
+) -> Response {
     let Some((_, _, cents, _)) = PRODUCTS.iter().find(|p| p.0 == order.product_id) else {
-        return error(StatusCode::NOT_FOUND, format!("no product {}", order.product_id)).into_response();
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no product {}", order.product_id),
+        )
+        .into_response();
     };
     let id = orders.placed.lock().expect("orders lock poisoned").len() + 1;
     let key: Vec<(&str, String)> = headers
@@ -52,19 +63,49 @@ async fn place(State(orders): State<Orders>, headers: HeaderMap, Json(order): Js
         .collect();
     let reservation = orders
         .peers
-        .post("inventory", "/reservations", &json!({ "productId": order.product_id, "quantity": order.quantity }), &[])
+        .post(
+            "inventory",
+            "/reservations",
+            &json!({ "productId": order.product_id, "quantity": order.quantity }),
+            &[],
+        )
         .await;
     let reservation = match reservation {
         Ok(r) => r,
-        Err(e) => return (StatusCode::BAD_GATEWAY, Json(json!({ "error": "inventory failed", "cause": e }))).into_response(),
+        Err(e) => {
+            return (
+                StatusCode::BAD_GATEWAY,
+                Json(json!({ "error": "inventory failed", "cause": e })),
+            )
+                .into_response();
+        }
     };
     let amount = f64::from(cents * order.quantity) / 100.0;
-    let payment = match orders.peers.post("payments", "/payments", &json!({ "orderId": id, "amount": amount }), &key).await {
+    let payment = match orders
+        .peers
+        .post(
+            "payments",
+            "/payments",
+            &json!({ "orderId": id, "amount": amount }),
+            &key,
+        )
+        .await
+    {
         Ok(p) => p,
-        Err(e) => return (StatusCode::BAD_GATEWAY, Json(json!({ "error": "payment failed", "cause": e }))).into_response(),
+        Err(e) => {
+            return (
+                StatusCode::BAD_GATEWAY,
+                Json(json!({ "error": "payment failed", "cause": e })),
+            )
+                .into_response();
+        }
     };
     let placed = json!({ "id": id, "productId": order.product_id, "quantity": order.quantity, "payment": payment, "reservation": reservation });
-    orders.placed.lock().expect("orders lock poisoned").push(placed.clone());
+    orders
+        .placed
+        .lock()
+        .expect("orders lock poisoned")
+        .push(placed.clone());
     (StatusCode::CREATED, Json(placed)).into_response()
 }
 

@@ -26,11 +26,20 @@ pub fn routes() -> Router {
 }
 
 async fn list(State(ledger): State<Arc<Mutex<Ledger>>>) -> Json<Value> {
-    Json(Value::Array(ledger.lock().expect("ledger lock poisoned").charges.clone()))
+    Json(Value::Array(
+        ledger.lock().expect("ledger lock poisoned").charges.clone(),
+    ))
 }
 
-async fn charge(State(ledger): State<Arc<Mutex<Ledger>>>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
-    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
+async fn charge(
+    State(ledger): State<Arc<Mutex<Ledger>>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let mut ledger = ledger.lock().expect("ledger lock poisoned");
     if let Some(i) = key.as_ref().and_then(|k| ledger.by_key.get(k)) {
         return (StatusCode::OK, Json(ledger.charges[*i].clone())).into_response();

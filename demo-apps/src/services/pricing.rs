@@ -16,7 +16,10 @@ pub fn routes() -> Router {
 
 async fn price(Path(id): Path<u32>) -> Response {
     match PRODUCTS.iter().find(|p| p.0 == id) {
-        Some((id, _, cents, _)) => Json(json!({ "id": id, "amount": f64::from(*cents) / 100.0, "currency": "EUR" })).into_response(),
+        Some((id, _, cents, _)) => {
+            Json(json!({ "id": id, "amount": f64::from(*cents) / 100.0, "currency": "EUR" }))
+                .into_response()
+        }
         None => error(StatusCode::NOT_FOUND, format!("no price for {id}")).into_response(),
     }
 }

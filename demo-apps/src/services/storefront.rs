@@ -3,6 +3,8 @@
 //! reported in place (`{"error": ...}`) and listed in `failed`, never hidden. `GET /` is an HTML
 //! page that shows the same, for a browser.
 
+use std::fmt::Write as _;
+
 use axum::extract::{Query, State};
 use axum::response::Html;
 use axum::routing::get;
@@ -14,7 +16,10 @@ use super::{PRODUCTS, PeerError, Peers};
 
 /// `GET /`, `GET /api/product-page?id=ID`.
 pub fn routes(peers: Peers) -> Router {
-    Router::new().route("/", get(page)).route("/api/product-page", get(product_page)).with_state(peers)
+    Router::new()
+        .route("/", get(page))
+        .route("/api/product-page", get(product_page))
+        .with_state(peers)
 }
 
 #[derive(Deserialize)]
@@ -65,7 +70,8 @@ fn show(v: &Value) -> String {
         Some(e) => format!(
             "<span class=err>unavailable ({})</span>",
             e.get("ferrymeshError").and_then(Value::as_str).map_or_else(
-                || e.get("status").map_or_else(|| "no answer".to_owned(), ToString::to_string),
+                || e.get("status")
+                    .map_or_else(|| "no answer".to_owned(), ToString::to_string),
                 |m| format!("mesh: {m}")
             )
         ),
@@ -77,13 +83,22 @@ async fn page(State(peers): State<Peers>) -> Html<String> {
     let mut rows = String::new();
     for (id, ..) in PRODUCTS {
         let doc = compose(&peers, *id).await;
-        let name = doc["product"]["name"].as_str().map_or_else(|| show(&doc["product"]), str::to_owned);
-        let price = doc["price"]["amount"].as_f64().map_or_else(|| show(&doc["price"]), |a| format!("{a:.2} EUR"));
-        let stock = doc["stock"]["available"].as_u64().map_or_else(|| show(&doc["stock"]), |n| n.to_string());
-        let reviews = doc["reviews"].as_array().map_or_else(|| show(&doc["reviews"]), |r| format!("{} reviews", r.len()));
-        rows.push_str(&format!(
-            "<tr><td><a href=\"/api/product-page?id={id}\">{id}</a></td><td>{name}</td><td>{price}</td><td>{stock}</td><td>{reviews}</td></tr>\n"
-        ));
+        let name = doc["product"]["name"]
+            .as_str()
+            .map_or_else(|| show(&doc["product"]), str::to_owned);
+        let price = doc["price"]["amount"]
+            .as_f64()
+            .map_or_else(|| show(&doc["price"]), |a| format!("{a:.2} EUR"));
+        let stock = doc["stock"]["available"]
+            .as_u64()
+            .map_or_else(|| show(&doc["stock"]), |n| n.to_string());
+        let reviews = doc["reviews"]
+            .as_array()
+            .map_or_else(|| show(&doc["reviews"]), |r| format!("{} reviews", r.len()));
+        let _ = writeln!(
+            rows,
+            "<tr><td><a href=\"/api/product-page?id={id}\">{id}</a></td><td>{name}</td><td>{price}</td><td>{stock}</td><td>{reviews}</td></tr>"
+        );
     }
     Html(format!(
         "<!doctype html><html><head><meta charset=utf-8><title>Ferry shop</title>\

@@ -21,7 +21,12 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// Runs the stream until `shutdown` turns true; then closes it, so the controller drops this
 /// workload from its service at once.
-pub async fn run(discovery: Discovery, mut commands: Commands, node: pb::Node, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(
+    discovery: Discovery,
+    mut commands: Commands,
+    node: pb::Node,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut backoff = BACKOFF_MIN;
     loop {
         let result = tokio::select! {
@@ -34,7 +39,9 @@ pub async fn run(discovery: Discovery, mut commands: Commands, node: pb::Node, m
         discovery.set_connected(false);
         match result {
             Ok(()) => tracing::warn!("discovery stream closed by the controller; reconnecting"),
-            Err(e) => tracing::warn!(error = %e, "discovery stream failed; keeping the last good config"),
+            Err(e) => {
+                tracing::warn!(error = %e, "discovery stream failed; keeping the last good config");
+            }
         }
         // Full jitter: anywhere in [0, backoff], so proxies do not reconnect in lockstep.
         let sleep = rand::rng().random_range(Duration::ZERO..=backoff);
@@ -52,10 +59,11 @@ async fn serve(
     node: &pb::Node,
     backoff: &mut Duration,
 ) -> anyhow::Result<()> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", discovery.inner.address))?
-        .connect_timeout(Duration::from_secs(1))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(3));
+    let endpoint =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", discovery.inner.address))?
+            .connect_timeout(Duration::from_secs(1))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(3));
     let channel = endpoint.connect().await?;
     let mut client = pb::discovery_client::DiscoveryClient::new(channel);
     let (tx, rx) = mpsc::channel(64);
@@ -64,10 +72,16 @@ async fn serve(
     if let Some(local) = node.local_workload.as_mut() {
         local.ready = discovery.ready();
     }
-    tx.send(pb::DiscoveryRequest { node: Some(node), ..Default::default() }).await?;
+    tx.send(pb::DiscoveryRequest {
+        node: Some(node),
+        ..Default::default()
+    })
+    .await?;
     for (ty, names) in discovery.subscriptions() {
-        let initial_versions: BTreeMap<String, String> =
-            names.iter().filter_map(|(n, v)| v.clone().map(|v| (n.clone(), v))).collect();
+        let initial_versions: BTreeMap<String, String> = names
+            .iter()
+            .filter_map(|(n, v)| v.clone().map(|v| (n.clone(), v)))
+            .collect();
         tx.send(pb::DiscoveryRequest {
             r#type: ty.into(),
             subscribe: names.into_iter().map(|(n, _)| n).collect(),
@@ -112,10 +126,18 @@ fn apply(discovery: &Discovery, response: pb::DiscoveryResponse) -> pb::Discover
         let (name, version) = (resource.name.clone(), resource.version.clone());
         match convert(ty, resource) {
             Ok(held) => converted.push((name, held)),
-            Err(reason) => rejected.push(pb::Rejection { name, version, reason }),
+            Err(reason) => rejected.push(pb::Rejection {
+                name,
+                version,
+                reason,
+            }),
         }
     }
-    let mut ack = pb::DiscoveryRequest { r#type: ty.into(), response_nonce: response.nonce, ..Default::default() };
+    let mut ack = pb::DiscoveryRequest {
+        r#type: ty.into(),
+        response_nonce: response.nonce,
+        ..Default::default()
+    };
     if !rejected.is_empty() {
         // NOTE: all or nothing: one bad resource keeps every previous version of this response.
         for r in &rejected {
@@ -147,13 +169,18 @@ fn convert(ty: pb::ResourceType, resource: pb::Resource) -> Result<Held, String>
         (pb::ResourceType::Endpoints, Some(Body::Endpoints(e))) => {
             Value::Endpoints(Arc::new(Endpoints::try_from(e).map_err(|e| e.to_string())?))
         }
-        (pb::ResourceType::ClientPolicy, Some(Body::ClientPolicy(p))) => {
-            Value::ClientPolicy(Arc::new(ClientPolicy::try_from(p).map_err(|e| e.to_string())?))
+        (pb::ResourceType::ClientPolicy, Some(Body::ClientPolicy(p))) => Value::ClientPolicy(
+            Arc::new(ClientPolicy::try_from(p).map_err(|e| e.to_string())?),
+        ),
+        (pb::ResourceType::InboundPolicy, Some(Body::InboundPolicy(p))) => Value::InboundPolicy(
+            Arc::new(InboundPolicy::try_from(p).map_err(|e| e.to_string())?),
+        ),
+        (ty, _) => {
+            return Err(format!(
+                "body does not match resource type {}",
+                ty.as_str_name()
+            ));
         }
-        (pb::ResourceType::InboundPolicy, Some(Body::InboundPolicy(p))) => {
-            Value::InboundPolicy(Arc::new(InboundPolicy::try_from(p).map_err(|e| e.to_string())?))
-        }
-        (ty, _) => return Err(format!("body does not match resource type {}", ty.as_str_name())),
     };
     let sources = resource
         .sources
@@ -165,7 +192,11 @@ fn convert(ty: pb::ResourceType, resource: pb::Resource) -> Result<Held, String>
             file: s.file,
         })
         .collect();
-    Ok(Held { version: resource.version, sources, value })
+    Ok(Held {
+        version: resource.version,
+        sources,
+        value,
+    })
 }
 
 #[cfg(test)]
@@ -179,10 +210,16 @@ mod tests {
             name: name.into(),
             version: format!("v-{ip}"),
             body: Some(pb::resource::Body::Endpoints(cfg::ServiceEndpoints {
-                service: Some(cfg::ServiceRef { name: "a".into(), namespace: "b".into() }),
+                service: Some(cfg::ServiceRef {
+                    name: "a".into(),
+                    namespace: "b".into(),
+                }),
                 port: 80,
                 endpoints: vec![cfg::Endpoint {
-                    addr: Some(cfg::SocketAddr { ip: ip.into(), port: 1 }),
+                    addr: Some(cfg::SocketAddr {
+                        ip: ip.into(),
+                        port: 1,
+                    }),
                     ready: true,
                     ..Default::default()
                 }],
@@ -211,7 +248,10 @@ mod tests {
 
         let bad = pb::DiscoveryResponse {
             r#type: pb::ResourceType::Endpoints.into(),
-            resources: vec![endpoints_resource("a.b:80", "127.0.0.2"), endpoints_resource("c.b:80", "not-an-ip")],
+            resources: vec![
+                endpoints_resource("a.b:80", "127.0.0.2"),
+                endpoints_resource("c.b:80", "not-an-ip"),
+            ],
             nonce: "2".into(),
             ..Default::default()
         };
@@ -219,8 +259,13 @@ mod tests {
         assert!(nack.error_detail.is_some());
         assert_eq!(nack.rejected.len(), 1);
         assert_eq!(nack.rejected[0].name, "c.b:80");
-        let State::Found(held) = &*a.borrow() else { panic!("a was dropped") };
-        assert_eq!(held.version, "v-127.0.0.1", "the good resource of a NACKed response is not applied");
+        let State::Found(held) = &*a.borrow() else {
+            panic!("a was dropped")
+        };
+        assert_eq!(
+            held.version, "v-127.0.0.1",
+            "the good resource of a NACKed response is not applied"
+        );
     }
 
     #[test]
@@ -248,7 +293,9 @@ mod tests {
                 resources: vec![pb::Resource {
                     name: "*".into(),
                     version: "1".into(),
-                    body: Some(pb::resource::Body::InboundPolicy(cfg::InboundPolicy::default())),
+                    body: Some(pb::resource::Body::InboundPolicy(
+                        cfg::InboundPolicy::default(),
+                    )),
                     ..Default::default()
                 }],
                 nonce: "1".into(),

@@ -75,9 +75,15 @@ impl Logical {
             let p = policy.wait_for(State::is_known).await.map(|s| s.clone());
             (e, p)
         };
-        let (e, p) = tokio::time::timeout(DISCOVERY_TIMEOUT, wait).await.map_err(|_| DiscoveryTimeout)?;
-        let (Ok(State::Found(e)), p) = (e, p) else { return Ok(Resolution::Unknown) };
-        let Value::Endpoints(endpoints) = &e.value else { return Ok(Resolution::Unknown) };
+        let (e, p) = tokio::time::timeout(DISCOVERY_TIMEOUT, wait)
+            .await
+            .map_err(|_| DiscoveryTimeout)?;
+        let (Ok(State::Found(e)), p) = (e, p) else {
+            return Ok(Resolution::Unknown);
+        };
+        let Value::Endpoints(endpoints) = &e.value else {
+            return Ok(Resolution::Unknown);
+        };
         {
             let mut applied = self.applied.lock().expect("logical lock poisoned");
             if applied.as_deref() != Some(e.version.as_str()) {
@@ -92,7 +98,10 @@ impl Logical {
             },
             _ => None,
         };
-        Ok(Resolution::Service { endpoints: endpoints.clone(), policy })
+        Ok(Resolution::Service {
+            endpoints: endpoints.clone(),
+            policy,
+        })
     }
 }
 
@@ -115,7 +124,14 @@ pub async fn forward(
     timeouts: CallTimeouts,
 ) -> (Response<Body>, Option<String>) {
     let Some(pick) = logical.balancer.pick() else {
-        return (proxy_response(StatusCode::SERVICE_UNAVAILABLE, "no-endpoints", &logical.name), None);
+        return (
+            proxy_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no-endpoints",
+                &logical.name,
+            ),
+            None,
+        );
     };
     let addr = pick.endpoint().addr;
     let instance = Some(pick.endpoint().instance.clone());
@@ -138,8 +154,16 @@ pub async fn send(
 ) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    let version = if parts.version == http::Version::HTTP_2 { Version::Http2 } else { Version::Http1 };
-    let path = parts.uri.path_and_query().map_or("/", http::uri::PathAndQuery::as_str).to_owned();
+    let version = if parts.version == http::Version::HTTP_2 {
+        Version::Http2
+    } else {
+        Version::Http1
+    };
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", http::uri::PathAndQuery::as_str)
+        .to_owned();
     parts.uri = match version {
         Version::Http1 => {
             if !parts.headers.contains_key(http::header::HOST)
@@ -149,7 +173,11 @@ pub async fn send(
             }
             Uri::builder().path_and_query(path).build()
         }
-        Version::Http2 => Uri::builder().scheme("http").authority(authority.clone()).path_and_query(path).build(),
+        Version::Http2 => Uri::builder()
+            .scheme("http")
+            .authority(authority.clone())
+            .path_and_query(path)
+            .build(),
     }
     .expect("a path and an authority taken from a valid URI form a valid URI");
     let req = Request::from_parts(parts, body);
@@ -158,7 +186,11 @@ pub async fn send(
         Some(t) => match tokio::time::timeout(t, call).await {
             Ok(r) => r,
             Err(_) => {
-                return proxy_response(StatusCode::GATEWAY_TIMEOUT, "timeout", &format!("no response within {t:?}"));
+                return proxy_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "timeout",
+                    &format!("no response within {t:?}"),
+                );
             }
         },
         None => call.await,
@@ -172,6 +204,8 @@ pub async fn send(
         Err(e @ (PoolError::Connect { .. } | PoolError::ConnectTimeout { .. })) => {
             proxy_response(StatusCode::BAD_GATEWAY, "connect-failed", &e.to_string())
         }
-        Err(e @ PoolError::Http { .. }) => proxy_response(StatusCode::BAD_GATEWAY, "upstream-reset", &e.to_string()),
+        Err(e @ PoolError::Http { .. }) => {
+            proxy_response(StatusCode::BAD_GATEWAY, "upstream-reset", &e.to_string())
+        }
     }
 }

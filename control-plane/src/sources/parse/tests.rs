@@ -37,13 +37,29 @@ spec:
     )
     .unwrap();
     assert_eq!(parsed.objects.len(), 3);
-    let Object::Service(svc) = &parsed.objects[0] else { panic!("not a service") };
-    assert_eq!(svc.ports, vec![ServicePort { name: "http".into(), port: 80, protocol: PortProtocol::Http }]);
-    let Object::EndpointSlice(slice) = &parsed.objects[1] else { panic!("not a slice") };
+    let Object::Service(svc) = &parsed.objects[0] else {
+        panic!("not a service")
+    };
+    assert_eq!(
+        svc.ports,
+        vec![ServicePort {
+            name: "http".into(),
+            port: 80,
+            protocol: PortProtocol::Http
+        }]
+    );
+    let Object::EndpointSlice(slice) = &parsed.objects[1] else {
+        panic!("not a slice")
+    };
     assert_eq!(slice.service, "legacy");
     assert!(!slice.endpoints[0].ready && !slice.endpoints[0].serving);
-    let Object::Policy(p) = &parsed.objects[2] else { panic!("not a policy") };
-    assert_eq!(p.timeouts.as_ref().unwrap().request, Some(std::time::Duration::from_secs(2)));
+    let Object::Policy(p) = &parsed.objects[2] else {
+        panic!("not a policy")
+    };
+    assert_eq!(
+        p.timeouts.as_ref().unwrap().request,
+        Some(std::time::Duration::from_secs(2))
+    );
 }
 
 #[test]
@@ -51,7 +67,11 @@ fn unknown_kinds_are_skipped_with_a_warning() {
     let parsed = parse("apiVersion: example.test/v1\nkind: Widget\nmetadata: {name: x}\n").unwrap();
     assert!(parsed.objects.is_empty());
     assert_eq!(parsed.warnings.len(), 1);
-    assert!(parsed.warnings[0].contains("example.test/v1"), "{:?}", parsed.warnings);
+    assert!(
+        parsed.warnings[0].contains("example.test/v1"),
+        "{:?}",
+        parsed.warnings
+    );
 }
 
 #[test]
@@ -74,9 +94,18 @@ fn bad_timeouts_are_rejected_with_the_field() {
              spec:\n  targetRefs: [{{group: \"\", kind: Service, name: pricing}}]\n  timeouts: {t}\n"
         )
     };
-    assert_eq!(parse(&doc("{request: 2x}")).unwrap_err().field, "spec.timeouts.request");
-    assert_eq!(parse(&doc("{request: 1s, perTry: 2s}")).unwrap_err().field, "spec.timeouts.perTry");
-    assert_eq!(parse(&doc("{requests: 1s}")).unwrap_err().field, "spec.timeouts.requests");
+    assert_eq!(
+        parse(&doc("{request: 2x}")).unwrap_err().field,
+        "spec.timeouts.request"
+    );
+    assert_eq!(
+        parse(&doc("{request: 1s, perTry: 2s}")).unwrap_err().field,
+        "spec.timeouts.perTry"
+    );
+    assert_eq!(
+        parse(&doc("{requests: 1s}")).unwrap_err().field,
+        "spec.timeouts.requests"
+    );
 }
 
 #[test]
@@ -94,7 +123,10 @@ fn policies_need_valid_targets() {
 #[test]
 fn duplicate_objects_and_bad_yaml_reject_the_file() {
     let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80}]}\n";
-    assert_eq!(parse(&format!("{svc}---\n{svc}")).unwrap_err().field, "metadata.name");
+    assert_eq!(
+        parse(&format!("{svc}---\n{svc}")).unwrap_err().field,
+        "metadata.name"
+    );
     assert_eq!(parse("kind: [unclosed").unwrap_err().object, "document 1");
     assert_eq!(parse("apiVersion: v1\nkind: Service\nmetadata: {name: Bad_Name}\nspec: {ports: [{port: 80}]}\n").unwrap_err().field, "metadata.name");
 }
@@ -105,7 +137,16 @@ fn port_protocol_comes_from_app_protocol_or_name() {
         "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec:\n  ports:\n  - {name: grpc-api, port: 1}\n  - {name: db, port: 2, appProtocol: tcp}\n  - {name: web, port: 3, appProtocol: kubernetes.io/h2c}\n",
     )
     .unwrap();
-    let Object::Service(svc) = &parsed.objects[0] else { panic!() };
+    let Object::Service(svc) = &parsed.objects[0] else {
+        panic!()
+    };
     let protocols: Vec<_> = svc.ports.iter().map(|p| p.protocol).collect();
-    assert_eq!(protocols, [PortProtocol::Grpc, PortProtocol::Opaque, PortProtocol::Http2]);
+    assert_eq!(
+        protocols,
+        [
+            PortProtocol::Grpc,
+            PortProtocol::Opaque,
+            PortProtocol::Http2
+        ]
+    );
 }

@@ -1,0 +1,146 @@
+//! A smoke test of `ferryctl up` on the demo folder: the storefront answers through sidecars,
+//! `ferryctl chaos` breaks a part visibly, `status --json` lists everything, and SIGTERM stops
+//! every process it started.
+#![allow(clippy::unwrap_used)] // test helpers, not #[test] functions, unwrap too
+
+use std::process::Command;
+use std::time::Duration;
+
+use ferrymesh_test_support::mesh::{eventually, get};
+use ferrymesh_test_support::process::{Spawned, bin};
+use serde_json::Value;
+
+/// The pids of every live process whose parent is `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(pid) && fields[0] != "Z" {
+            out.push(entry.file_name().to_string_lossy().parse().unwrap());
+        }
+    }
+    out
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
+    })
+}
+
+fn ferryctl(state: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(bin("ferryctl"))
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_serves_the_storefront_and_stops_cleanly() {
+    let state = tempfile::tempdir().unwrap();
+    let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../demo-apps/mesh");
+    let mut cmd = Command::new(bin("ferryctl"));
+    cmd.arg("--state-dir")
+        .arg(state.path())
+        .args(["up", "--entry", "127.0.0.1:0", "--config-dir"])
+        .arg(&demo);
+    let mut up = Spawned::start("ferryctl up", cmd, &state.path().join("up.log")).unwrap();
+    let entry: std::net::SocketAddr = up.listening["entry"].as_str().unwrap().parse().unwrap();
+    let started = children(up.pid());
+    assert!(
+        started.len() >= 20,
+        "controller + 9 apps + 9 sidecars + entry, got {}",
+        started.len()
+    );
+
+    // The product page composes all four parts through sidecars.
+    let page = || async move {
+        let (status, body) = get(entry, "/api/product-page?id=1").await.ok()?;
+        (status == 200)
+            .then(|| serde_json::from_str::<Value>(&body).ok())
+            .flatten()
+    };
+    eventually(Duration::from_secs(10), || async {
+        page()
+            .await
+            .is_some_and(|p| p["failed"].as_array().is_some_and(Vec::is_empty))
+    })
+    .await
+    .expect("the product page is complete");
+    let doc = page().await.unwrap();
+    assert_eq!(doc["product"]["name"], "Ferry ticket");
+    assert_eq!(doc["price"]["currency"], "EUR");
+    assert!(doc["stock"]["available"].is_number());
+    assert!(doc["reviews"].as_array().is_some_and(|r| !r.is_empty()));
+    let (status, html) = get(entry, "/").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        html.contains("<table>") && html.contains("Ferry ticket"),
+        "{html}"
+    );
+
+    // status --json lists every service, the 3 catalog replicas, and each proxy's listeners.
+    let out = ferryctl(state.path(), &["status", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let catalog = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "catalog")
+        .unwrap();
+    assert_eq!(
+        catalog["ports"][0]["endpoints"].as_array().unwrap().len(),
+        3
+    );
+    assert!(
+        status["proxies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["listeners"]["admin"].is_string())
+    );
+
+    // Chaos on pricing shows in the page, and reset brings it back.
+    let out = ferryctl(state.path(), &["chaos", "pricing", "--error-rate", "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc = page().await.unwrap();
+    assert_eq!(doc["failed"], serde_json::json!(["price"]));
+    assert_eq!(doc["price"]["error"]["status"], 500);
+    let out = ferryctl(state.path(), &["chaos", "pricing", "--reset"]);
+    assert!(out.status.success());
+    assert_eq!(page().await.unwrap()["failed"], serde_json::json!([]));
+    let out = ferryctl(
+        state.path(),
+        &["chaos", "catalog", "--instance", "9", "--ready", "false"],
+    );
+    assert!(!out.status.success(), "an out-of-range instance is refused");
+
+    // SIGTERM stops everything it started.
+    let exit = tokio::task::spawn_blocking(move || up.terminate(Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "ferryctl up exited with {exit}");
+    let left: Vec<u32> = started.into_iter().filter(|p| alive(*p)).collect();
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+    assert!(!state.path().join("state.json").exists());
+}
