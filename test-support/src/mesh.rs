@@ -44,6 +44,8 @@ pub struct ProxySpec {
     pub unknown_hosts: Option<String>,
     /// Drain timeout, e.g. `2s`.
     pub drain_timeout: Option<String>,
+    /// `FERRYMESH_LOG` (default: info, debug for the proxy's own modules).
+    pub log: Option<String>,
 }
 
 impl ProxySpec {
@@ -154,7 +156,10 @@ impl Mesh {
         cmd.arg("run")
             .arg("--config")
             .arg(&config)
-            .env("FERRYMESH_LOG", "info,ferrymesh_proxy=debug");
+            .env(
+                "FERRYMESH_LOG",
+                spec.log.as_deref().unwrap_or("info,ferrymesh_proxy=debug"),
+            );
         Spawned::start(
             &format!("proxy {}", spec.name),
             cmd,

@@ -11,14 +11,16 @@ use anyhow::{Context as _, bail};
 /// Printed on stdout by every Ferrymesh binary once its ports are bound.
 pub const LISTENING_PREFIX: &str = "FERRYMESH_LISTENING ";
 
-/// The folder of the workspace's binaries (`target/<profile>`), found from the running test.
+/// The folder of the workspace's binaries (`target/<profile>`), found from the running test
+/// (`target/<profile>/deps/<test>`) or binary (`target/<profile>/<bin>`).
 pub fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary has a path");
-    // target/<profile>/deps/<test> -> target/<profile>
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("tests run from target/<profile>/deps")
-        .to_owned()
+    let exe = std::env::current_exe().expect("the running binary has a path");
+    let dir = exe.parent().expect("a binary lives in a folder");
+    if dir.ends_with("deps") {
+        dir.parent().expect("deps has a parent").to_owned()
+    } else {
+        dir.to_owned()
+    }
 }
 
 /// The path of a workspace binary.
