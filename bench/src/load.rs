@@ -74,17 +74,36 @@ pub struct FixedRate {
 }
 
 /// Sends `rate` requests per second for `duration` to `addr`.
-pub async fn fixed_rate(addr: SocketAddr, rate: u32, duration: Duration) -> anyhow::Result<FixedRate> {
+pub async fn fixed_rate(
+    addr: SocketAddr,
+    rate: u32,
+    duration: Duration,
+) -> anyhow::Result<FixedRate> {
     let idle: Arc<Mutex<Vec<SendRequest<Empty<Bytes>>>>> = Arc::default();
-    let histogram = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
+    let histogram = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
+        1, 60_000_000, 3,
+    )?));
     let errors = Arc::new(Mutex::new(0u64));
     let interval = Duration::from_secs(1) / rate;
     let total = u64::from(rate) * duration.as_secs();
     let start = Instant::now() + Duration::from_millis(50);
+    // NOTE: the schedule runs on its own thread with nanosleep: tokio's timer has a 1 ms
+    // resolution, which would add up to 1 ms of lateness to every request of every variant.
+    let (due_tx, mut due_rx) = tokio::sync::mpsc::unbounded_channel();
+    let scheduler = std::thread::spawn(move || {
+        for i in 0..total {
+            let due = start + interval * u32::try_from(i).expect("request counts fit in u32");
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            if due_tx.send(due).is_err() {
+                return;
+            }
+        }
+    });
     let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..total {
-        let due = start + interval * u32::try_from(i)?;
-        tokio::time::sleep_until(due).await;
+    while let Some(due) = due_rx.recv().await {
         let (idle, histogram, errors) = (idle.clone(), histogram.clone(), errors.clone());
         tasks.spawn(async move {
             let pooled = idle.lock().expect("pool lock").pop();
@@ -99,7 +118,10 @@ pub async fn fixed_rate(addr: SocketAddr, rate: u32, duration: Duration) -> anyh
             let micros = u64::try_from(due.elapsed().as_micros()).unwrap_or(u64::MAX);
             match result {
                 Ok(s) => {
-                    histogram.lock().expect("histogram lock").saturating_record(micros);
+                    histogram
+                        .lock()
+                        .expect("histogram lock")
+                        .saturating_record(micros);
                     idle.lock().expect("pool lock").push(s);
                 }
                 Err(_) => *errors.lock().expect("errors lock") += 1,
@@ -107,15 +129,24 @@ pub async fn fixed_rate(addr: SocketAddr, rate: u32, duration: Duration) -> anyh
         });
         while tasks.try_join_next().is_some() {}
     }
+    let _ = scheduler.join();
     while tasks.join_next().await.is_some() {}
     let latency = histogram.lock().expect("histogram lock").clone();
     let errors = *errors.lock().expect("errors lock");
-    Ok(FixedRate { latency, errors, sent: total })
+    Ok(FixedRate {
+        latency,
+        errors,
+        sent: total,
+    })
 }
 
 /// Sends as fast as possible on `concurrency` connections for `duration`; returns requests
 /// completed per second and the number of errors.
-pub async fn max_throughput(addr: SocketAddr, concurrency: usize, duration: Duration) -> anyhow::Result<(f64, u64)> {
+pub async fn max_throughput(
+    addr: SocketAddr,
+    concurrency: usize,
+    duration: Duration,
+) -> anyhow::Result<(f64, u64)> {
     let deadline = Instant::now() + duration;
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..concurrency {

@@ -54,13 +54,21 @@ struct Row {
 }
 
 fn pids_of(pids: &[u32]) -> Vec<u32> {
-    pids.iter().flat_map(|p| procstat::with_children(*p)).collect()
+    pids.iter()
+        .flat_map(|p| procstat::with_children(*p))
+        .collect()
 }
 
 async fn measure(v: &Variant, args: &Args) -> anyhow::Result<Row> {
     let all = pids_of(&v.pids);
     #[allow(clippy::cast_precision_loss)] // process counts are tiny
-    let per_proxy = |f: &dyn Fn(u32) -> f64| if v.hops == 0 { 0.0 } else { all.iter().map(|p| f(*p)).sum::<f64>() / v.hops as f64 };
+    let per_proxy = |f: &dyn Fn(u32) -> f64| {
+        if v.hops == 0 {
+            0.0
+        } else {
+            all.iter().map(|p| f(*p)).sum::<f64>() / v.hops as f64
+        }
+    };
     let rss_idle = per_proxy(&procstat::rss_mib);
     // Warm up connections and caches.
     load::fixed_rate(v.addr, args.rate, Duration::from_secs(1)).await?;
@@ -68,7 +76,13 @@ async fn measure(v: &Variant, args: &Args) -> anyhow::Result<Row> {
     let fixed = load::fixed_rate(v.addr, args.rate, Duration::from_secs(args.seconds)).await?;
     let cpu_after: f64 = all.iter().map(|p| procstat::cpu_seconds(*p)).sum();
     let rss_loaded = per_proxy(&procstat::rss_mib);
-    let (max_rps, max_errors) = load::max_throughput(v.addr, args.concurrency, Duration::from_secs(args.max_seconds)).await?;
+    let (max_rps, max_errors) = load::max_throughput(
+        v.addr,
+        args.concurrency,
+        Duration::from_secs(args.max_seconds),
+    )
+    .await?;
+    #[allow(clippy::cast_precision_loss)] // microsecond latencies are far below 2^52
     let q = |p: f64| fixed.latency.value_at_quantile(p) as f64 / 1000.0;
     #[allow(clippy::cast_precision_loss)] // request counts are far below 2^52
     let cpu_us = (cpu_after - cpu_before) * 1e6 / fixed.sent as f64;
@@ -116,14 +130,35 @@ fn table(rows: &[Row], args: &Args) -> String {
 
 fn verdicts(rows: &[Row]) -> String {
     let find = |n: &str| rows.iter().find(|r| r.name == n);
-    let (Some(direct), Some(fm)) = (find("direct"), find("Ferrymesh 2 hops")) else { return String::new() };
+    let (Some(direct), Some(fm)) = (find("direct"), find("Ferrymesh 2 hops")) else {
+        return String::new();
+    };
     let mut out = String::from("\nTargets (Ferrymesh 2 hops):\n");
     if let Some(h) = find("HAProxy 2 hops") {
         let (ours, theirs) = (fm.p99 - direct.p99, h.p99 - direct.p99);
-        let _ = writeln!(out, "- p99 added at the fixed rate below HAProxy's: {} ({ours:.3} ms vs {theirs:.3} ms)", if ours < theirs { "MET" } else { "MISSED" });
-        let _ = writeln!(out, "- CPU per request at or below HAProxy's: {} ({:.1} µs vs {:.1} µs)", if fm.cpu_us <= h.cpu_us { "MET" } else { "MISSED" }, fm.cpu_us, h.cpu_us);
+        let _ = writeln!(
+            out,
+            "- p99 added at the fixed rate below HAProxy's: {} ({ours:.3} ms vs {theirs:.3} ms)",
+            if ours < theirs { "MET" } else { "MISSED" }
+        );
+        let _ = writeln!(
+            out,
+            "- CPU per request at or below HAProxy's: {} ({:.1} µs vs {:.1} µs)",
+            if fm.cpu_us <= h.cpu_us {
+                "MET"
+            } else {
+                "MISSED"
+            },
+            fm.cpu_us,
+            h.cpu_us
+        );
     }
-    let _ = writeln!(out, "- idle RSS at most 10 MiB per proxy: {} ({:.1} MiB)", if fm.rss_idle <= 10.0 { "MET" } else { "MISSED" }, fm.rss_idle);
+    let _ = writeln!(
+        out,
+        "- idle RSS at most 10 MiB per proxy: {} ({:.1} MiB)",
+        if fm.rss_idle <= 10.0 { "MET" } else { "MISSED" },
+        fm.rss_idle
+    );
     out
 }
 
@@ -143,24 +178,50 @@ fn direct_service(upstream: SocketAddr) -> String {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let upstream = load::upstream().await?;
-    let mut variants = vec![Variant { name: "direct".into(), addr: upstream, pids: vec![], hops: 0 }];
+    let mut variants = vec![Variant {
+        name: "direct".into(),
+        addr: upstream,
+        pids: vec![],
+        hops: 0,
+    }];
 
     let direct_yaml = direct_service(upstream);
     let mesh = Mesh::start(&[("services.yaml", SERVICES), ("direct.yaml", &direct_yaml)]);
     let quiet = Some("warn".to_owned());
-    let server = mesh.proxy(&ProxySpec { log: quiet.clone(), ..ProxySpec::app("bench-server", "bench-meshed", upstream) });
+    let server = mesh.proxy(&ProxySpec {
+        log: quiet.clone(),
+        ..ProxySpec::app("bench-server", "bench-meshed", upstream)
+    });
     let client = mesh.proxy(&ProxySpec {
         fixed: vec!["bench-direct.shop:80".into(), "bench-meshed.shop:80".into()],
         log: quiet,
         ..ProxySpec::client("bench-client")
     });
-    let fixed = |i: usize| -> anyhow::Result<SocketAddr> { Ok(client.listening["fixed"][i][0].as_str().unwrap_or_default().parse()?) };
+    let fixed = |i: usize| -> anyhow::Result<SocketAddr> {
+        Ok(client.listening["fixed"][i][0]
+            .as_str()
+            .unwrap_or_default()
+            .parse()?)
+    };
     let (one_hop, two_hops) = (fixed(0)?, fixed(1)?);
     for addr in [one_hop, two_hops] {
-        eventually(Duration::from_secs(10), || async move { get(addr, "/ping").await.is_ok_and(|(s, _)| s == 200) }).await?;
+        eventually(Duration::from_secs(10), || async move {
+            get(addr, "/ping").await.is_ok_and(|(s, _)| s == 200)
+        })
+        .await?;
     }
-    variants.push(Variant { name: "Ferrymesh 1 hop".into(), addr: one_hop, pids: vec![client.pid()], hops: 1 });
-    variants.push(Variant { name: "Ferrymesh 2 hops".into(), addr: two_hops, pids: vec![client.pid(), server.pid()], hops: 2 });
+    variants.push(Variant {
+        name: "Ferrymesh 1 hop".into(),
+        addr: one_hop,
+        pids: vec![client.pid()],
+        hops: 1,
+    });
+    variants.push(Variant {
+        name: "Ferrymesh 2 hops".into(),
+        addr: two_hops,
+        pids: vec![client.pid(), server.pid()],
+        hops: 2,
+    });
 
     let dir = tempfile::tempdir()?;
     let mut peers = Vec::new();
@@ -168,7 +229,13 @@ async fn main() -> anyhow::Result<()> {
         for kind in [peers::Kind::Haproxy, peers::Kind::Nginx, peers::Kind::Envoy] {
             let (first, second) = (peers::free_port()?, peers::free_port()?);
             let inner = peers::hop(kind, dir.path(), second, upstream).await?;
-            let outer = peers::hop(kind, dir.path(), first, SocketAddr::from(([127, 0, 0, 1], second))).await?;
+            let outer = peers::hop(
+                kind,
+                dir.path(),
+                first,
+                SocketAddr::from(([127, 0, 0, 1], second)),
+            )
+            .await?;
             variants.push(Variant {
                 name: format!("{} 2 hops", kind.name()),
                 addr: SocketAddr::from(([127, 0, 0, 1], first)),

@@ -24,16 +24,29 @@ impl Drop for Peer {
 
 /// A free port on 127.0.0.1 (free now; bound by the peer a moment later).
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
-async fn wait_listening(port: u16, child: &mut Child, name: &str, log: &Path) -> anyhow::Result<()> {
+async fn wait_listening(
+    port: u16,
+    child: &mut Child,
+    name: &str,
+    log: &Path,
+) -> anyhow::Result<()> {
     for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
             return Ok(());
         }
         if let Some(status) = child.try_wait()? {
-            bail!("{name} exited with {status}: {}", std::fs::read_to_string(log).unwrap_or_default());
+            bail!(
+                "{name} exited with {status}: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
@@ -42,7 +55,9 @@ async fn wait_listening(port: u16, child: &mut Child, name: &str, log: &Path) ->
 
 async fn spawn(name: &str, mut cmd: Command, port: u16, log: &Path) -> anyhow::Result<Peer> {
     let file = std::fs::File::create(log)?;
-    cmd.stdin(Stdio::null()).stdout(file.try_clone()?).stderr(file);
+    cmd.stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file);
     let mut child = cmd.spawn().with_context(|| format!("starting {name}"))?;
     wait_listening(port, &mut child, name, log).await?;
     Ok(Peer { child })
@@ -62,8 +77,8 @@ fn nginx_config(dir: &Path, listen: u16, next: SocketAddr) -> String {
         "daemon off;\nworker_processes 1;\npid {d}/nginx-{listen}.pid;\nerror_log stderr warn;\n\
          events {{ worker_connections 8192; }}\n\
          http {{\n  access_log off;\n  client_body_temp_path {d}/body-{listen};\n  proxy_temp_path {d}/proxy-{listen};\n  \
-         upstream next {{ server {next}; keepalive 128; }}\n  \
-         server {{\n    listen 127.0.0.1:{listen};\n    location / {{\n      proxy_pass http://next;\n      \
+         upstream next {{ server {next}; keepalive 128; keepalive_requests 1000000; }}\n  \
+         server {{\n    listen 127.0.0.1:{listen};\n    keepalive_requests 1000000;\n    location / {{\n      proxy_pass http://next;\n      \
          proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n"
     )
 }
@@ -125,16 +140,31 @@ pub async fn hop(kind: Kind, dir: &Path, listen: u16, next: SocketAddr) -> anyho
         Kind::Nginx => {
             let cfg = dir.join(format!("nginx-{listen}.conf"));
             std::fs::write(&cfg, nginx_config(dir, listen, next))?;
-            let bin = if Path::new("/usr/sbin/nginx").exists() { "/usr/sbin/nginx" } else { "nginx" };
+            let bin = if Path::new("/usr/sbin/nginx").exists() {
+                "/usr/sbin/nginx"
+            } else {
+                "nginx"
+            };
             let mut cmd = Command::new(bin);
-            cmd.arg("-p").arg(dir).arg("-e").arg("stderr").arg("-c").arg(&cfg);
+            cmd.arg("-p")
+                .arg(dir)
+                .arg("-e")
+                .arg("stderr")
+                .arg("-c")
+                .arg(&cfg);
             spawn("nginx", cmd, listen, &log).await
         }
         Kind::Envoy => {
             let cfg = dir.join(format!("envoy-{listen}.json"));
             std::fs::write(&cfg, envoy_config(listen, next))?;
             let mut cmd = Command::new(envoy_bin());
-            cmd.arg("-c").arg(&cfg).args(["--disable-hot-restart", "--log-level", "warn", "--concurrency", "2"]);
+            cmd.arg("-c").arg(&cfg).args([
+                "--disable-hot-restart",
+                "--log-level",
+                "warn",
+                "--concurrency",
+                "2",
+            ]);
             spawn("envoy", cmd, listen, &log).await
         }
     }

@@ -122,7 +122,14 @@ impl Drop for Pick {
 /// The endpoint set of one service port, with statistics that survive endpoint updates.
 #[derive(Debug, Default)]
 pub struct Balancer {
-    slots: Mutex<Vec<Arc<Slot>>>,
+    slots: Mutex<Slots>,
+}
+
+#[derive(Debug, Default)]
+struct Slots {
+    all: Vec<Arc<Slot>>,
+    /// The ready ones, kept apart so that a pick allocates nothing.
+    ready: Vec<Arc<Slot>>,
 }
 
 impl Balancer {
@@ -135,30 +142,34 @@ impl Balancer {
         // scaled-up replica behind fast incumbents until their estimates decay, which is exactly
         // what a student adding a replica does not expect to see.
         #[allow(clippy::cast_precision_loss)] // endpoint counts are far below 2^52
-        let start_cost = if slots.is_empty() {
+        let start_cost = if slots.all.is_empty() {
             duration_ns(DEFAULT_RTT)
         } else {
             slots
+                .all
                 .iter()
                 .map(|s| s.ewma.lock().expect("ewma lock poisoned").cost_ns)
                 .sum::<f64>()
-                / slots.len() as f64
+                / slots.all.len() as f64
         };
-        let next = endpoints
+        let all: Vec<Arc<Slot>> = endpoints
             .iter()
-            .map(|e| match slots.iter().find(|s| s.endpoint.addr == e.addr) {
-                Some(s) if s.endpoint == *e => s.clone(),
-                _ => Arc::new(Slot::new(e.clone(), start_cost, now)),
-            })
+            .map(
+                |e| match slots.all.iter().find(|s| s.endpoint.addr == e.addr) {
+                    Some(s) if s.endpoint == *e => s.clone(),
+                    _ => Arc::new(Slot::new(e.clone(), start_cost, now)),
+                },
+            )
             .collect();
-        *slots = next;
+        let ready = all.iter().filter(|s| s.endpoint.ready).cloned().collect();
+        *slots = Slots { all, ready };
     }
 
     /// Picks a ready endpoint, `None` when there is none.
     pub fn pick(&self) -> Option<Pick> {
         let now = Instant::now();
         let slots = self.slots.lock().expect("balancer lock poisoned");
-        let ready: Vec<&Arc<Slot>> = slots.iter().filter(|s| s.endpoint.ready).collect();
+        let ready = &slots.ready;
         let slot = match ready.len() {
             0 => return None,
             1 => ready[0].clone(),
@@ -169,7 +180,7 @@ impl Balancer {
                 if b >= a {
                     b += 1;
                 }
-                let (a, b) = (ready[a], ready[b]);
+                let (a, b) = (&ready[a], &ready[b]);
                 if a.load(now) <= b.load(now) {
                     a.clone()
                 } else {
@@ -187,7 +198,11 @@ impl Balancer {
 
     /// Every endpoint with its statistics (for dumps and tests).
     pub fn slots(&self) -> Vec<Arc<Slot>> {
-        self.slots.lock().expect("balancer lock poisoned").clone()
+        self.slots
+            .lock()
+            .expect("balancer lock poisoned")
+            .all
+            .clone()
     }
 }
 

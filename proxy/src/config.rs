@@ -30,6 +30,9 @@ pub struct Config {
     pub control_plane: ControlPlane,
     /// How long in-flight requests may finish after SIGTERM. Default 10s.
     pub drain_timeout: Duration,
+    /// Runtime worker threads. Default 1: a sidecar shares its pod's CPU, and one thread
+    /// avoids cross-thread wake-ups (the cheapest CPU per request); raise it for a gateway.
+    pub workers: std::num::NonZeroUsize,
 }
 
 /// Who this proxy is.
@@ -153,6 +156,7 @@ struct RawSpec {
     identity: RawIdentity,
     control_plane: RawControlPlane,
     drain_timeout: Option<String>,
+    workers: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -315,6 +319,18 @@ impl Config {
             env("FERRYMESH_PROXY_CONTROL_PLANE_DISCOVERY").unwrap_or(s.control_plane.discovery);
         let drain = env("FERRYMESH_PROXY_DRAIN_TIMEOUT").or(s.drain_timeout);
         let drain_timeout = p.duration("drainTimeout", drain.as_deref(), Duration::from_secs(10));
+        let workers = match env("FERRYMESH_PROXY_WORKERS").map(|w| w.parse::<usize>()) {
+            Some(Ok(w)) => Some(w),
+            Some(Err(_)) => {
+                p.0.push("FERRYMESH_PROXY_WORKERS: not a whole number".into());
+                None
+            }
+            None => s.workers,
+        };
+        let workers = std::num::NonZeroUsize::new(workers.unwrap_or(1)).unwrap_or_else(|| {
+            p.0.push("workers: must be at least 1".into());
+            std::num::NonZeroUsize::MIN
+        });
         if outbound.listen.is_none() && outbound.listeners.is_empty() && inbound.is_none() {
             p.0.push("spec: the proxy needs at least one of inbound, outbound.listen, outbound.listeners".into());
         }
@@ -329,6 +345,7 @@ impl Config {
             admin,
             control_plane: ControlPlane { discovery },
             drain_timeout,
+            workers,
         })
     }
 }

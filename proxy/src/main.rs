@@ -34,8 +34,7 @@ enum Command {
 /// Printed on stdout once every listener is bound: `FERRYMESH_LISTENING {json}`.
 const LISTENING_PREFIX: &str = "FERRYMESH_LISTENING ";
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FERRYMESH_LOG")
@@ -53,6 +52,20 @@ async fn main() -> anyhow::Result<()> {
         println!("config ok");
         return Ok(());
     }
+    let runtime = if config.workers.get() == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.workers.get())
+            .enable_all()
+            .build()?
+    };
+    runtime.block_on(run(config))
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
     let app = App::build(config).await?;
     println!(
         "{LISTENING_PREFIX}{}",

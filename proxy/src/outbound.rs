@@ -181,7 +181,7 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (addr, service) = match route(&ctx, &target).await {
-        Route::Service(logical, endpoints) => {
+        Route::Service(logical, endpoints, _) => {
             let Some(pick) = logical.balancer.pick() else {
                 tracing::info!(target = %target.authority, "opaque connection: no endpoints");
                 return;
@@ -204,7 +204,11 @@ where
 }
 
 enum Route {
-    Service(Arc<Logical>, Arc<crate::policy::Endpoints>),
+    Service(
+        Arc<Logical>,
+        Arc<crate::policy::Endpoints>,
+        Option<Arc<crate::policy::ClientPolicy>>,
+    ),
     Passthrough(SocketAddr),
     Error(Response<Body>),
 }
@@ -213,7 +217,9 @@ async fn route(ctx: &Context, target: &Target) -> Route {
     if let Some(name) = &target.name {
         let logical = ctx.outbound.logical(ctx, name);
         match logical.resolve().await {
-            Ok(Resolution::Service { endpoints, .. }) => return Route::Service(logical, endpoints),
+            Ok(Resolution::Service { endpoints, policy }) => {
+                return Route::Service(logical, endpoints, policy);
+            }
             Ok(Resolution::Unknown) => {}
             Err(e) => {
                 return Route::Error(proxy_response(
@@ -297,11 +303,7 @@ async fn handle(
     let authority = named.unwrap_or_else(|| target.authority.clone());
     let req = req.map(boxed);
     let (rsp, service) = match route(&ctx, &target).await {
-        Route::Service(logical, endpoints) => {
-            let policy = match logical.resolve().await {
-                Ok(Resolution::Service { policy, .. }) => policy,
-                _ => None,
-            };
+        Route::Service(logical, endpoints, policy) => {
             let request = policy
                 .as_ref()
                 .and_then(|p| p.request_timeout)

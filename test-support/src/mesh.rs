@@ -153,13 +153,10 @@ impl Mesh {
         let config = self.dir.path().join(format!("{}.proxy.yaml", spec.name));
         std::fs::write(&config, spec.yaml(self.discovery)).expect("writing a proxy config");
         let mut cmd = Command::new(bin("ferrymesh-proxy"));
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&config)
-            .env(
-                "FERRYMESH_LOG",
-                spec.log.as_deref().unwrap_or("info,ferrymesh_proxy=debug"),
-            );
+        cmd.arg("run").arg("--config").arg(&config).env(
+            "FERRYMESH_LOG",
+            spec.log.as_deref().unwrap_or("info,ferrymesh_proxy=debug"),
+        );
         Spawned::start(
             &format!("proxy {}", spec.name),
             cmd,
