@@ -10,6 +10,9 @@ use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt as _;
 use tokio::sync::watch;
 
+use ferrymesh_resilience::timeout::{TimeoutError, TimeoutLayer};
+use tower::{Layer as _, ServiceExt as _};
+
 use crate::balance::Balancer;
 use crate::discovery::{Discovery, State, Value};
 use crate::http::{Body, proxy_response, strip_hop_by_hop};
@@ -181,31 +184,64 @@ pub async fn send(
     }
     .expect("a path and an authority taken from a valid URI form a valid URI");
     let req = Request::from_parts(parts, body);
-    let call = pool.send(addr, version, req, timeouts.connect);
-    let result = match timeouts.request {
-        Some(t) => match tokio::time::timeout(t, call).await {
-            Ok(r) => r,
-            Err(_) => {
-                return proxy_response(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "timeout",
-                    &format!("no response within {t:?}"),
-                );
-            }
-        },
-        None => call.await,
+    // The request timeout covers connecting and waiting for response headers.
+    let endpoint = Endpoint {
+        pool,
+        addr,
+        version,
+        connect: timeouts.connect,
     };
+    // NOTE: boxed with a concrete lifetime: rustc cannot prove `Send` for the tower future
+    // over the body's `dyn Error` for every lifetime otherwise (a known higher-ranked limit).
+    let call: std::pin::Pin<Box<dyn Future<Output = _> + Send + '_>> = Box::pin(
+        TimeoutLayer::new(timeouts.request)
+            .layer(endpoint)
+            .oneshot(req),
+    );
+    let result = call.await;
     match result {
         Ok(rsp) => {
             let (mut parts, body) = rsp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             Response::from_parts(parts, body.map_err(Into::into).boxed_unsync())
         }
-        Err(e @ (PoolError::Connect { .. } | PoolError::ConnectTimeout { .. })) => {
-            proxy_response(StatusCode::BAD_GATEWAY, "connect-failed", &e.to_string())
-        }
-        Err(e @ PoolError::Http { .. }) => {
+        Err(TimeoutError::Elapsed(t)) => proxy_response(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            &format!("no response within {t:?}"),
+        ),
+        Err(TimeoutError::Inner(
+            e @ (PoolError::Connect { .. } | PoolError::ConnectTimeout { .. }),
+        )) => proxy_response(StatusCode::BAD_GATEWAY, "connect-failed", &e.to_string()),
+        Err(TimeoutError::Inner(e @ PoolError::Http { .. })) => {
             proxy_response(StatusCode::BAD_GATEWAY, "upstream-reset", &e.to_string())
         }
+    }
+}
+
+/// One HTTP exchange with one address, as a tower service (the innermost layer of a call).
+struct Endpoint<'a> {
+    pool: &'a Pool,
+    addr: std::net::SocketAddr,
+    version: Version,
+    connect: Duration,
+}
+
+impl<'a> tower::Service<Request<Body>> for Endpoint<'a> {
+    type Response = Response<hyper::body::Incoming>;
+    type Error = PoolError;
+    type Future =
+        std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, PoolError>> + Send + 'a>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), PoolError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let (pool, addr, version, connect) = (self.pool, self.addr, self.version, self.connect);
+        Box::pin(async move { pool.send(addr, version, req, connect).await })
     }
 }
