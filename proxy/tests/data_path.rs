@@ -575,3 +575,31 @@ async fn sigterm_drains_in_flight_requests_and_leaves_the_endpoints_first() {
         "proxy {pid} exited cleanly after draining"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policy_request_timeout_answers_504() {
+    let policy = "apiVersion: policy.ferrymesh.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: {name: echo, namespace: shop}\n\
+                  spec:\n  targetRefs: [{group: \"\", kind: Service, name: echo}]\n  timeouts: {request: 300ms}\n";
+    let mesh = Mesh::start(&[("services.yaml", SERVICES), ("policy.yaml", policy)]);
+    let echo = HttpEcho::start("echo-1").await;
+    let _echo_proxy = mesh.proxy(&ProxySpec::app("echo-1", "echo", echo.addr));
+    let client_proxy = mesh.proxy(&ProxySpec::client("client"));
+    wait_ready(&client_proxy).await;
+    let http = client(client_proxy.addr("outbound"));
+    assert_eq!(
+        http.get("http://echo.shop/slow/10")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let start = std::time::Instant::now();
+    let rsp = http.get("http://echo.shop/slow/3000").send().await.unwrap();
+    assert_eq!(rsp.status(), 504);
+    assert_eq!(rsp.headers()["ferrymesh-error"], "timeout");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "answered at the deadline, not when the app did"
+    );
+}
