@@ -594,7 +594,7 @@ async fn the_policy_request_timeout_answers_504() {
             .status(),
         200
     );
-    let start = std::time::Instant::now();
+    let start = tokio::time::Instant::now();
     let rsp = http.get("http://echo.shop/slow/3000").send().await.unwrap();
     assert_eq!(rsp.status(), 504);
     assert_eq!(rsp.headers()["ferrymesh-error"], "timeout");
