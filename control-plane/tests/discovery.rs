@@ -12,7 +12,6 @@ use ferrymesh_controller::grpc::DiscoveryService;
 use ferrymesh_controller::index::IndexHandle;
 use ferrymesh_controller::metrics::Metrics;
 use ferrymesh_controller::sources::parse_documents;
-use ferrymesh_proto::config::v1 as cfg;
 use ferrymesh_proto::discovery::v1 as pb;
 use ferrymesh_proto::google::rpc;
 use tokio::sync::mpsc;
@@ -73,6 +72,15 @@ impl Stream {
         Stream { tx, rx }
     }
 
+    /// A stream of a proxy with no workload (a client only).
+    async fn client(server: &mut Server, workload: &str) -> Stream {
+        let node = pb::Node {
+            workload: workload.into(),
+            ..Default::default()
+        };
+        Self::open(server, node).await
+    }
+
     async fn send(&self, req: pb::DiscoveryRequest) {
         self.tx.send(req).await.unwrap();
     }
@@ -101,24 +109,7 @@ fn subscribe(names: &[&str]) -> pb::DiscoveryRequest {
 }
 
 fn workload(instance: &str, service: &str, port: u32) -> pb::Node {
-    pb::Node {
-        workload: format!("shop/{instance}"),
-        namespace: "shop".into(),
-        local_workload: Some(pb::LocalWorkload {
-            service: Some(cfg::ServiceRef {
-                name: service.into(),
-                namespace: "shop".into(),
-            }),
-            instance: instance.into(),
-            inbound: Some(cfg::SocketAddr {
-                ip: "127.0.0.1".into(),
-                port,
-            }),
-            ready: true,
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    ferrymesh_test_support::nodes::local(instance, service, port, true)
 }
 
 fn ports(r: &pb::Resource) -> Vec<u32> {
@@ -152,14 +143,7 @@ async fn the_first_request_must_carry_the_node() {
 #[tokio::test]
 async fn subscriptions_get_the_resource_or_not_found_then_only_deltas() {
     let mut server = server().await;
-    let mut s = Stream::open(
-        &mut server,
-        pb::Node {
-            workload: "shop/client".into(),
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut s = Stream::client(&mut server, "shop/client").await;
     s.send(subscribe(&[A, "nope.shop.svc.cluster.local:80"]))
         .await;
     let first = s.next().await;
@@ -218,26 +202,12 @@ async fn subscriptions_get_the_resource_or_not_found_then_only_deltas() {
 #[tokio::test]
 async fn initial_versions_resend_nothing_unchanged_but_still_answer() {
     let mut server = server().await;
-    let mut s = Stream::open(
-        &mut server,
-        pb::Node {
-            workload: "shop/c".into(),
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut s = Stream::client(&mut server, "shop/c").await;
     s.send(subscribe(&[A])).await;
     let version = s.next().await.resources[0].version.clone();
 
     // Reconnect with the version held: the answer is empty (the proxy's "synced" signal).
-    let mut again = Stream::open(
-        &mut server,
-        pb::Node {
-            workload: "shop/c".into(),
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut again = Stream::client(&mut server, "shop/c").await;
     let mut req = subscribe(&[A]);
     req.initial_versions.insert(A.to_owned(), version);
     again.send(req).await;
@@ -248,14 +218,7 @@ async fn initial_versions_resend_nothing_unchanged_but_still_answer() {
     );
 
     // With a stale version, the current one is sent.
-    let mut stale = Stream::open(
-        &mut server,
-        pb::Node {
-            workload: "shop/c".into(),
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut stale = Stream::client(&mut server, "shop/c").await;
     let mut req = subscribe(&[A]);
     req.initial_versions
         .insert(A.to_owned(), "stale".to_owned());
@@ -266,14 +229,7 @@ async fn initial_versions_resend_nothing_unchanged_but_still_answer() {
 #[tokio::test]
 async fn a_nacked_version_is_never_resent_but_a_newer_one_is() {
     let mut server = server().await;
-    let mut s = Stream::open(
-        &mut server,
-        pb::Node {
-            workload: "shop/c".into(),
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut s = Stream::client(&mut server, "shop/c").await;
     s.send(subscribe(&[A, B])).await;
     let _ = s.next().await;
     let _a1 = Stream::open(&mut server, workload("a-1", "a", 7002)).await;

@@ -105,9 +105,31 @@ impl Outbound {
     }
 }
 
-/// Handles one connection on the explicit-proxy listener.
+/// Handles one connection on the explicit-proxy listener: HTTP only, each request naming its
+/// own target.
 pub async fn serve_explicit<I>(ctx: Arc<Context>, io: I, drain: watch::Receiver<bool>)
 where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    serve_detected(ctx, io, None, drain).await;
+}
+
+/// Handles one connection on a fixed-target listener.
+pub async fn serve_fixed<I>(ctx: Arc<Context>, io: I, target: Target, drain: watch::Receiver<bool>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    serve_detected(ctx, io, Some(target), drain).await;
+}
+
+/// Serves a connection: HTTP (detected) at L7, routed by each request or by `target`; anything
+/// else is forwarded as opaque TCP to `target`, or closed when there is none.
+async fn serve_detected<I>(
+    ctx: Arc<Context>,
+    io: I,
+    target: Option<Target>,
+    drain: watch::Receiver<bool>,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut io = io;
@@ -115,10 +137,11 @@ where
         return;
     };
     let io = PrefixedIo::new(prefix, io);
-    let version = match detected {
-        Detected::Http1 => HttpVersion::Http1,
-        Detected::Http2 => HttpVersion::Http2,
-        Detected::Opaque => {
+    let version = match (detected, target.clone()) {
+        (Detected::Http1, _) => HttpVersion::Http1,
+        (Detected::Http2, _) => HttpVersion::Http2,
+        (Detected::Opaque, Some(target)) => return opaque(ctx, io, target).await,
+        (Detected::Opaque, None) => {
             tracing::debug!("non-HTTP bytes on the explicit proxy listener; closing");
             return;
         }
@@ -129,46 +152,9 @@ where
         version,
         move |req| {
             let ctx = ctx.clone();
-            let drain = handler_drain.clone();
-            async move { handle(ctx, req, None, drain).await }
-        },
-        drain,
-    )
-    .await;
-}
-
-/// Handles one connection on a fixed-target listener.
-pub async fn serve_fixed<I>(ctx: Arc<Context>, io: I, target: Target, drain: watch::Receiver<bool>)
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    serve_tunnel(ctx, io, target, drain).await;
-}
-
-/// Serves a connection bound for `target`: HTTP (detected) at L7, anything else as opaque TCP.
-async fn serve_tunnel<I>(ctx: Arc<Context>, io: I, target: Target, drain: watch::Receiver<bool>)
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let mut io = io;
-    let Ok((detected, prefix)) = sniff(&mut io, DETECT_TIMEOUT).await else {
-        return;
-    };
-    let io = PrefixedIo::new(prefix, io);
-    let version = match detected {
-        Detected::Http1 => HttpVersion::Http1,
-        Detected::Http2 => HttpVersion::Http2,
-        Detected::Opaque => return opaque(ctx, io, target).await,
-    };
-    let handler_drain = drain.clone();
-    serve_http(
-        io,
-        version,
-        move |req| {
-            let ctx = ctx.clone();
             let target = target.clone();
             let drain = handler_drain.clone();
-            async move { handle(ctx, req, Some(target), drain).await }
+            async move { handle(ctx, req, target, drain).await }
         },
         drain,
     )
@@ -363,7 +349,7 @@ async fn connect(
 }
 
 /// The tunnel behind an answered CONNECT.
-// NOTE: a named boxed future breaks the type cycle serve_tunnel -> handle -> connect -> tunnel.
+// NOTE: a named boxed future breaks the type cycle serve_detected -> handle -> connect -> tunnel.
 fn tunnel(
     ctx: Arc<Context>,
     req: Request<Incoming>,
@@ -372,7 +358,7 @@ fn tunnel(
 ) -> futures::future::BoxFuture<'static, ()> {
     Box::pin(async move {
         match hyper::upgrade::on(req).await {
-            Ok(upgraded) => serve_tunnel(ctx, TokioIo::new(upgraded), target, drain).await,
+            Ok(upgraded) => serve_detected(ctx, TokioIo::new(upgraded), Some(target), drain).await,
             Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
         }
     })

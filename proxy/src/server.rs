@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -33,7 +34,7 @@ pub async fn serve_http<I, H, F>(
     io: I,
     version: HttpVersion,
     handler: H,
-    mut drain: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
@@ -51,14 +52,7 @@ pub async fn serve_http<I, H, F>(
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(io, service)
                 .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => r,
-                () = async { let _ = drain.wait_for(|d| *d).await; } => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            }
+            until_drain(conn, drain, http1::UpgradeableConnection::graceful_shutdown).await
         }
         HttpVersion::Http2 => {
             let conn = http2::Builder::new(TokioExecutor::new())
@@ -69,17 +63,30 @@ pub async fn serve_http<I, H, F>(
                 .max_local_error_reset_streams(Some(1024))
                 .max_concurrent_streams(1024)
                 .serve_connection(io, service);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => r,
-                () = async { let _ = drain.wait_for(|d| *d).await; } => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            }
+            until_drain(conn, drain, http2::Connection::graceful_shutdown).await
         }
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "HTTP server connection ended with an error");
+    }
+}
+
+/// Drives `conn` to its end; on drain, asks it to finish gracefully first (`graceful` is the
+/// connection type's own `graceful_shutdown`).
+async fn until_drain<C, T, E>(
+    conn: C,
+    mut drain: watch::Receiver<bool>,
+    graceful: fn(Pin<&mut C>),
+) -> Result<T, E>
+where
+    C: Future<Output = Result<T, E>>,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r,
+        () = async { let _ = drain.wait_for(|d| *d).await; } => {
+            graceful(conn.as_mut());
+            conn.await
+        }
     }
 }

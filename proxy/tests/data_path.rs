@@ -79,6 +79,24 @@ async fn wait_ready(proxy: &Spawned) {
     .expect("proxy became ready");
 }
 
+/// Opens a CONNECT tunnel to `authority` through the explicit proxy at `outbound`.
+async fn tunnel(outbound: SocketAddr, authority: &str) -> tokio::net::TcpStream {
+    let mut tcp = tokio::net::TcpStream::connect(outbound).await.unwrap();
+    tcp.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(tcp.read_u8().await.unwrap());
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    tcp
+}
+
 const ECHO: &str = "echo.shop.svc.cluster.local:80";
 
 /// Sends `batches` x 6 concurrent requests (P2C spreads load by in-flight counts; strictly
@@ -166,19 +184,7 @@ async fn h2c_crosses_two_sidecars_in_a_tunnel_and_with_prior_knowledge() {
     let t = two_hops().await;
     let outbound = t.client.addr("outbound");
     // h2c inside a CONNECT tunnel.
-    let mut tcp = tokio::net::TcpStream::connect(outbound).await.unwrap();
-    tcp.write_all(b"CONNECT echo.shop:80 HTTP/1.1\r\nHost: echo.shop:80\r\n\r\n")
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        head.push(tcp.read_u8().await.unwrap());
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    let tcp = tunnel(outbound, "echo.shop:80").await;
     let (mut h2, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
             .await
@@ -505,17 +511,7 @@ async fn opaque_tcp_crosses_both_sidecars() {
     let _tcp_proxy = mesh.proxy(&ProxySpec::app("tcp-1", "tcp", tcp_addr));
     let client_proxy = mesh.proxy(&ProxySpec::client("client"));
     wait_ready(&client_proxy).await;
-    let mut tcp = tokio::net::TcpStream::connect(client_proxy.addr("outbound"))
-        .await
-        .unwrap();
-    tcp.write_all(b"CONNECT tcp.shop:80 HTTP/1.1\r\n\r\n")
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        head.push(tcp.read_u8().await.unwrap());
-    }
-    assert!(head.starts_with(b"HTTP/1.1 200"));
+    let mut tcp = tunnel(client_proxy.addr("outbound"), "tcp.shop:80").await;
     let payload = b"\x00\x01binary\xffpayload";
     tcp.write_all(payload).await.unwrap();
     let mut back = vec![0; payload.len()];

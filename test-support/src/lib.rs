@@ -20,3 +20,32 @@ pub mod upstream;
 pub mod echo_pb {
     include!(concat!(env!("OUT_DIR"), "/ferrymesh.test.v1.rs"));
 }
+
+/// Discovery messages tests build often.
+pub mod nodes {
+    use ferrymesh_proto::config::v1 as cfg;
+    use ferrymesh_proto::discovery::v1 as pb;
+
+    /// The first-message node of a local proxy fronting `instance` of `service` (namespace
+    /// `shop`), reachable at 127.0.0.1:`port`.
+    pub fn local(instance: &str, service: &str, port: u32, ready: bool) -> pb::Node {
+        pb::Node {
+            workload: format!("shop/{instance}"),
+            namespace: "shop".into(),
+            local_workload: Some(pb::LocalWorkload {
+                service: Some(cfg::ServiceRef {
+                    name: service.into(),
+                    namespace: "shop".into(),
+                }),
+                instance: instance.into(),
+                inbound: Some(cfg::SocketAddr {
+                    ip: "127.0.0.1".into(),
+                    port,
+                }),
+                ready,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+}

@@ -1,6 +1,5 @@
 use std::path::Path;
 
-use ferrymesh_proto::config::v1 as cfg;
 use ferrymesh_proto::discovery::v1 as pb;
 
 use super::*;
@@ -31,26 +30,7 @@ fn load(index: &IndexHandle, file: &str, text: &str) {
     index.apply_file(Path::new(file), parse_documents(Path::new(file), text));
 }
 
-fn node(instance: &str, service: &str, port: u32, ready: bool) -> pb::Node {
-    pb::Node {
-        workload: format!("shop/{instance}"),
-        namespace: "shop".into(),
-        local_workload: Some(pb::LocalWorkload {
-            service: Some(cfg::ServiceRef {
-                name: service.into(),
-                namespace: "shop".into(),
-            }),
-            instance: instance.into(),
-            inbound: Some(cfg::SocketAddr {
-                ip: "127.0.0.1".into(),
-                port,
-            }),
-            ready,
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
+use ferrymesh_test_support::nodes::local as node;
 
 fn endpoints(index: &IndexHandle, name: &str) -> Vec<u32> {
     match index.snapshot().lookup(pb::ResourceType::Endpoints, name) {
