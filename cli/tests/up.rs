@@ -46,6 +46,7 @@ fn ferryctl(state: &std::path::Path, args: &[&str]) -> std::process::Output {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)] // one scenario, in order: up, use, break, stop
 async fn up_serves_the_storefront_and_stops_cleanly() {
     let state = tempfile::tempdir().unwrap();
     let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../demo-apps/mesh");
@@ -133,6 +134,35 @@ async fn up_serves_the_storefront_and_stops_cleanly() {
         &["chaos", "catalog", "--instance", "9", "--ready", "false"],
     );
     assert!(!out.status.success(), "an out-of-range instance is refused");
+
+    // Readiness off on one catalog replica takes it out of the endpoints; the page still works.
+    let out = ferryctl(
+        state.path(),
+        &["chaos", "catalog", "--instance", "2", "--ready", "false"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let catalog_endpoints = || async {
+        let out = ferryctl(state.path(), &["status", "--json"]);
+        let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let catalog = status["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == "catalog")
+            .cloned()
+            .unwrap();
+        catalog["ports"][0]["endpoints"].as_array().unwrap().len()
+    };
+    eventually(Duration::from_secs(5), || async {
+        catalog_endpoints().await == 2
+    })
+    .await
+    .expect("catalog-2 left the endpoints");
+    assert_eq!(page().await.unwrap()["failed"], serde_json::json!([]));
 
     // SIGTERM stops everything it started.
     let exit = tokio::task::spawn_blocking(move || up.terminate(Duration::from_secs(30)))

@@ -41,7 +41,7 @@ const LATENCY_BUCKETS: [f64; 15] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-type HistogramFamily = Family<ServiceLabels, Histogram, fn() -> Histogram>;
+type HistogramFamily = Family<RequestLabels, Histogram, fn() -> Histogram>;
 
 /// Every proxy metric.
 #[derive(Debug)]
@@ -73,7 +73,7 @@ impl Metrics {
         );
         registry.register(
             "request_duration_seconds",
-            "Time to response headers, by direction and service",
+            "Time to response headers, by direction, service and status class",
             latency.clone(),
         );
         registry.register(
@@ -97,18 +97,14 @@ impl Metrics {
         status: StatusCode,
         elapsed: Duration,
     ) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                direction,
-                service: service.to_owned(),
-                status_class: status_class(status),
-            })
-            .inc();
+        let labels = RequestLabels {
+            direction,
+            service: service.to_owned(),
+            status_class: status_class(status),
+        };
+        self.requests.get_or_create(&labels).inc();
         self.latency
-            .get_or_create(&ServiceLabels {
-                direction,
-                service: service.to_owned(),
-            })
+            .get_or_create(&labels)
             .observe(elapsed.as_secs_f64());
     }
 
@@ -128,5 +124,38 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_counted_and_timed_by_direction_service_and_status_class() {
+        let m = Metrics::new();
+        m.request(
+            Direction::outbound,
+            "shop/a",
+            StatusCode::OK,
+            Duration::from_millis(3),
+        );
+        m.request(
+            Direction::outbound,
+            "shop/a",
+            StatusCode::OK,
+            Duration::from_millis(30),
+        );
+        m.request(
+            Direction::inbound,
+            "shop/a",
+            StatusCode::BAD_GATEWAY,
+            Duration::from_millis(1),
+        );
+        let text = m.encode();
+        assert!(text.contains(r#"ferrymesh_proxy_requests_total{direction="outbound",service="shop/a",status_class="2xx"} 2"#), "{text}");
+        assert!(text.contains(r#"ferrymesh_proxy_requests_total{direction="inbound",service="shop/a",status_class="5xx"} 1"#), "{text}");
+        assert!(text.contains(r#"ferrymesh_proxy_request_duration_seconds_bucket{le="0.005",direction="outbound",service="shop/a",status_class="2xx"} 1"#), "{text}");
+        assert!(text.contains(r#"ferrymesh_proxy_request_duration_seconds_count{direction="outbound",service="shop/a",status_class="2xx"} 2"#), "{text}");
     }
 }

@@ -599,3 +599,52 @@ async fn the_policy_request_timeout_answers_504() {
         "answered at the deadline, not when the app did"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_pooled_on_both_hops() {
+    let mesh = Mesh::start(&[("services.yaml", SERVICES)]);
+    let echo = HttpEcho::start("echo-1").await;
+    let _echo_proxy = mesh.proxy(&ProxySpec::app("echo-1", "echo", echo.addr));
+    let client_proxy = mesh.proxy(&ProxySpec::client("client"));
+    wait_ready(&client_proxy).await;
+    let http = client(client_proxy.addr("outbound"));
+    for _ in 0..50 {
+        assert_eq!(
+            http.get("http://echo.shop/").send().await.unwrap().status(),
+            200
+        );
+    }
+    let conns = echo.conns.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        conns, 1,
+        "50 sequential requests reused one connection to the app"
+    );
+    let dump = get_json(client_proxy.addr("admin"), "/config_dump").await;
+    assert_eq!(dump["targets"][ECHO]["endpoints"][0]["inFlight"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_only_after_the_first_sync_and_reconnects_when_the_controller_appears() {
+    let mut mesh = Mesh::start(&[("services.yaml", SERVICES)]);
+    mesh.controller.kill();
+    let echo = HttpEcho::start("echo-1").await;
+    let proxy = mesh.proxy(&ProxySpec::app("echo-1", "echo", echo.addr));
+    let health = proxy.addr("health");
+    assert_eq!(get(health, "/live").await.unwrap().0, 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        get(health, "/ready").await.unwrap().0,
+        503,
+        "not ready before any sync"
+    );
+    mesh.restart_controller();
+    wait_ready(&proxy).await;
+    let status = mesh.status().await;
+    assert_eq!(
+        status["services"][0]["ports"][0]["endpoints"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}

@@ -31,6 +31,8 @@ pub struct HttpEcho {
     pub instance: String,
     /// Requests served.
     pub hits: Arc<AtomicUsize>,
+    /// Connections accepted.
+    pub conns: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -53,6 +55,8 @@ impl HttpEcho {
             .expect("binding the echo server");
         let addr = listener.local_addr().expect("bound");
         let hits = Arc::new(AtomicUsize::new(0));
+        let conns = Arc::new(AtomicUsize::new(0));
+        let accepted = conns.clone();
         let name: Arc<str> = instance.into();
         let (h, n) = (hits.clone(), name.clone());
         let task = tokio::spawn(async move {
@@ -60,6 +64,7 @@ impl HttpEcho {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                accepted.fetch_add(1, Ordering::SeqCst);
                 let (h, n) = (h.clone(), n.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
@@ -76,6 +81,7 @@ impl HttpEcho {
             addr,
             instance: instance.to_owned(),
             hits,
+            conns,
             task,
         }
     }

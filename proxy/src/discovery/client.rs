@@ -27,7 +27,7 @@ pub async fn run(
     node: pb::Node,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = Backoff::default();
     loop {
         let result = tokio::select! {
             r = serve(&discovery, &mut commands, &node, &mut backoff) => r,
@@ -43,9 +43,7 @@ pub async fn run(
                 tracing::warn!(error = %e, "discovery stream failed; keeping the last good config");
             }
         }
-        // Full jitter: anywhere in [0, backoff], so proxies do not reconnect in lockstep.
-        let sleep = rand::rng().random_range(Duration::ZERO..=backoff);
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        let sleep = backoff.next_sleep();
         tokio::select! {
             () = tokio::time::sleep(sleep) => {}
             () = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
@@ -53,11 +51,33 @@ pub async fn run(
     }
 }
 
+/// Exponential backoff with full jitter: each sleep is anywhere in [0, cap], so proxies do
+/// not reconnect in lockstep; the cap doubles from 100ms up to 10s, and resets once a response
+/// arrives.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    cap: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self { cap: BACKOFF_MIN }
+    }
+}
+
+impl Backoff {
+    fn next_sleep(&mut self) -> Duration {
+        let sleep = rand::rng().random_range(Duration::ZERO..=self.cap);
+        self.cap = (self.cap * 2).min(BACKOFF_MAX);
+        sleep
+    }
+}
+
 async fn serve(
     discovery: &Discovery,
     commands: &mut Commands,
     node: &pb::Node,
-    backoff: &mut Duration,
+    backoff: &mut Backoff,
 ) -> anyhow::Result<()> {
     let endpoint =
         tonic::transport::Endpoint::from_shared(format!("http://{}", discovery.inner.address))?
@@ -109,7 +129,7 @@ async fn serve(
             }
             message = responses.message() => {
                 let Some(response) = message? else { return Ok(()) };
-                *backoff = BACKOFF_MIN;
+                *backoff = Backoff::default();
                 let ack = apply(discovery, response);
                 tx.send(ack).await?;
             }
@@ -227,6 +247,25 @@ mod tests {
             })),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn reconnect_sleeps_are_jittered_under_a_doubling_cap() {
+        let mut b = Backoff::default();
+        let mut caps = Vec::new();
+        for _ in 0..10 {
+            let cap = b.cap;
+            let sleep = b.next_sleep();
+            assert!(sleep <= cap, "{sleep:?} > {cap:?}");
+            caps.push(cap.as_millis());
+        }
+        assert_eq!(
+            caps,
+            [100, 200, 400, 800, 1600, 3200, 6400, 10_000, 10_000, 10_000]
+        );
+        // Jitter: many draws under a 10s cap are not all equal.
+        let draws: std::collections::HashSet<_> = (0..20).map(|_| b.next_sleep()).collect();
+        assert!(draws.len() > 10);
     }
 
     #[test]
