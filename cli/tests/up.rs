@@ -116,6 +116,29 @@ async fn up_serves_the_storefront_and_stops_cleanly() {
             .all(|p| p["listeners"]["admin"].is_string())
     );
 
+    // An order through the storefront's sidecar: orders calls inventory and payments.
+    let storefront = status["proxies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["service"] == "shop/storefront")
+        .unwrap();
+    let outbound = storefront["listeners"]["outbound"].as_str().unwrap();
+    let http = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(format!("http://{outbound}")).unwrap())
+        .build()
+        .unwrap();
+    let rsp = http
+        .post("http://orders.shop/orders")
+        .json(&serde_json::json!({"productId": 2, "quantity": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rsp.status(), 201);
+    let order: Value = rsp.json().await.unwrap();
+    assert_eq!(order["reservation"]["remaining"], 11);
+    assert_eq!(order["payment"]["amount"], 49.99);
+
     // Chaos on pricing shows in the page, and reset brings it back.
     let out = ferryctl(state.path(), &["chaos", "pricing", "--error-rate", "1"]);
     assert!(
