@@ -9,7 +9,8 @@ mod parse;
 pub use parse::{ParseError, Parsed, parse_documents};
 
 use std::path::PathBuf;
-use std::time::Duration;
+
+use ferrymesh_proto::config::v1 as cfg;
 
 /// Identity of a namespaced object.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -158,8 +159,7 @@ pub struct TargetRef {
     pub section_name: Option<String>,
 }
 
-/// One of our policy kinds. The walking skeleton reads `targetRefs` and `timeouts` and keeps
-/// the rest of the spec as it came for the later translation.
+/// One of our policy kinds, checked for shape; ResiliencePolicy fully validated.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Policy {
     /// Metadata.
@@ -170,21 +170,38 @@ pub struct Policy {
     pub kind: String,
     /// `spec.targetRefs`.
     pub target_refs: Vec<TargetRef>,
-    /// `spec.timeouts` (ResiliencePolicy only).
-    pub timeouts: Option<Timeouts>,
+    /// ResiliencePolicy only: its sections, validated and in the form proxies get.
+    pub resilience: Option<ResilienceSections>,
     /// The spec as written.
     pub spec: serde_json::Value,
 }
 
-/// `spec.timeouts` of a ResiliencePolicy.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub struct Timeouts {
-    /// Whole call.
-    pub request: Option<Duration>,
-    /// One attempt.
-    pub per_try: Option<Duration>,
-    /// TCP connect.
-    pub connect: Option<Duration>,
-    /// Idle pooled connection.
-    pub idle: Option<Duration>,
+/// The sections of a ResiliencePolicy, each taken whole when merging (section-atomic).
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct ResilienceSections {
+    /// `timeouts`.
+    pub timeouts: Option<cfg::Timeouts>,
+    /// `retry`.
+    pub retry: Option<cfg::Retry>,
+    /// `retry.budget` (defaults filled in): set whenever `retry` is.
+    pub budget: Option<cfg::RetryBudget>,
+    /// `circuitBreaker`.
+    pub breaker: Option<cfg::CircuitBreaker>,
+    /// `outlierDetection`.
+    pub outlier: Option<cfg::OutlierDetection>,
+    /// `healthCheck`.
+    pub health_check: Option<cfg::HealthCheck>,
+    /// `fallback`.
+    pub fallback: Option<cfg::Fallback>,
+    /// `cache`.
+    pub cache: Option<cfg::Cache>,
+    /// `loadBalancer`.
+    pub lb: Option<cfg::LoadBalancer>,
+}
+
+impl ResilienceSections {
+    /// True when no section is set.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
 }

@@ -131,7 +131,7 @@ fn the_most_specific_policy_sets_the_timeouts_section() {
     };
     assert_eq!(p.timeouts.unwrap().request.unwrap().seconds, 2);
     let names: Vec<_> = r.sources.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(names, ["pricing", "a-service-wide", "b-port"]);
+    assert_eq!(names, ["pricing", "b-port", "a-service-wide"]);
 }
 
 #[test]
@@ -184,4 +184,48 @@ fn static_endpoint_slices_carry_their_conditions() {
         e.endpoints[0].proxy_inbound_port, 0,
         "static endpoints are unmeshed"
     );
+}
+
+#[test]
+fn sections_merge_atomically_from_the_most_specific_policy_setting_each() {
+    let index = IndexHandle::new();
+    load(
+        &index,
+        "shop.yaml",
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: pricing, namespace: shop}
+spec: {ports: [{name: http, port: 80}]}
+---
+apiVersion: policy.ferrymesh.io/v1alpha1
+kind: ResiliencePolicy
+metadata: {name: namespace-wide, namespace: shop}
+spec:
+  targetRefs: [{group: "", kind: Namespace, name: shop}]
+  timeouts: {request: 10s, connect: 2s}
+  retry: {attempts: 4, retryOn: [5xx]}
+---
+apiVersion: policy.ferrymesh.io/v1alpha1
+kind: ResiliencePolicy
+metadata: {name: pricing, namespace: shop}
+spec:
+  targetRefs: [{group: "", kind: Service, name: pricing}]
+  timeouts: {request: 2s}
+  fallback: {staticResponse: {status: 200, body: "{}"}}
+"#,
+    );
+    let Lookup::Found(r) = index.snapshot().lookup(pb::ResourceType::ClientPolicy, "pricing.shop:80") else {
+        panic!("no client policy")
+    };
+    let Some(pb::resource::Body::ClientPolicy(p)) = r.body else { panic!() };
+    let timeouts = p.timeouts.unwrap();
+    assert_eq!(timeouts.request.unwrap().seconds, 2);
+    assert!(timeouts.connect.is_none(), "the section is taken whole: no connect from the namespace policy");
+    assert_eq!(p.retry.unwrap().attempts, 4);
+    assert!(p.budget.is_some(), "the budget comes with retry");
+    assert!(p.fallback.is_some());
+    assert!(p.breaker.is_none());
+    let from = |s: &str| p.section_sources[s].name.clone();
+    assert_eq!((from("timeouts"), from("retry"), from("fallback")), ("pricing".into(), "namespace-wide".into(), "pricing".into()));
 }

@@ -12,7 +12,7 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 
 use super::{Registered, Snapshot};
-use crate::sources::{Object, PortProtocol, Service, ServicePort, Timeouts};
+use crate::sources::{Object, PortProtocol, Service, ServicePort};
 
 /// A service's identity.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -306,54 +306,75 @@ fn client_policy(
     port: &ServicePort,
     objects: &[&Object],
 ) -> (cfg::ClientPolicy, Vec<cfg::ResourceRef>) {
-    // Section-atomic merge: the `timeouts` section comes whole from the most specific policy
-    // that sets it; at the same level the first by namespace/name wins.
-    let mut best: Option<(u8, &crate::sources::Policy, &Timeouts)> = None;
-    let mut sources = Vec::new();
-    for o in objects {
-        let Object::Policy(p) = o else { continue };
-        if p.kind != "ResiliencePolicy" || p.meta.namespace != key.namespace {
-            continue;
-        }
-        let Some(level) = p
-            .target_refs
-            .iter()
-            .filter_map(|t| specificity(t, key, port))
-            .max()
-        else {
-            continue;
-        };
-        sources.push(object_ref(&p.group, &p.kind, &p.meta, ""));
-        if let Some(t) = &p.timeouts
-            && best.is_none_or(|(l, b, _)| level > l || (level == l && p.meta.name < b.meta.name))
-        {
-            best = Some((level, p, t));
-        }
+    // Every ResiliencePolicy that applies, most specific first; at the same level the first
+    // by name wins (objects from files have no creationTimestamp to order by).
+    let mut applicable: Vec<(u8, &crate::sources::Policy)> = objects
+        .iter()
+        .filter_map(|o| match o {
+            Object::Policy(p) if p.kind == "ResiliencePolicy" && p.meta.namespace == key.namespace => {
+                let level = p.target_refs.iter().filter_map(|t| specificity(t, key, port)).max()?;
+                Some((level, p))
+            }
+            _ => None,
+        })
+        .collect();
+    applicable.sort_by(|(la, a), (lb, b)| lb.cmp(la).then_with(|| a.meta.name.cmp(&b.meta.name)));
+    let sources: Vec<cfg::ResourceRef> =
+        applicable.iter().map(|(_, p)| object_ref(&p.group, &p.kind, &p.meta, "")).collect();
+    let mut section_sources = BTreeMap::new();
+    // Section-atomic merge: each section whole from the first (most specific) policy setting it.
+    macro_rules! pick {
+        ($field:ident, $name:literal) => {{
+            let found = applicable
+                .iter()
+                .find_map(|(_, p)| p.resilience.as_ref()?.$field.as_ref().map(|v| (p, v.clone())));
+            found.map(|(p, v)| {
+                section_sources.insert($name.to_owned(), object_ref(&p.group, &p.kind, &p.meta, ""));
+                v
+            })
+        }};
     }
-    let d = |d: Option<std::time::Duration>| {
-        d.map(|d| prost_types::Duration::try_from(d).expect("policy durations fit"))
-    };
-    let timeouts = best.map(|(_, _, t)| cfg::Timeouts {
-        request: d(t.request),
-        per_try: d(t.per_try),
-        connect: d(t.connect),
-        idle: d(t.idle),
+    let timeouts = pick!(timeouts, "timeouts");
+    let retry = pick!(retry, "retry");
+    // The budget belongs to the retry section: it comes from the same policy.
+    let budget = retry.as_ref().and_then(|_| {
+        applicable
+            .iter()
+            .find_map(|(_, p)| p.resilience.as_ref().filter(|r| r.retry.is_some())?.budget.clone())
     });
+    let breaker = pick!(breaker, "circuitBreaker");
+    let outlier = pick!(outlier, "outlierDetection");
+    let health_check = pick!(health_check, "healthCheck");
+    let fallback = pick!(fallback, "fallback").map(|mut f| {
+        // A backendRef without a namespace means the policy's (= the service's) namespace.
+        if let Some(cfg::fallback::Target::Backend(b)) = &mut f.target
+            && let Some(svc) = &mut b.service
+            && svc.namespace.is_empty()
+        {
+            svc.namespace.clone_from(&key.namespace);
+        }
+        f
+    });
+    let cache = pick!(cache, "cache");
+    let lb = pick!(lb, "loadBalancer").or(Some(cfg::LoadBalancer {
+        algorithm: cfg::load_balancer::Algorithm::PeakEwma.into(),
+        ..Default::default()
+    }));
     let policy = cfg::ClientPolicy {
-        service: Some(cfg::ServiceRef {
-            name: key.name.clone(),
-            namespace: key.namespace.clone(),
-        }),
+        service: Some(cfg::ServiceRef { name: key.name.clone(), namespace: key.namespace.clone() }),
         port: u32::from(port.port),
-        routes: vec![cfg::Route {
-            name: "default".into(),
-            source: None,
-        }],
+        routes: vec![cfg::Route { name: "default".into(), source: None }],
         timeouts,
-        lb: Some(cfg::LoadBalancer {
-            algorithm: cfg::load_balancer::Algorithm::PeakEwma.into(),
-        }),
+        retry,
+        budget,
+        breaker,
+        outlier,
+        health_check,
+        fallback,
+        cache,
+        lb,
         protocol: protocol(port.protocol).into(),
+        section_sources,
     };
     (policy, sources)
 }

@@ -10,8 +10,8 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    EndpointSlice, Meta, Object, Policy, PortProtocol, Service, ServicePort, SliceEndpoint,
-    TargetRef, Timeouts,
+    EndpointSlice, Meta, Object, Policy, PortProtocol, ResilienceSections, Service, ServicePort,
+    SliceEndpoint, TargetRef,
 };
 
 /// Why a file was rejected.
@@ -385,20 +385,6 @@ struct RawPolicy {
 struct RawPolicySpec {
     #[serde(rename = "targetRefs", default)]
     target_refs: Vec<TargetRef>,
-    #[serde(default)]
-    timeouts: Option<RawTimeouts>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTimeouts {
-    request: Option<String>,
-    #[serde(rename = "perTry")]
-    per_try: Option<String>,
-    connect: Option<String>,
-    idle: Option<String>,
-    #[serde(rename = "deadlinePropagation")]
-    deadline_propagation: Option<String>,
 }
 
 const TARGET_KINDS: &[(&str, &str)] = &[
@@ -409,94 +395,60 @@ const TARGET_KINDS: &[(&str, &str)] = &[
     ("gateway.networking.k8s.io", "Gateway"),
 ];
 
-fn policy(
-    meta: Meta,
-    group: &str,
-    kind: &str,
-    json: &serde_json::Value,
-) -> Result<Object, FieldError> {
+fn policy(meta: Meta, group: &str, kind: &str, json: &serde_json::Value) -> Result<Object, FieldError> {
     let spec = json.get("spec").cloned().unwrap_or(serde_json::Value::Null);
-    let uses_target_refs = group == "policy.ferrymesh.io";
-    let timeouts = if uses_target_refs {
-        let raw: RawPolicy = from_json(json)?;
-        if !(1..=16).contains(&raw.spec.target_refs.len()) {
-            return Err(field_err("spec.targetRefs", "must hold 1 to 16 references"));
+    let (target_refs, resilience) = match (group, kind) {
+        ("policy.ferrymesh.io", "ResiliencePolicy") => {
+            let (refs, sections) = resilience::spec(json)?;
+            (refs, Some(sections))
         }
-        for (i, t) in raw.spec.target_refs.iter().enumerate() {
-            if !TARGET_KINDS.contains(&(t.group.as_str(), t.kind.as_str())) {
-                return Err(field_err(
-                    format!("spec.targetRefs[{i}]"),
-                    format!(
-                        "group {:?} kind {:?} is not a target (Namespace, Service, HTTPRoute, GRPCRoute, Gateway with their groups)",
-                        t.group, t.kind
-                    ),
-                ));
-            }
-            if t.kind == "Namespace" && t.name != meta.namespace {
-                return Err(field_err(
-                    format!("spec.targetRefs[{i}].name"),
-                    "a Namespace target must name the policy's own namespace",
-                ));
-            }
-        }
-        let timeouts = match raw.spec.timeouts {
-            Some(t) if kind == "ResiliencePolicy" => Some(timeouts(&t)?),
-            Some(_) => {
-                return Err(field_err(
-                    "spec.timeouts",
-                    format!("{kind} has no timeouts"),
-                ));
-            }
-            None => None,
-        };
-        (raw.spec.target_refs, timeouts)
-    } else {
-        (Vec::new(), None)
+        ("policy.ferrymesh.io", _) => (from_json::<RawPolicy>(json)?.spec.target_refs, None),
+        _ => (Vec::new(), None),
     };
+    if group == "policy.ferrymesh.io" {
+        check_target_refs(&meta, &target_refs)?;
+    }
+    if resilience.as_ref().is_some_and(ResilienceSections::is_empty) {
+        return Err(field_err(
+            "spec",
+            "at least one section: set one of timeouts, retry, circuitBreaker, outlierDetection, healthCheck, fallback, cache, loadBalancer",
+        ));
+    }
     Ok(Object::Policy(Policy {
         meta,
         group: group.to_owned(),
         kind: kind.to_owned(),
-        target_refs: timeouts.0,
-        timeouts: timeouts.1,
+        target_refs,
+        resilience,
         spec,
     }))
 }
 
-fn timeouts(raw: &RawTimeouts) -> Result<Timeouts, FieldError> {
-    let d = |field: &str, v: &Option<String>| -> Result<_, FieldError> {
-        v.as_deref()
-            .map(ferrymesh_proto::duration::parse)
-            .transpose()
-            .map_err(|e| field_err(format!("spec.timeouts.{field}"), e.to_string()))
-    };
-    let t = Timeouts {
-        request: d("request", &raw.request)?,
-        per_try: d("perTry", &raw.per_try)?,
-        connect: d("connect", &raw.connect)?,
-        idle: d("idle", &raw.idle)?,
-    };
-    if let (Some(req), Some(per_try)) = (t.request, t.per_try)
-        && !req.is_zero()
-        && !per_try.is_zero()
-        && per_try > req
-    {
-        return Err(field_err(
-            "spec.timeouts.perTry",
-            "must be <= spec.timeouts.request",
-        ));
+fn check_target_refs(meta: &Meta, refs: &[TargetRef]) -> Result<(), FieldError> {
+    if !(1..=16).contains(&refs.len()) {
+        return Err(field_err("spec.targetRefs", "targetRefs holds 1 to 16 references"));
     }
-    if let Some(dp) = raw.deadline_propagation.as_deref()
-        && dp != "Enabled"
-        && dp != "Disabled"
-    {
-        return Err(field_err(
-            "spec.timeouts.deadlinePropagation",
-            "must be Enabled or Disabled",
-        ));
+    for (i, t) in refs.iter().enumerate() {
+        if !TARGET_KINDS.contains(&(t.group.as_str(), t.kind.as_str())) {
+            return Err(field_err(
+                format!("spec.targetRefs[{i}]"),
+                format!(
+                    "target kinds are Namespace, Service (group \"\"), HTTPRoute, GRPCRoute, Gateway (group gateway.networking.k8s.io): got group {:?} kind {:?}",
+                    t.group, t.kind
+                ),
+            ));
+        }
+        if t.kind == "Namespace" && t.name != meta.namespace {
+            return Err(field_err(
+                format!("spec.targetRefs[{i}].name"),
+                "a Namespace target names the policy's own namespace",
+            ));
+        }
     }
-    Ok(t)
+    Ok(())
 }
+
+mod resilience;
 
 #[cfg(test)]
 mod tests;

@@ -56,10 +56,8 @@ spec:
     let Object::Policy(p) = &parsed.objects[2] else {
         panic!("not a policy")
     };
-    assert_eq!(
-        p.timeouts.as_ref().unwrap().request,
-        Some(std::time::Duration::from_secs(2))
-    );
+    let timeouts = p.resilience.as_ref().unwrap().timeouts.as_ref().unwrap();
+    assert_eq!(timeouts.request.unwrap().seconds, 2);
 }
 
 #[test]
@@ -149,4 +147,144 @@ fn port_protocol_comes_from_app_protocol_or_name() {
             PortProtocol::Http2
         ]
     );
+}
+
+/// The full example of API.md 2.a: every section.
+const FULL: &str = r#"
+apiVersion: policy.ferrymesh.io/v1alpha1
+kind: ResiliencePolicy
+metadata: {name: payments, namespace: shop}
+spec:
+  targetRefs:
+  - {group: "", kind: Service, name: payments, sectionName: http}
+  timeouts: {request: 3s, perTry: 800ms, connect: 1s, idle: 1h, deadlinePropagation: Enabled}
+  retry:
+    attempts: 2
+    retryOn: [connect-failure, refused-stream, reset, gateway-error, "429"]
+    grpcRetryOn: [unavailable, resource-exhausted]
+    methods: [GET, HEAD, OPTIONS, PUT, DELETE]
+    backoff: {strategy: ExponentialFullJitter, base: 25ms, max: 250ms}
+    respectRetryAfter: true
+    maxRequestBodyBytes: 65536
+    budget: {ratio: "0.2", minRetriesPerSecond: 10, window: 10s}
+  circuitBreaker:
+    limits: {maxConnections: 1024, maxPendingRequests: 1024, maxRequests: 1024}
+    tripWhen: {consecutiveFailures: 7, failureRatio: "0.5", minimumRequests: 20, window: 10s}
+    failureOn: [5xx, connect-failure, timeout]
+    open: {base: 5s, max: 60s, jitter: "0.5"}
+    halfOpenProbes: 3
+  outlierDetection:
+    consecutiveErrors: 5
+    consecutiveGatewayErrors: 0
+    interval: 10s
+    baseEjectionTime: 30s
+    maxEjectionTime: 300s
+    maxEjectionPercent: 10
+    minReadyEndpoints: 1
+  healthCheck:
+    http: {path: /healthz, expectedStatuses: [200]}
+    port: 8081
+    interval: 3s
+    timeout: 1s
+    unhealthyThreshold: 3
+    healthyThreshold: 1
+    initialJitter: 1s
+  fallback:
+    triggers: [circuit-open, no-endpoints, timeout, 5xx]
+    backendRef: {name: payments-degraded, port: 8080}
+  cache:
+    methods: [GET, HEAD]
+    defaultTTL: 0s
+    maxTTL: 5m
+    maxEntries: 1000
+    maxBodyBytes: 1048576
+    varyHeaders: [accept, accept-encoding]
+    serveStaleOnError: 30s
+  loadBalancer:
+    algorithm: PeakEWMA
+    zoneAware: PreferSameZone
+"#;
+
+fn sections(text: &str) -> crate::sources::ResilienceSections {
+    let parsed = parse(text).unwrap();
+    let Object::Policy(p) = &parsed.objects[0] else { panic!("not a policy") };
+    p.resilience.clone().unwrap()
+}
+
+#[test]
+fn the_full_example_parses_into_every_section() {
+    let s = sections(FULL);
+    let retry = s.retry.unwrap();
+    assert_eq!(retry.attempts, 2);
+    assert_eq!(retry.retry_on_status, [429]);
+    assert_eq!(retry.grpc_retry_on, [14, 8]);
+    assert!((s.budget.unwrap().ratio - 0.2).abs() < f64::EPSILON);
+    let breaker = s.breaker.unwrap();
+    assert_eq!((breaker.consecutive_failures, breaker.minimum_requests, breaker.half_open_probes), (7, 20, 3));
+    assert_eq!(s.outlier.unwrap().max_ejection_time.unwrap().seconds, 300);
+    assert!(matches!(s.health_check.unwrap().check, Some(ferrymesh_proto::config::v1::health_check::Check::Http(_))));
+    assert!(s.fallback.unwrap().target.is_some());
+    assert_eq!(s.cache.unwrap().vary_headers, ["accept", "accept-encoding"]);
+    assert!(s.lb.unwrap().prefer_same_zone);
+    assert!(s.timeouts.unwrap().deadline_propagation);
+}
+
+#[test]
+fn retry_alone_gets_the_default_budget() {
+    let s = sections(
+        "apiVersion: policy.ferrymesh.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: {name: p, namespace: shop}\n\
+         spec:\n  targetRefs: [{group: \"\", kind: Service, name: a}]\n  retry: {attempts: 3}\n",
+    );
+    let budget = s.budget.unwrap();
+    assert_eq!((budget.min_retries_per_second, budget.window.unwrap().seconds), (10, 10));
+    let retry = s.retry.unwrap();
+    assert_eq!(retry.methods, ["GET", "HEAD", "OPTIONS", "PUT", "DELETE"]);
+    assert_eq!(retry.retry_on.len(), 3, "connect-failure, refused-stream, reset by default");
+}
+
+/// Every validation rule: (what to replace in FULL, with what, field, words of the rule).
+#[test]
+fn every_rule_is_enforced_with_field_and_rule() {
+    let cases: &[(&str, &str, &str, &str)] = &[
+        ("perTry: 800ms", "perTry: 4s", "spec.timeouts.perTry", "perTry <= request"),
+        ("base: 25ms, max: 250ms", "base: 300ms, max: 250ms", "spec.retry.backoff.base", "base <= max"),
+        ("attempts: 2", "attempts: 11", "spec.retry.attempts", "attempts 0..10"),
+        ("reset, gateway-error, \"429\"", "reset, gateway-error, \"700\"", "spec.retry.retryOn[4]", "status code 100..599"),
+        ("reset, gateway-error", "reset, teapot", "spec.retry.retryOn[3]", "retryOn is one of"),
+        ("[unavailable, resource-exhausted]", "[unavailable, sad]", "spec.retry.grpcRetryOn[1]", "grpcRetryOn is one of"),
+        ("ratio: \"0.2\"", "ratio: \"1.2\"", "spec.retry.budget.ratio", "ratio is a decimal 0..1"),
+        ("failureRatio: \"0.5\"", "failureRatio: \"half\"", "spec.circuitBreaker.tripWhen.failureRatio", "ratio is a decimal 0..1"),
+        ("jitter: \"0.5\"", "jitter: \"-1\"", "spec.circuitBreaker.open.jitter", "ratio is a decimal 0..1"),
+        ("minimumRequests: 20", "minimumRequests: 0", "spec.circuitBreaker.tripWhen.minimumRequests", "minimumRequests >= 1"),
+        ("maxEjectionPercent: 10", "maxEjectionPercent: 101", "spec.outlierDetection.maxEjectionPercent", "percentage 0..100"),
+        ("http: {path: /healthz, expectedStatuses: [200]}", "http: {path: /healthz}\n    tcp: {}", "spec.healthCheck.http", "exactly one of http, tcp, grpc"),
+        ("\n    backendRef: {name: payments-degraded, port: 8080}", "", "spec.fallback.backendRef", "exactly one of backendRef, staticResponse"),
+        ("triggers: [circuit-open, no-endpoints, timeout, 5xx]", "triggers: [sometimes]", "spec.fallback.triggers[0]", "triggers are"),
+        ("backendRef: {name: payments-degraded, port: 8080}", "staticResponse: {status: 200}\n    backendRef: {name: x, port: 1}", "spec.fallback.backendRef", "exactly one of backendRef, staticResponse"),
+        ("methods: [GET, HEAD]\n    defaultTTL", "methods: [GET, POST]\n    defaultTTL", "spec.cache.methods[1]", "methods subset of GET, HEAD"),
+        ("algorithm: PeakEWMA", "algorithm: ConsistentHash", "spec.loadBalancer.hashOn", "hashOn is required iff algorithm is ConsistentHash"),
+        ("zoneAware: PreferSameZone", "zoneAware: PreferSameZone\n    hashOn: {header: x-user}", "spec.loadBalancer.hashOn", "hashOn is required iff"),
+        ("algorithm: PeakEWMA", "algorithm: Fastest", "spec.loadBalancer.algorithm", "algorithm is"),
+        ("idle: 1h", "idle: 1 hour", "spec.timeouts.idle", "duration format"),
+        ("interval: 3s", "intervall: 3s", "spec.healthCheck.intervall", "unknown field"),
+        ("strategy: ExponentialFullJitter", "strategy: Linear", "spec.retry.backoff.strategy", "strategy is"),
+    ];
+    for (from, to, field, rule) in cases {
+        assert!(FULL.contains(from), "case {from:?} does not apply");
+        let err = parse(&FULL.replacen(from, to, 1)).unwrap_err();
+        assert_eq!(err.field, *field, "{from} -> {to}: {err}");
+        assert!(err.message.contains(rule), "{from} -> {to}: {err}");
+        assert_eq!(err.object, "ResiliencePolicy shop/payments");
+    }
+}
+
+#[test]
+fn a_policy_with_no_section_is_refused() {
+    let err = parse(
+        "apiVersion: policy.ferrymesh.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: {name: p, namespace: shop}\n\
+         spec:\n  targetRefs: [{group: \"\", kind: Service, name: a}]\n",
+    )
+    .unwrap_err();
+    assert_eq!(err.field, "spec");
+    assert!(err.message.contains("at least one section"), "{err}");
 }
