@@ -44,7 +44,7 @@ pub enum Object {
     /// A `discovery.k8s.io/v1` EndpointSlice (static endpoints for unmeshed backends).
     EndpointSlice(EndpointSlice),
     /// One of our policy kinds, checked for shape and kept for translation.
-    Policy(Policy),
+    Policy(Box<Policy>),
 }
 
 impl Object {

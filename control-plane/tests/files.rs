@@ -169,3 +169,80 @@ async fn a_new_service_file_turns_not_found_into_endpoints() {
     let rsp = http.get("http://legacy.shop/x").send().await.unwrap();
     assert_eq!(rsp.headers()["x-instance"], "legacy");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_policy_reaches_the_proxy_with_every_section_and_its_source() {
+    let full = r#"
+apiVersion: policy.ferrymesh.io/v1alpha1
+kind: ResiliencePolicy
+metadata: {name: echo-full, namespace: shop}
+spec:
+  targetRefs: [{group: "", kind: Service, name: echo}]
+  timeouts: {request: 3s, perTry: 800ms}
+  retry: {attempts: 4, retryOn: [5xx], budget: {ratio: "0.5"}}
+  circuitBreaker: {tripWhen: {consecutiveFailures: 5}}
+  outlierDetection: {consecutiveErrors: 5}
+  healthCheck: {http: {path: /healthz}}
+  fallback: {staticResponse: {status: 200, body: "{}"}}
+  cache: {maxEntries: 10}
+  loadBalancer: {algorithm: RoundRobin}
+---
+apiVersion: policy.ferrymesh.io/v1alpha1
+kind: ResiliencePolicy
+metadata: {name: shop-wide, namespace: shop}
+spec:
+  targetRefs: [{group: "", kind: Namespace, name: shop}]
+  timeouts: {request: 9s}
+"#;
+    let mesh = Mesh::start(&[("echo.yaml", SERVICE), ("policy.yaml", full)]);
+    let client = mesh.proxy(&ProxySpec::client("client"));
+    let admin = client.addr("admin");
+    let http = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(format!("http://{}", client.addr("outbound"))).unwrap())
+        .build()
+        .unwrap();
+    let _ = http.get("http://echo.shop/").send().await.unwrap(); // subscribes
+    let policy = || async move {
+        let dump = get_json(admin, "/config_dump").await;
+        dump["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["type"] == "CLIENT_POLICY" && r["state"] == "found")
+            .map(|r| r["value"].clone())
+    };
+    eventually(Duration::from_secs(5), || async {
+        policy().await.is_some()
+    })
+    .await
+    .unwrap();
+    let p = policy().await.unwrap();
+    assert_eq!(
+        p["request_timeout"]["secs"], 3,
+        "the Service policy's timeouts win over the Namespace's: {p}"
+    );
+    assert_eq!(p["retry"]["attempts"], 4);
+    assert_eq!(p["retry"]["retry_on"], serde_json::json!(["server-error"]));
+    assert_eq!(p["retry"]["budget"]["ratio"], 0.5);
+    assert_eq!(p["breaker"]["consecutive_failures"], 5);
+    assert_eq!(p["outlier"]["consecutive_errors"], 5);
+    assert_eq!(p["health_check"]["check"]["http"]["path"], "/healthz");
+    assert_eq!(p["fallback"]["target"]["staticResponse"]["status"], 200);
+    assert_eq!(p["cache"]["max_entries"], 10);
+    assert_eq!(p["lb"], "RoundRobin");
+    for section in [
+        "timeouts",
+        "retry",
+        "circuitBreaker",
+        "outlierDetection",
+        "healthCheck",
+        "fallback",
+        "cache",
+        "loadBalancer",
+    ] {
+        assert_eq!(
+            p["sections"][section], "ResiliencePolicy shop/echo-full@1",
+            "{section}: {p}"
+        );
+    }
+}

@@ -10,6 +10,13 @@
 )]
 
 /// `google.rpc`: the standard gRPC error model.
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    unreachable_pub,
+    missing_debug_implementations,
+    rust_2018_idioms
+)]
 pub mod google {
     /// `google.rpc.Status`.
     pub mod rpc {
@@ -17,7 +24,14 @@ pub mod google {
     }
 }
 
-/// Ferrymesh packages.
+/// Ferrymesh packages (generated code).
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    unreachable_pub,
+    missing_debug_implementations,
+    rust_2018_idioms
+)]
 pub mod ferrymesh {
     /// `ferrymesh.config.*`.
     pub mod config {

@@ -1,6 +1,7 @@
 //! Domain types for what the controller pushes, converted (and validated) from protobuf. A
 //! resource that does not convert is NACKed and the last good value stays in use.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -22,7 +23,20 @@ pub enum InvalidPolicy {
     /// A port is out of range.
     #[error("port {0} is out of range")]
     Port(u32),
+    /// A value is out of its range or not allowed.
+    #[error("{0}: {1} is not allowed")]
+    Range(&'static str, String),
+    /// An enum value this proxy does not know (a newer controller?).
+    #[error("{0}: unknown value {1}")]
+    Enum(&'static str, i32),
 }
+
+pub mod resilience;
+
+use resilience::duration;
+pub use resilience::{
+    BreakerPolicy, CachePolicy, FallbackPolicy, HealthCheckPolicy, OutlierPolicy, RetryPolicy,
+};
 
 /// The protocol of a service port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -119,40 +133,112 @@ pub struct ClientPolicy {
     pub service: String,
     /// Whole-call timeout; `None`: the proxy default; zero: disabled.
     pub request_timeout: Option<Duration>,
+    /// One attempt; `None`: the request timeout.
+    pub per_try_timeout: Option<Duration>,
     /// Connect timeout; `None`: the proxy default.
     pub connect_timeout: Option<Duration>,
+    /// Idle pooled connections; `None`: the proxy default.
+    pub idle_timeout: Option<Duration>,
+    /// Honour and rewrite `grpc-timeout` / `ferrymesh-timeout`.
+    pub deadline_propagation: bool,
+    /// Retries (with their budget).
+    pub retry: Option<RetryPolicy>,
+    /// Circuit breaker and bulkhead.
+    pub breaker: Option<BreakerPolicy>,
+    /// Per-endpoint ejection.
+    pub outlier: Option<OutlierPolicy>,
+    /// Active health checks.
+    pub health_check: Option<HealthCheckPolicy>,
+    /// Fallback.
+    pub fallback: Option<FallbackPolicy>,
+    /// Response cache.
+    pub cache: Option<CachePolicy>,
     /// Load balancer.
     pub lb: LoadBalancer,
+    /// Section -> the policy object it came from (`Kind namespace/name@generation`).
+    pub sections: BTreeMap<String, String>,
 }
 
 /// Load-balancing algorithm.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum LoadBalancer {
     /// Power of two choices over peak-EWMA latency (the default).
     PeakEwma,
-}
-
-fn duration(
-    d: Option<prost_types::Duration>,
-    field: &'static str,
-) -> Result<Option<Duration>, InvalidPolicy> {
-    d.map(|d| Duration::try_from(d).map_err(|_| InvalidPolicy::Duration(field)))
-        .transpose()
+    /// In turn.
+    RoundRobin,
+    /// Power of two choices over in-flight requests.
+    LeastRequest,
+    /// Uniform.
+    Random,
+    /// The same header value goes to the same endpoint (ring hash).
+    ConsistentHash {
+        /// Header hashed.
+        header: String,
+    },
 }
 
 impl TryFrom<cfg::ClientPolicy> for ClientPolicy {
     type Error = InvalidPolicy;
 
     fn try_from(pb: cfg::ClientPolicy) -> Result<Self, InvalidPolicy> {
+        use cfg::load_balancer::Algorithm;
         let service = pb.service.ok_or(InvalidPolicy::Missing("service"))?;
         let t = pb.timeouts.unwrap_or_default();
+        let request_timeout = duration(t.request, "timeouts.request")?;
+        let per_try_timeout = duration(t.per_try, "timeouts.perTry")?;
+        if let (Some(r), Some(p)) = (request_timeout, per_try_timeout)
+            && !r.is_zero()
+            && p > r
+        {
+            return Err(InvalidPolicy::Range(
+                "timeouts.perTry",
+                format!("{p:?} > request {r:?}"),
+            ));
+        }
+        let l = pb.lb.unwrap_or_default();
+        let lb = match Algorithm::try_from(l.algorithm) {
+            Ok(Algorithm::PeakEwma | Algorithm::Unspecified) => LoadBalancer::PeakEwma,
+            Ok(Algorithm::RoundRobin) => LoadBalancer::RoundRobin,
+            Ok(Algorithm::LeastRequest) => LoadBalancer::LeastRequest,
+            Ok(Algorithm::Random) => LoadBalancer::Random,
+            Ok(Algorithm::ConsistentHash) => {
+                http::HeaderName::from_bytes(l.hash_header.as_bytes()).map_err(|_| {
+                    InvalidPolicy::Range("loadBalancer.hashOn.header", l.hash_header.clone())
+                })?;
+                LoadBalancer::ConsistentHash {
+                    header: l.hash_header,
+                }
+            }
+            Err(_) => return Err(InvalidPolicy::Enum("loadBalancer.algorithm", l.algorithm)),
+        };
+        let sections = pb
+            .section_sources
+            .into_iter()
+            .map(|(section, r)| {
+                (
+                    section,
+                    format!("{} {}/{}@{}", r.kind, r.namespace, r.name, r.generation),
+                )
+            })
+            .collect();
         Ok(ClientPolicy {
             service: format!("{}/{}", service.namespace, service.name),
-            request_timeout: duration(t.request, "timeouts.request")?,
+            request_timeout,
+            per_try_timeout,
             connect_timeout: duration(t.connect, "timeouts.connect")?,
-            // Every algorithm but PeakEWMA arrives with the resilience work; until then the
-            // default is used for all.
-            lb: LoadBalancer::PeakEwma,
+            idle_timeout: duration(t.idle, "timeouts.idle")?,
+            deadline_propagation: t.deadline_propagation,
+            retry: pb
+                .retry
+                .map(|r| resilience::retry(r, pb.budget))
+                .transpose()?,
+            breaker: pb.breaker.as_ref().map(resilience::breaker).transpose()?,
+            outlier: pb.outlier.map(resilience::outlier).transpose()?,
+            health_check: pb.health_check.map(resilience::health_check).transpose()?,
+            fallback: pb.fallback.map(resilience::fallback).transpose()?,
+            cache: pb.cache.map(resilience::cache).transpose()?,
+            lb,
+            sections,
         })
     }
 }
@@ -218,6 +304,104 @@ mod tests {
             Endpoints::try_from(endpoints(vec![endpoint("127.0.0.1", 70000)])),
             Err(InvalidPolicy::Port(70000))
         );
+    }
+
+    #[test]
+    fn bad_sections_are_refused_with_their_field() {
+        let base = || cfg::ClientPolicy {
+            service: Some(cfg::ServiceRef::default()),
+            ..Default::default()
+        };
+        let d = |s| {
+            Some(prost_types::Duration {
+                seconds: s,
+                nanos: 0,
+            })
+        };
+        let cases: Vec<(cfg::ClientPolicy, InvalidPolicy)> = vec![
+            (
+                cfg::ClientPolicy {
+                    timeouts: Some(cfg::Timeouts {
+                        request: d(1),
+                        per_try: d(2),
+                        ..Default::default()
+                    }),
+                    ..base()
+                },
+                InvalidPolicy::Range("timeouts.perTry", "2s > request 1s".into()),
+            ),
+            (
+                cfg::ClientPolicy {
+                    retry: Some(cfg::Retry {
+                        attempts: 11,
+                        ..Default::default()
+                    }),
+                    ..base()
+                },
+                InvalidPolicy::Range("retry.attempts", "11".into()),
+            ),
+            (
+                cfg::ClientPolicy {
+                    retry: Some(cfg::Retry {
+                        retry_on: vec![99],
+                        ..Default::default()
+                    }),
+                    ..base()
+                },
+                InvalidPolicy::Enum("retry.retryOn", 99),
+            ),
+            (
+                cfg::ClientPolicy {
+                    retry: Some(cfg::Retry::default()),
+                    budget: Some(cfg::RetryBudget {
+                        ratio: 1.5,
+                        min_retries_per_second: 1,
+                        window: d(1),
+                    }),
+                    ..base()
+                },
+                InvalidPolicy::Range("retry.budget.ratio", "1.5".into()),
+            ),
+            (
+                cfg::ClientPolicy {
+                    fallback: Some(cfg::Fallback::default()),
+                    ..base()
+                },
+                InvalidPolicy::Missing("fallback.backendRef|staticResponse"),
+            ),
+            (
+                cfg::ClientPolicy {
+                    health_check: Some(cfg::HealthCheck::default()),
+                    ..base()
+                },
+                InvalidPolicy::Missing("healthCheck.http|tcp|grpc"),
+            ),
+            (
+                cfg::ClientPolicy {
+                    lb: Some(cfg::LoadBalancer {
+                        algorithm: 42,
+                        ..Default::default()
+                    }),
+                    ..base()
+                },
+                InvalidPolicy::Enum("loadBalancer.algorithm", 42),
+            ),
+            (
+                cfg::ClientPolicy {
+                    cache: Some(cfg::Cache {
+                        methods: vec!["POST".into()],
+                        max_entries: 1,
+                        max_ttl: d(1),
+                        ..Default::default()
+                    }),
+                    ..base()
+                },
+                InvalidPolicy::Range("cache.methods", "POST".into()),
+            ),
+        ];
+        for (pb, expected) in cases {
+            assert_eq!(ClientPolicy::try_from(pb), Err(expected));
+        }
     }
 
     #[test]

@@ -215,17 +215,28 @@ spec:
   fallback: {staticResponse: {status: 200, body: "{}"}}
 "#,
     );
-    let Lookup::Found(r) = index.snapshot().lookup(pb::ResourceType::ClientPolicy, "pricing.shop:80") else {
+    let Lookup::Found(r) = index
+        .snapshot()
+        .lookup(pb::ResourceType::ClientPolicy, "pricing.shop:80")
+    else {
         panic!("no client policy")
     };
-    let Some(pb::resource::Body::ClientPolicy(p)) = r.body else { panic!() };
+    let Some(pb::resource::Body::ClientPolicy(p)) = r.body else {
+        panic!()
+    };
     let timeouts = p.timeouts.unwrap();
     assert_eq!(timeouts.request.unwrap().seconds, 2);
-    assert!(timeouts.connect.is_none(), "the section is taken whole: no connect from the namespace policy");
+    assert!(
+        timeouts.connect.is_none(),
+        "the section is taken whole: no connect from the namespace policy"
+    );
     assert_eq!(p.retry.unwrap().attempts, 4);
     assert!(p.budget.is_some(), "the budget comes with retry");
     assert!(p.fallback.is_some());
     assert!(p.breaker.is_none());
     let from = |s: &str| p.section_sources[s].name.clone();
-    assert_eq!((from("timeouts"), from("retry"), from("fallback")), ("pricing".into(), "namespace-wide".into(), "pricing".into()));
+    assert_eq!(
+        (from("timeouts"), from("retry"), from("fallback")),
+        ("pricing".into(), "namespace-wide".into(), "pricing".into())
+    );
 }

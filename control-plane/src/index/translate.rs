@@ -311,25 +311,38 @@ fn client_policy(
     let mut applicable: Vec<(u8, &crate::sources::Policy)> = objects
         .iter()
         .filter_map(|o| match o {
-            Object::Policy(p) if p.kind == "ResiliencePolicy" && p.meta.namespace == key.namespace => {
-                let level = p.target_refs.iter().filter_map(|t| specificity(t, key, port)).max()?;
-                Some((level, p))
+            Object::Policy(p)
+                if p.kind == "ResiliencePolicy" && p.meta.namespace == key.namespace =>
+            {
+                let level = p
+                    .target_refs
+                    .iter()
+                    .filter_map(|t| specificity(t, key, port))
+                    .max()?;
+                Some((level, &**p))
             }
             _ => None,
         })
         .collect();
     applicable.sort_by(|(la, a), (lb, b)| lb.cmp(la).then_with(|| a.meta.name.cmp(&b.meta.name)));
-    let sources: Vec<cfg::ResourceRef> =
-        applicable.iter().map(|(_, p)| object_ref(&p.group, &p.kind, &p.meta, "")).collect();
+    let sources: Vec<cfg::ResourceRef> = applicable
+        .iter()
+        .map(|(_, p)| object_ref(&p.group, &p.kind, &p.meta, ""))
+        .collect();
     let mut section_sources = BTreeMap::new();
     // Section-atomic merge: each section whole from the first (most specific) policy setting it.
     macro_rules! pick {
         ($field:ident, $name:literal) => {{
-            let found = applicable
-                .iter()
-                .find_map(|(_, p)| p.resilience.as_ref()?.$field.as_ref().map(|v| (p, v.clone())));
+            let found = applicable.iter().find_map(|(_, p)| {
+                p.resilience
+                    .as_ref()?
+                    .$field
+                    .as_ref()
+                    .map(|v| (p, v.clone()))
+            });
             found.map(|(p, v)| {
-                section_sources.insert($name.to_owned(), object_ref(&p.group, &p.kind, &p.meta, ""));
+                section_sources
+                    .insert($name.to_owned(), object_ref(&p.group, &p.kind, &p.meta, ""));
                 v
             })
         }};
@@ -340,7 +353,7 @@ fn client_policy(
     let budget = retry.as_ref().and_then(|_| {
         applicable
             .iter()
-            .find_map(|(_, p)| p.resilience.as_ref().filter(|r| r.retry.is_some())?.budget.clone())
+            .find_map(|(_, p)| p.resilience.as_ref().filter(|r| r.retry.is_some())?.budget)
     });
     let breaker = pick!(breaker, "circuitBreaker");
     let outlier = pick!(outlier, "outlierDetection");
@@ -361,9 +374,15 @@ fn client_policy(
         ..Default::default()
     }));
     let policy = cfg::ClientPolicy {
-        service: Some(cfg::ServiceRef { name: key.name.clone(), namespace: key.namespace.clone() }),
+        service: Some(cfg::ServiceRef {
+            name: key.name.clone(),
+            namespace: key.namespace.clone(),
+        }),
         port: u32::from(port.port),
-        routes: vec![cfg::Route { name: "default".into(), source: None }],
+        routes: vec![cfg::Route {
+            name: "default".into(),
+            source: None,
+        }],
         timeouts,
         retry,
         budget,

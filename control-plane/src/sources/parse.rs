@@ -395,7 +395,12 @@ const TARGET_KINDS: &[(&str, &str)] = &[
     ("gateway.networking.k8s.io", "Gateway"),
 ];
 
-fn policy(meta: Meta, group: &str, kind: &str, json: &serde_json::Value) -> Result<Object, FieldError> {
+fn policy(
+    meta: Meta,
+    group: &str,
+    kind: &str,
+    json: &serde_json::Value,
+) -> Result<Object, FieldError> {
     let spec = json.get("spec").cloned().unwrap_or(serde_json::Value::Null);
     let (target_refs, resilience) = match (group, kind) {
         ("policy.ferrymesh.io", "ResiliencePolicy") => {
@@ -408,25 +413,31 @@ fn policy(meta: Meta, group: &str, kind: &str, json: &serde_json::Value) -> Resu
     if group == "policy.ferrymesh.io" {
         check_target_refs(&meta, &target_refs)?;
     }
-    if resilience.as_ref().is_some_and(ResilienceSections::is_empty) {
+    if resilience
+        .as_ref()
+        .is_some_and(ResilienceSections::is_empty)
+    {
         return Err(field_err(
             "spec",
             "at least one section: set one of timeouts, retry, circuitBreaker, outlierDetection, healthCheck, fallback, cache, loadBalancer",
         ));
     }
-    Ok(Object::Policy(Policy {
+    Ok(Object::Policy(Box::new(Policy {
         meta,
         group: group.to_owned(),
         kind: kind.to_owned(),
         target_refs,
         resilience,
         spec,
-    }))
+    })))
 }
 
 fn check_target_refs(meta: &Meta, refs: &[TargetRef]) -> Result<(), FieldError> {
     if !(1..=16).contains(&refs.len()) {
-        return Err(field_err("spec.targetRefs", "targetRefs holds 1 to 16 references"));
+        return Err(field_err(
+            "spec.targetRefs",
+            "targetRefs holds 1 to 16 references",
+        ));
     }
     for (i, t) in refs.iter().enumerate() {
         if !TARGET_KINDS.contains(&(t.group.as_str(), t.kind.as_str())) {

@@ -90,6 +90,7 @@ struct RawBreaker {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[allow(clippy::struct_field_names)] // the API's names
 struct RawLimits {
     max_connections: Option<u32>,
     max_pending_requests: Option<u32>,
@@ -217,10 +218,17 @@ impl Section<'_> {
         format!("spec.{}.{field}", self.prefix)
     }
 
-    fn duration(&self, field: &str, v: Option<&String>, default: Duration) -> Result<Duration, FieldError> {
+    fn duration(
+        &self,
+        field: &str,
+        v: Option<&String>,
+        default: Duration,
+    ) -> Result<Duration, FieldError> {
         match v {
             None => Ok(default),
-            Some(t) => ferrymesh_proto::duration::parse(t).map_err(|e| field_err(self.path(field), format!("duration format (GEP-2257): {e}"))),
+            Some(t) => ferrymesh_proto::duration::parse(t).map_err(|e| {
+                field_err(self.path(field), format!("duration format (GEP-2257): {e}"))
+            }),
         }
     }
 
@@ -228,15 +236,20 @@ impl Section<'_> {
         let value = match v {
             None => return Ok(default),
             Some(Ratio::Number(n)) => *n,
-            Some(Ratio::Text(t)) => t
-                .trim()
-                .parse::<f64>()
-                .map_err(|_| field_err(self.path(field), format!("ratio is a decimal 0..1: {t:?} is not a number")))?,
+            Some(Ratio::Text(t)) => t.trim().parse::<f64>().map_err(|_| {
+                field_err(
+                    self.path(field),
+                    format!("ratio is a decimal 0..1: {t:?} is not a number"),
+                )
+            })?,
         };
         if (0.0..=1.0).contains(&value) {
             Ok(value)
         } else {
-            Err(field_err(self.path(field), format!("ratio is a decimal 0..1: got {value}")))
+            Err(field_err(
+                self.path(field),
+                format!("ratio is a decimal 0..1: got {value}"),
+            ))
         }
     }
 }
@@ -246,7 +259,9 @@ fn pb(d: Duration) -> prost_types::Duration {
 }
 
 /// Parses and validates a ResiliencePolicy's spec.
-pub(super) fn spec(json: &serde_json::Value) -> Result<(Vec<TargetRef>, ResilienceSections), FieldError> {
+pub(super) fn spec(
+    json: &serde_json::Value,
+) -> Result<(Vec<TargetRef>, ResilienceSections), FieldError> {
     let raw: Raw = from_json(json)?;
     let s = raw.spec;
     let mut out = ResilienceSections::default();
@@ -282,7 +297,8 @@ pub(super) fn spec(json: &serde_json::Value) -> Result<(Vec<TargetRef>, Resilien
 fn timeouts(t: &RawTimeouts) -> Result<cfg::Timeouts, FieldError> {
     let s = Section { prefix: "timeouts" };
     let opt = |field: &str, v: Option<&String>| -> Result<Option<Duration>, FieldError> {
-        v.map(|v| s.duration(field, Some(v), Duration::ZERO)).transpose()
+        v.map(|v| s.duration(field, Some(v), Duration::ZERO))
+            .transpose()
     };
     let request = opt("request", t.request.as_ref())?;
     let per_try = opt("perTry", t.per_try.as_ref())?;
@@ -293,13 +309,22 @@ fn timeouts(t: &RawTimeouts) -> Result<cfg::Timeouts, FieldError> {
     {
         return Err(field_err(
             s.path("perTry"),
-            format!("perTry <= request: perTry {} exceeds request {}", ferrymesh_proto::duration::format(p), ferrymesh_proto::duration::format(r)),
+            format!(
+                "perTry <= request: perTry {} exceeds request {}",
+                ferrymesh_proto::duration::format(p),
+                ferrymesh_proto::duration::format(r)
+            ),
         ));
     }
     let deadline_propagation = match t.deadline_propagation.as_deref() {
         None | Some("Enabled") => true,
         Some("Disabled") => false,
-        Some(other) => return Err(field_err(s.path("deadlinePropagation"), format!("enum Enabled | Disabled: got {other:?}"))),
+        Some(other) => {
+            return Err(field_err(
+                s.path("deadlinePropagation"),
+                format!("enum Enabled | Disabled: got {other:?}"),
+            ));
+        }
     };
     Ok(cfg::Timeouts {
         request: request.map(pb),
@@ -329,18 +354,73 @@ const GRPC_CODES: &[(&str, u32)] = &[
     ("unavailable", 14),
 ];
 
-const METHODS: &[&str] = &["GET", "HEAD", "OPTIONS", "PUT", "DELETE", "POST", "PATCH", "TRACE"];
+const METHODS: &[&str] = &[
+    "GET", "HEAD", "OPTIONS", "PUT", "DELETE", "POST", "PATCH", "TRACE",
+];
 
 fn retry(r: &RawRetry) -> Result<(cfg::Retry, cfg::RetryBudget), FieldError> {
     let s = Section { prefix: "retry" };
     let attempts = r.attempts.unwrap_or(2);
     if attempts > 10 {
-        return Err(field_err(s.path("attempts"), format!("attempts 0..10: got {attempts}")));
+        return Err(field_err(
+            s.path("attempts"),
+            format!("attempts 0..10: got {attempts}"),
+        ));
     }
+    let (retry_on, retry_on_status) = retry_on(&s, r.retry_on.as_deref())?;
+    let mut grpc_retry_on = Vec::new();
+    let default_grpc = vec!["unavailable".to_owned()];
+    for (i, item) in r
+        .grpc_retry_on
+        .as_ref()
+        .unwrap_or(&default_grpc)
+        .iter()
+        .enumerate()
+    {
+        let Some((_, code)) = GRPC_CODES.iter().find(|(n, _)| n == item) else {
+            let names: Vec<_> = GRPC_CODES.iter().map(|(n, _)| *n).collect();
+            return Err(field_err(
+                format!("{}[{i}]", s.path("grpcRetryOn")),
+                format!("grpcRetryOn is one of {}: got {item:?}", names.join(", ")),
+            ));
+        };
+        grpc_retry_on.push(*code);
+    }
+    let default_methods = ["GET", "HEAD", "OPTIONS", "PUT", "DELETE"]
+        .map(str::to_owned)
+        .to_vec();
+    let methods = r.methods.clone().unwrap_or(default_methods);
+    for (i, m) in methods.iter().enumerate() {
+        if !METHODS.contains(&m.as_str()) {
+            return Err(field_err(
+                format!("{}[{i}]", s.path("methods")),
+                format!(
+                    "methods are HTTP methods in capitals ({}): got {m:?}",
+                    METHODS.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok((
+        cfg::Retry {
+            attempts,
+            retry_on,
+            retry_on_status,
+            grpc_retry_on,
+            methods,
+            backoff: Some(backoff(r.backoff.as_ref())?),
+            respect_retry_after: r.respect_retry_after.unwrap_or(true),
+            max_request_body_bytes: r.max_request_body_bytes.unwrap_or(65_536),
+        },
+        budget(r.budget.as_ref())?,
+    ))
+}
+
+fn retry_on(s: &Section<'_>, items: Option<&[String]>) -> Result<(Vec<i32>, Vec<u32>), FieldError> {
     let mut retry_on = Vec::new();
     let mut retry_on_status = Vec::new();
-    let default_on = ["connect-failure", "refused-stream", "reset"].map(str::to_owned).to_vec();
-    for (i, item) in r.retry_on.as_ref().unwrap_or(&default_on).iter().enumerate() {
+    let default_on = ["connect-failure", "refused-stream", "reset"].map(str::to_owned);
+    for (i, item) in items.unwrap_or(&default_on).iter().enumerate() {
         if let Some((_, v)) = RETRY_ON.iter().find(|(n, _)| n == item) {
             retry_on.push(i32::from(*v));
         } else if item.len() == 3
@@ -352,29 +432,21 @@ fn retry(r: &RawRetry) -> Result<(cfg::Retry, cfg::RetryBudget), FieldError> {
             let names: Vec<_> = RETRY_ON.iter().map(|(n, _)| *n).collect();
             return Err(field_err(
                 format!("{}[{i}]", s.path("retryOn")),
-                format!("retryOn is one of {} or a status code 100..599: got {item:?}", names.join(", ")),
+                format!(
+                    "retryOn is one of {} or a status code 100..599: got {item:?}",
+                    names.join(", ")
+                ),
             ));
         }
     }
-    let mut grpc_retry_on = Vec::new();
-    let default_grpc = vec!["unavailable".to_owned()];
-    for (i, item) in r.grpc_retry_on.as_ref().unwrap_or(&default_grpc).iter().enumerate() {
-        let Some((_, code)) = GRPC_CODES.iter().find(|(n, _)| n == item) else {
-            let names: Vec<_> = GRPC_CODES.iter().map(|(n, _)| *n).collect();
-            return Err(field_err(format!("{}[{i}]", s.path("grpcRetryOn")), format!("grpcRetryOn is one of {}: got {item:?}", names.join(", "))));
-        };
-        grpc_retry_on.push(*code);
-    }
-    let default_methods = ["GET", "HEAD", "OPTIONS", "PUT", "DELETE"].map(str::to_owned).to_vec();
-    let methods = r.methods.clone().unwrap_or(default_methods);
-    for (i, m) in methods.iter().enumerate() {
-        if !METHODS.contains(&m.as_str()) {
-            return Err(field_err(format!("{}[{i}]", s.path("methods")), format!("methods are HTTP methods in capitals ({}): got {m:?}", METHODS.join(", "))));
-        }
-    }
-    let b = Section { prefix: "retry.backoff" };
-    let raw_backoff = r.backoff.as_ref();
-    let strategy = match raw_backoff.and_then(|b| b.strategy.as_deref()) {
+    Ok((retry_on, retry_on_status))
+}
+
+fn backoff(raw: Option<&RawBackoff>) -> Result<cfg::Backoff, FieldError> {
+    let b = Section {
+        prefix: "retry.backoff",
+    };
+    let strategy = match raw.and_then(|b| b.strategy.as_deref()) {
         None | Some("ExponentialFullJitter") => cfg::backoff::Strategy::ExponentialFullJitter,
         Some("Constant") => cfg::backoff::Strategy::Constant,
         Some("Exponential") => cfg::backoff::Strategy::Exponential,
@@ -382,38 +454,56 @@ fn retry(r: &RawRetry) -> Result<(cfg::Retry, cfg::RetryBudget), FieldError> {
         Some(other) => {
             return Err(field_err(
                 b.path("strategy"),
-                format!("strategy is Constant | Exponential | ExponentialFullJitter | DecorrelatedJitter: got {other:?}"),
+                format!(
+                    "strategy is Constant | Exponential | ExponentialFullJitter | DecorrelatedJitter: got {other:?}"
+                ),
             ));
         }
     };
-    let base = b.duration("base", raw_backoff.and_then(|b| b.base.as_ref()), Duration::from_millis(25))?;
-    let max = b.duration("max", raw_backoff.and_then(|b| b.max.as_ref()), Duration::from_millis(250).max(base))?;
+    let base = b.duration(
+        "base",
+        raw.and_then(|b| b.base.as_ref()),
+        Duration::from_millis(25),
+    )?;
+    let max = b.duration(
+        "max",
+        raw.and_then(|b| b.max.as_ref()),
+        Duration::from_millis(250).max(base),
+    )?;
     if base > max {
-        return Err(field_err(b.path("base"), format!("base <= max: base {} exceeds max {}", ferrymesh_proto::duration::format(base), ferrymesh_proto::duration::format(max))));
+        return Err(field_err(
+            b.path("base"),
+            format!(
+                "base <= max: base {} exceeds max {}",
+                ferrymesh_proto::duration::format(base),
+                ferrymesh_proto::duration::format(max)
+            ),
+        ));
     }
-    let g = Section { prefix: "retry.budget" };
-    let raw_budget = r.budget.as_ref();
-    let budget = cfg::RetryBudget {
-        ratio: g.ratio("ratio", raw_budget.and_then(|b| b.ratio.as_ref()), 0.2)?,
-        min_retries_per_second: raw_budget.and_then(|b| b.min_retries_per_second).unwrap_or(10),
-        window: Some(pb(g.duration("window", raw_budget.and_then(|b| b.window.as_ref()), Duration::from_secs(10))?)),
+    Ok(cfg::Backoff {
+        strategy: strategy.into(),
+        base: Some(pb(base)),
+        max: Some(pb(max)),
+    })
+}
+
+fn budget(raw: Option<&RawBudget>) -> Result<cfg::RetryBudget, FieldError> {
+    let g = Section {
+        prefix: "retry.budget",
     };
-    if budget.window.as_ref().is_some_and(|w| w.seconds == 0 && w.nanos == 0) {
+    let window = g.duration(
+        "window",
+        raw.and_then(|b| b.window.as_ref()),
+        Duration::from_secs(10),
+    )?;
+    if window.is_zero() {
         return Err(field_err(g.path("window"), "window > 0s"));
     }
-    Ok((
-        cfg::Retry {
-            attempts,
-            retry_on,
-            retry_on_status,
-            grpc_retry_on,
-            methods,
-            backoff: Some(cfg::Backoff { strategy: strategy.into(), base: Some(pb(base)), max: Some(pb(max)) }),
-            respect_retry_after: r.respect_retry_after.unwrap_or(true),
-            max_request_body_bytes: r.max_request_body_bytes.unwrap_or(65_536),
-        },
-        budget,
-    ))
+    Ok(cfg::RetryBudget {
+        ratio: g.ratio("ratio", raw.and_then(|b| b.ratio.as_ref()), 0.2)?,
+        min_retries_per_second: raw.and_then(|b| b.min_retries_per_second).unwrap_or(10),
+        window: Some(pb(window)),
+    })
 }
 
 const FAILURE_ON: &[(&str, cfg::FailureOn)] = &[
@@ -424,26 +514,53 @@ const FAILURE_ON: &[(&str, cfg::FailureOn)] = &[
 ];
 
 fn breaker(b: &RawBreaker) -> Result<cfg::CircuitBreaker, FieldError> {
-    let s = Section { prefix: "circuitBreaker" };
+    let s = Section {
+        prefix: "circuitBreaker",
+    };
     let limits = b.limits.as_ref();
     let trip = b.trip_when.as_ref();
-    let t = Section { prefix: "circuitBreaker.tripWhen" };
+    let t = Section {
+        prefix: "circuitBreaker.tripWhen",
+    };
     let minimum_requests = trip.and_then(|t| t.minimum_requests).unwrap_or(20);
     if minimum_requests < 1 {
         return Err(field_err(t.path("minimumRequests"), "minimumRequests >= 1"));
     }
     let mut failure_on = Vec::new();
-    let default_on = ["5xx", "connect-failure", "timeout"].map(str::to_owned).to_vec();
-    for (i, item) in b.failure_on.as_ref().unwrap_or(&default_on).iter().enumerate() {
+    let default_on = ["5xx", "connect-failure", "timeout"]
+        .map(str::to_owned)
+        .to_vec();
+    for (i, item) in b
+        .failure_on
+        .as_ref()
+        .unwrap_or(&default_on)
+        .iter()
+        .enumerate()
+    {
         let Some((_, v)) = FAILURE_ON.iter().find(|(n, _)| n == item) else {
-            return Err(field_err(format!("{}[{i}]", s.path("failureOn")), format!("failureOn is one of 5xx, connect-failure, timeout, gateway-error: got {item:?}")));
+            return Err(field_err(
+                format!("{}[{i}]", s.path("failureOn")),
+                format!(
+                    "failureOn is one of 5xx, connect-failure, timeout, gateway-error: got {item:?}"
+                ),
+            ));
         };
         failure_on.push(i32::from(*v));
     }
-    let o = Section { prefix: "circuitBreaker.open" };
+    let o = Section {
+        prefix: "circuitBreaker.open",
+    };
     let open = b.open.as_ref();
-    let open_base = o.duration("base", open.and_then(|o| o.base.as_ref()), Duration::from_secs(5))?;
-    let open_max = o.duration("max", open.and_then(|o| o.max.as_ref()), Duration::from_secs(60).max(open_base))?;
+    let open_base = o.duration(
+        "base",
+        open.and_then(|o| o.base.as_ref()),
+        Duration::from_secs(5),
+    )?;
+    let open_max = o.duration(
+        "max",
+        open.and_then(|o| o.max.as_ref()),
+        Duration::from_mins(1).max(open_base),
+    )?;
     if open_base > open_max {
         return Err(field_err(o.path("base"), "base <= max"));
     }
@@ -457,9 +574,17 @@ fn breaker(b: &RawBreaker) -> Result<cfg::CircuitBreaker, FieldError> {
         max_pending_requests: limit(limits.and_then(|l| l.max_pending_requests)),
         max_requests: limit(limits.and_then(|l| l.max_requests)),
         consecutive_failures: trip.and_then(|t| t.consecutive_failures).unwrap_or(7),
-        failure_ratio: t.ratio("failureRatio", trip.and_then(|t| t.failure_ratio.as_ref()), 0.5)?,
+        failure_ratio: t.ratio(
+            "failureRatio",
+            trip.and_then(|t| t.failure_ratio.as_ref()),
+            0.5,
+        )?,
         minimum_requests,
-        window: Some(pb(t.duration("window", trip.and_then(|t| t.window.as_ref()), Duration::from_secs(10))?)),
+        window: Some(pb(t.duration(
+            "window",
+            trip.and_then(|t| t.window.as_ref()),
+            Duration::from_secs(10),
+        )?)),
         failure_on,
         open_base: Some(pb(open_base)),
         open_max: Some(pb(open_max)),
@@ -469,20 +594,40 @@ fn breaker(b: &RawBreaker) -> Result<cfg::CircuitBreaker, FieldError> {
 }
 
 fn outlier(o: &RawOutlier) -> Result<cfg::OutlierDetection, FieldError> {
-    let s = Section { prefix: "outlierDetection" };
+    let s = Section {
+        prefix: "outlierDetection",
+    };
     let percent = o.max_ejection_percent.unwrap_or(10);
     if percent > 100 {
-        return Err(field_err(s.path("maxEjectionPercent"), format!("percentage 0..100: got {percent}")));
+        return Err(field_err(
+            s.path("maxEjectionPercent"),
+            format!("percentage 0..100: got {percent}"),
+        ));
     }
-    let base = s.duration("baseEjectionTime", o.base_ejection_time.as_ref(), Duration::from_secs(30))?;
-    let max = s.duration("maxEjectionTime", o.max_ejection_time.as_ref(), Duration::from_secs(300).max(base))?;
+    let base = s.duration(
+        "baseEjectionTime",
+        o.base_ejection_time.as_ref(),
+        Duration::from_secs(30),
+    )?;
+    let max = s.duration(
+        "maxEjectionTime",
+        o.max_ejection_time.as_ref(),
+        Duration::from_mins(5).max(base),
+    )?;
     if base > max {
-        return Err(field_err(s.path("baseEjectionTime"), "baseEjectionTime <= maxEjectionTime"));
+        return Err(field_err(
+            s.path("baseEjectionTime"),
+            "baseEjectionTime <= maxEjectionTime",
+        ));
     }
     Ok(cfg::OutlierDetection {
         consecutive_errors: o.consecutive_errors.unwrap_or(5),
         consecutive_gateway_errors: o.consecutive_gateway_errors.unwrap_or(0),
-        interval: Some(pb(s.duration("interval", o.interval.as_ref(), Duration::from_secs(10))?)),
+        interval: Some(pb(s.duration(
+            "interval",
+            o.interval.as_ref(),
+            Duration::from_secs(10),
+        )?)),
         base_ejection_time: Some(pb(base)),
         max_ejection_time: Some(pb(max)),
         max_ejection_percent: percent,
@@ -491,7 +636,9 @@ fn outlier(o: &RawOutlier) -> Result<cfg::OutlierDetection, FieldError> {
 }
 
 fn health_check(h: &RawHealthCheck) -> Result<cfg::HealthCheck, FieldError> {
-    let s = Section { prefix: "healthCheck" };
+    let s = Section {
+        prefix: "healthCheck",
+    };
     let check = match (&h.http, &h.tcp, &h.grpc) {
         (Some(http), None, None) => {
             if !http.path.starts_with('/') {
@@ -499,12 +646,20 @@ fn health_check(h: &RawHealthCheck) -> Result<cfg::HealthCheck, FieldError> {
             }
             let statuses = http.expected_statuses.clone().unwrap_or_else(|| vec![200]);
             if let Some(bad) = statuses.iter().find(|c| !(100..=599).contains(*c)) {
-                return Err(field_err(s.path("http.expectedStatuses"), format!("status codes 100..599: got {bad}")));
+                return Err(field_err(
+                    s.path("http.expectedStatuses"),
+                    format!("status codes 100..599: got {bad}"),
+                ));
             }
-            cfg::health_check::Check::Http(cfg::HttpCheck { path: http.path.clone(), expected_statuses: statuses.into_iter().map(u32::from).collect() })
+            cfg::health_check::Check::Http(cfg::HttpCheck {
+                path: http.path.clone(),
+                expected_statuses: statuses.into_iter().map(u32::from).collect(),
+            })
         }
         (None, Some(_), None) => cfg::health_check::Check::Tcp(cfg::TcpCheck {}),
-        (None, None, Some(g)) => cfg::health_check::Check::Grpc(cfg::GrpcCheck { service: g.service.clone() }),
+        (None, None, Some(g)) => cfg::health_check::Check::Grpc(cfg::GrpcCheck {
+            service: g.service.clone(),
+        }),
         _ => return Err(field_err(s.path("http"), "exactly one of http, tcp, grpc")),
     };
     let interval = s.duration("interval", h.interval.as_ref(), Duration::from_secs(3))?;
@@ -524,7 +679,11 @@ fn health_check(h: &RawHealthCheck) -> Result<cfg::HealthCheck, FieldError> {
         timeout: Some(pb(timeout)),
         unhealthy_threshold: unhealthy,
         healthy_threshold: healthy,
-        initial_jitter: Some(pb(s.duration("initialJitter", h.initial_jitter.as_ref(), Duration::from_secs(1))?)),
+        initial_jitter: Some(pb(s.duration(
+            "initialJitter",
+            h.initial_jitter.as_ref(),
+            Duration::from_secs(1),
+        )?)),
     })
 }
 
@@ -533,17 +692,31 @@ const TRIGGERS: &[(&str, cfg::FallbackTrigger)] = &[
     ("no-endpoints", cfg::FallbackTrigger::FallbackNoEndpoints),
     ("timeout", cfg::FallbackTrigger::FallbackTimeout),
     ("5xx", cfg::FallbackTrigger::FallbackServerError),
-    ("budget-exhausted", cfg::FallbackTrigger::FallbackBudgetExhausted),
+    (
+        "budget-exhausted",
+        cfg::FallbackTrigger::FallbackBudgetExhausted,
+    ),
 ];
 
 fn fallback(f: &RawFallback) -> Result<cfg::Fallback, FieldError> {
     let s = Section { prefix: "fallback" };
     let mut triggers = Vec::new();
-    let default_triggers = ["circuit-open", "no-endpoints", "timeout", "5xx"].map(str::to_owned).to_vec();
-    for (i, item) in f.triggers.as_ref().unwrap_or(&default_triggers).iter().enumerate() {
+    let default_triggers = ["circuit-open", "no-endpoints", "timeout", "5xx"]
+        .map(str::to_owned)
+        .to_vec();
+    for (i, item) in f
+        .triggers
+        .as_ref()
+        .unwrap_or(&default_triggers)
+        .iter()
+        .enumerate()
+    {
         let Some((_, v)) = TRIGGERS.iter().find(|(n, _)| n == item) else {
             let names: Vec<_> = TRIGGERS.iter().map(|(n, _)| *n).collect();
-            return Err(field_err(format!("{}[{i}]", s.path("triggers")), format!("triggers are {}: got {item:?}", names.join(", "))));
+            return Err(field_err(
+                format!("{}[{i}]", s.path("triggers")),
+                format!("triggers are {}: got {item:?}", names.join(", ")),
+            ));
         };
         triggers.push(i32::from(*v));
     }
@@ -553,17 +726,26 @@ fn fallback(f: &RawFallback) -> Result<cfg::Fallback, FieldError> {
                 return Err(field_err(s.path("backendRef.port"), "port 1..65535"));
             }
             cfg::fallback::Target::Backend(cfg::BackendRef {
-                service: Some(cfg::ServiceRef { name: b.name.clone(), namespace: b.namespace.clone().unwrap_or_default() }),
+                service: Some(cfg::ServiceRef {
+                    name: b.name.clone(),
+                    namespace: b.namespace.clone().unwrap_or_default(),
+                }),
                 port: u32::from(b.port),
             })
         }
         (None, Some(r)) => {
             if !(200..=599).contains(&r.status) {
-                return Err(field_err(s.path("staticResponse.status"), format!("status 200..599: got {}", r.status)));
+                return Err(field_err(
+                    s.path("staticResponse.status"),
+                    format!("status 200..599: got {}", r.status),
+                ));
             }
             for name in r.headers.keys() {
                 if http_header_name_invalid(name) {
-                    return Err(field_err(s.path("staticResponse.headers"), format!("header names are tokens: {name:?}")));
+                    return Err(field_err(
+                        s.path("staticResponse.headers"),
+                        format!("header names are tokens: {name:?}"),
+                    ));
                 }
             }
             cfg::fallback::Target::StaticResponse(cfg::StaticResponse {
@@ -572,24 +754,41 @@ fn fallback(f: &RawFallback) -> Result<cfg::Fallback, FieldError> {
                 body: r.body.clone().into_bytes(),
             })
         }
-        _ => return Err(field_err(s.path("backendRef"), "exactly one of backendRef, staticResponse")),
+        _ => {
+            return Err(field_err(
+                s.path("backendRef"),
+                "exactly one of backendRef, staticResponse",
+            ));
+        }
     };
-    Ok(cfg::Fallback { triggers, target: Some(target) })
+    Ok(cfg::Fallback {
+        triggers,
+        target: Some(target),
+    })
 }
 
 fn http_header_name_invalid(name: &str) -> bool {
-    name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 fn cache(c: &RawCache) -> Result<cfg::Cache, FieldError> {
     let s = Section { prefix: "cache" };
-    let methods = c.methods.clone().unwrap_or_else(|| vec!["GET".into(), "HEAD".into()]);
+    let methods = c
+        .methods
+        .clone()
+        .unwrap_or_else(|| vec!["GET".into(), "HEAD".into()]);
     for (i, m) in methods.iter().enumerate() {
         if m != "GET" && m != "HEAD" {
-            return Err(field_err(format!("{}[{i}]", s.path("methods")), format!("methods subset of GET, HEAD: got {m:?}")));
+            return Err(field_err(
+                format!("{}[{i}]", s.path("methods")),
+                format!("methods subset of GET, HEAD: got {m:?}"),
+            ));
         }
     }
-    let max_ttl = s.duration("maxTTL", c.max_ttl.as_ref(), Duration::from_secs(300))?;
+    let max_ttl = s.duration("maxTTL", c.max_ttl.as_ref(), Duration::from_mins(5))?;
     let default_ttl = s.duration("defaultTTL", c.default_ttl.as_ref(), Duration::ZERO)?;
     if default_ttl > max_ttl {
         return Err(field_err(s.path("defaultTTL"), "defaultTTL <= maxTTL"));
@@ -604,14 +803,26 @@ fn cache(c: &RawCache) -> Result<cfg::Cache, FieldError> {
         max_ttl: Some(pb(max_ttl)),
         max_entries,
         max_body_bytes: c.max_body_bytes.unwrap_or(1_048_576),
-        vary_headers: c.vary_headers.clone().unwrap_or_default().into_iter().map(|h| h.to_ascii_lowercase()).collect(),
-        serve_stale_on_error: Some(pb(s.duration("serveStaleOnError", c.serve_stale_on_error.as_ref(), Duration::ZERO)?)),
+        vary_headers: c
+            .vary_headers
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect(),
+        serve_stale_on_error: Some(pb(s.duration(
+            "serveStaleOnError",
+            c.serve_stale_on_error.as_ref(),
+            Duration::ZERO,
+        )?)),
     })
 }
 
 fn load_balancer(l: &RawLoadBalancer) -> Result<cfg::LoadBalancer, FieldError> {
     use cfg::load_balancer::Algorithm;
-    let s = Section { prefix: "loadBalancer" };
+    let s = Section {
+        prefix: "loadBalancer",
+    };
     let algorithm = match l.algorithm.as_deref() {
         None | Some("PeakEWMA") => Algorithm::PeakEwma,
         Some("RoundRobin") => Algorithm::RoundRobin,
@@ -621,21 +832,49 @@ fn load_balancer(l: &RawLoadBalancer) -> Result<cfg::LoadBalancer, FieldError> {
         Some(other) => {
             return Err(field_err(
                 s.path("algorithm"),
-                format!("algorithm is RoundRobin | LeastRequest | PeakEWMA | Random | ConsistentHash: got {other:?}"),
+                format!(
+                    "algorithm is RoundRobin | LeastRequest | PeakEWMA | Random | ConsistentHash: got {other:?}"
+                ),
             ));
         }
     };
     let hash_header = match (algorithm, &l.hash_on) {
-        (Algorithm::ConsistentHash, Some(h)) if !http_header_name_invalid(&h.header) => h.header.to_ascii_lowercase(),
-        (Algorithm::ConsistentHash, Some(h)) => return Err(field_err(s.path("hashOn.header"), format!("header names are tokens: {:?}", h.header))),
-        (Algorithm::ConsistentHash, None) => return Err(field_err(s.path("hashOn"), "hashOn is required iff algorithm is ConsistentHash: missing")),
-        (_, Some(_)) => return Err(field_err(s.path("hashOn"), "hashOn is required iff algorithm is ConsistentHash: set without it")),
+        (Algorithm::ConsistentHash, Some(h)) if !http_header_name_invalid(&h.header) => {
+            h.header.to_ascii_lowercase()
+        }
+        (Algorithm::ConsistentHash, Some(h)) => {
+            return Err(field_err(
+                s.path("hashOn.header"),
+                format!("header names are tokens: {:?}", h.header),
+            ));
+        }
+        (Algorithm::ConsistentHash, None) => {
+            return Err(field_err(
+                s.path("hashOn"),
+                "hashOn is required iff algorithm is ConsistentHash: missing",
+            ));
+        }
+        (_, Some(_)) => {
+            return Err(field_err(
+                s.path("hashOn"),
+                "hashOn is required iff algorithm is ConsistentHash: set without it",
+            ));
+        }
         (_, None) => String::new(),
     };
     let prefer_same_zone = match l.zone_aware.as_deref() {
         None | Some("Off") => false,
         Some("PreferSameZone") => true,
-        Some(other) => return Err(field_err(s.path("zoneAware"), format!("zoneAware is Off | PreferSameZone: got {other:?}"))),
+        Some(other) => {
+            return Err(field_err(
+                s.path("zoneAware"),
+                format!("zoneAware is Off | PreferSameZone: got {other:?}"),
+            ));
+        }
     };
-    Ok(cfg::LoadBalancer { algorithm: algorithm.into(), hash_header, prefer_same_zone })
+    Ok(cfg::LoadBalancer {
+        algorithm: algorithm.into(),
+        hash_header,
+        prefer_same_zone,
+    })
 }

@@ -207,7 +207,9 @@ spec:
 
 fn sections(text: &str) -> crate::sources::ResilienceSections {
     let parsed = parse(text).unwrap();
-    let Object::Policy(p) = &parsed.objects[0] else { panic!("not a policy") };
+    let Object::Policy(p) = &parsed.objects[0] else {
+        panic!("not a policy")
+    };
     p.resilience.clone().unwrap()
 }
 
@@ -220,9 +222,19 @@ fn the_full_example_parses_into_every_section() {
     assert_eq!(retry.grpc_retry_on, [14, 8]);
     assert!((s.budget.unwrap().ratio - 0.2).abs() < f64::EPSILON);
     let breaker = s.breaker.unwrap();
-    assert_eq!((breaker.consecutive_failures, breaker.minimum_requests, breaker.half_open_probes), (7, 20, 3));
+    assert_eq!(
+        (
+            breaker.consecutive_failures,
+            breaker.minimum_requests,
+            breaker.half_open_probes
+        ),
+        (7, 20, 3)
+    );
     assert_eq!(s.outlier.unwrap().max_ejection_time.unwrap().seconds, 300);
-    assert!(matches!(s.health_check.unwrap().check, Some(ferrymesh_proto::config::v1::health_check::Check::Http(_))));
+    assert!(matches!(
+        s.health_check.unwrap().check,
+        Some(ferrymesh_proto::config::v1::health_check::Check::Http(_))
+    ));
     assert!(s.fallback.unwrap().target.is_some());
     assert_eq!(s.cache.unwrap().vary_headers, ["accept", "accept-encoding"]);
     assert!(s.lb.unwrap().prefer_same_zone);
@@ -236,39 +248,161 @@ fn retry_alone_gets_the_default_budget() {
          spec:\n  targetRefs: [{group: \"\", kind: Service, name: a}]\n  retry: {attempts: 3}\n",
     );
     let budget = s.budget.unwrap();
-    assert_eq!((budget.min_retries_per_second, budget.window.unwrap().seconds), (10, 10));
+    assert_eq!(
+        (
+            budget.min_retries_per_second,
+            budget.window.unwrap().seconds
+        ),
+        (10, 10)
+    );
     let retry = s.retry.unwrap();
     assert_eq!(retry.methods, ["GET", "HEAD", "OPTIONS", "PUT", "DELETE"]);
-    assert_eq!(retry.retry_on.len(), 3, "connect-failure, refused-stream, reset by default");
+    assert_eq!(
+        retry.retry_on.len(),
+        3,
+        "connect-failure, refused-stream, reset by default"
+    );
 }
 
 /// Every validation rule: (what to replace in FULL, with what, field, words of the rule).
+const RULE_CASES: &[(&str, &str, &str, &str)] = &[
+    (
+        "perTry: 800ms",
+        "perTry: 4s",
+        "spec.timeouts.perTry",
+        "perTry <= request",
+    ),
+    (
+        "base: 25ms, max: 250ms",
+        "base: 300ms, max: 250ms",
+        "spec.retry.backoff.base",
+        "base <= max",
+    ),
+    (
+        "attempts: 2",
+        "attempts: 11",
+        "spec.retry.attempts",
+        "attempts 0..10",
+    ),
+    (
+        "reset, gateway-error, \"429\"",
+        "reset, gateway-error, \"700\"",
+        "spec.retry.retryOn[4]",
+        "status code 100..599",
+    ),
+    (
+        "reset, gateway-error",
+        "reset, teapot",
+        "spec.retry.retryOn[3]",
+        "retryOn is one of",
+    ),
+    (
+        "[unavailable, resource-exhausted]",
+        "[unavailable, sad]",
+        "spec.retry.grpcRetryOn[1]",
+        "grpcRetryOn is one of",
+    ),
+    (
+        "ratio: \"0.2\"",
+        "ratio: \"1.2\"",
+        "spec.retry.budget.ratio",
+        "ratio is a decimal 0..1",
+    ),
+    (
+        "failureRatio: \"0.5\"",
+        "failureRatio: \"half\"",
+        "spec.circuitBreaker.tripWhen.failureRatio",
+        "ratio is a decimal 0..1",
+    ),
+    (
+        "jitter: \"0.5\"",
+        "jitter: \"-1\"",
+        "spec.circuitBreaker.open.jitter",
+        "ratio is a decimal 0..1",
+    ),
+    (
+        "minimumRequests: 20",
+        "minimumRequests: 0",
+        "spec.circuitBreaker.tripWhen.minimumRequests",
+        "minimumRequests >= 1",
+    ),
+    (
+        "maxEjectionPercent: 10",
+        "maxEjectionPercent: 101",
+        "spec.outlierDetection.maxEjectionPercent",
+        "percentage 0..100",
+    ),
+    (
+        "http: {path: /healthz, expectedStatuses: [200]}",
+        "http: {path: /healthz}\n    tcp: {}",
+        "spec.healthCheck.http",
+        "exactly one of http, tcp, grpc",
+    ),
+    (
+        "\n    backendRef: {name: payments-degraded, port: 8080}",
+        "",
+        "spec.fallback.backendRef",
+        "exactly one of backendRef, staticResponse",
+    ),
+    (
+        "triggers: [circuit-open, no-endpoints, timeout, 5xx]",
+        "triggers: [sometimes]",
+        "spec.fallback.triggers[0]",
+        "triggers are",
+    ),
+    (
+        "backendRef: {name: payments-degraded, port: 8080}",
+        "staticResponse: {status: 200}\n    backendRef: {name: x, port: 1}",
+        "spec.fallback.backendRef",
+        "exactly one of backendRef, staticResponse",
+    ),
+    (
+        "methods: [GET, HEAD]\n    defaultTTL",
+        "methods: [GET, POST]\n    defaultTTL",
+        "spec.cache.methods[1]",
+        "methods subset of GET, HEAD",
+    ),
+    (
+        "algorithm: PeakEWMA",
+        "algorithm: ConsistentHash",
+        "spec.loadBalancer.hashOn",
+        "hashOn is required iff algorithm is ConsistentHash",
+    ),
+    (
+        "zoneAware: PreferSameZone",
+        "zoneAware: PreferSameZone\n    hashOn: {header: x-user}",
+        "spec.loadBalancer.hashOn",
+        "hashOn is required iff",
+    ),
+    (
+        "algorithm: PeakEWMA",
+        "algorithm: Fastest",
+        "spec.loadBalancer.algorithm",
+        "algorithm is",
+    ),
+    (
+        "idle: 1h",
+        "idle: 1 hour",
+        "spec.timeouts.idle",
+        "duration format",
+    ),
+    (
+        "interval: 3s",
+        "intervall: 3s",
+        "spec.healthCheck.intervall",
+        "unknown field",
+    ),
+    (
+        "strategy: ExponentialFullJitter",
+        "strategy: Linear",
+        "spec.retry.backoff.strategy",
+        "strategy is",
+    ),
+];
+
 #[test]
 fn every_rule_is_enforced_with_field_and_rule() {
-    let cases: &[(&str, &str, &str, &str)] = &[
-        ("perTry: 800ms", "perTry: 4s", "spec.timeouts.perTry", "perTry <= request"),
-        ("base: 25ms, max: 250ms", "base: 300ms, max: 250ms", "spec.retry.backoff.base", "base <= max"),
-        ("attempts: 2", "attempts: 11", "spec.retry.attempts", "attempts 0..10"),
-        ("reset, gateway-error, \"429\"", "reset, gateway-error, \"700\"", "spec.retry.retryOn[4]", "status code 100..599"),
-        ("reset, gateway-error", "reset, teapot", "spec.retry.retryOn[3]", "retryOn is one of"),
-        ("[unavailable, resource-exhausted]", "[unavailable, sad]", "spec.retry.grpcRetryOn[1]", "grpcRetryOn is one of"),
-        ("ratio: \"0.2\"", "ratio: \"1.2\"", "spec.retry.budget.ratio", "ratio is a decimal 0..1"),
-        ("failureRatio: \"0.5\"", "failureRatio: \"half\"", "spec.circuitBreaker.tripWhen.failureRatio", "ratio is a decimal 0..1"),
-        ("jitter: \"0.5\"", "jitter: \"-1\"", "spec.circuitBreaker.open.jitter", "ratio is a decimal 0..1"),
-        ("minimumRequests: 20", "minimumRequests: 0", "spec.circuitBreaker.tripWhen.minimumRequests", "minimumRequests >= 1"),
-        ("maxEjectionPercent: 10", "maxEjectionPercent: 101", "spec.outlierDetection.maxEjectionPercent", "percentage 0..100"),
-        ("http: {path: /healthz, expectedStatuses: [200]}", "http: {path: /healthz}\n    tcp: {}", "spec.healthCheck.http", "exactly one of http, tcp, grpc"),
-        ("\n    backendRef: {name: payments-degraded, port: 8080}", "", "spec.fallback.backendRef", "exactly one of backendRef, staticResponse"),
-        ("triggers: [circuit-open, no-endpoints, timeout, 5xx]", "triggers: [sometimes]", "spec.fallback.triggers[0]", "triggers are"),
-        ("backendRef: {name: payments-degraded, port: 8080}", "staticResponse: {status: 200}\n    backendRef: {name: x, port: 1}", "spec.fallback.backendRef", "exactly one of backendRef, staticResponse"),
-        ("methods: [GET, HEAD]\n    defaultTTL", "methods: [GET, POST]\n    defaultTTL", "spec.cache.methods[1]", "methods subset of GET, HEAD"),
-        ("algorithm: PeakEWMA", "algorithm: ConsistentHash", "spec.loadBalancer.hashOn", "hashOn is required iff algorithm is ConsistentHash"),
-        ("zoneAware: PreferSameZone", "zoneAware: PreferSameZone\n    hashOn: {header: x-user}", "spec.loadBalancer.hashOn", "hashOn is required iff"),
-        ("algorithm: PeakEWMA", "algorithm: Fastest", "spec.loadBalancer.algorithm", "algorithm is"),
-        ("idle: 1h", "idle: 1 hour", "spec.timeouts.idle", "duration format"),
-        ("interval: 3s", "intervall: 3s", "spec.healthCheck.intervall", "unknown field"),
-        ("strategy: ExponentialFullJitter", "strategy: Linear", "spec.retry.backoff.strategy", "strategy is"),
-    ];
+    let cases = RULE_CASES;
     for (from, to, field, rule) in cases {
         assert!(FULL.contains(from), "case {from:?} does not apply");
         let err = parse(&FULL.replacen(from, to, 1)).unwrap_err();

@@ -1,0 +1,570 @@
+//! The resilience sections of a client policy as the proxy uses them, converted from protobuf
+//! and checked again (the controller validated them, but a proxy never trusts its input: a
+//! section that does not convert NACKs the resource and the last good policy stays).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ferrymesh_proto::config::v1 as cfg;
+use http::{HeaderName, Method, StatusCode};
+use serde::Serialize;
+
+use super::InvalidPolicy;
+
+pub(super) fn duration(
+    d: Option<prost_types::Duration>,
+    field: &'static str,
+) -> Result<Option<Duration>, InvalidPolicy> {
+    d.map(|d| Duration::try_from(d).map_err(|_| InvalidPolicy::Duration(field)))
+        .transpose()
+}
+
+fn required(
+    d: Option<prost_types::Duration>,
+    field: &'static str,
+) -> Result<Duration, InvalidPolicy> {
+    duration(d, field)?.ok_or(InvalidPolicy::Missing(field))
+}
+
+fn ratio(v: f64, field: &'static str) -> Result<f64, InvalidPolicy> {
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(InvalidPolicy::Range(field, v.to_string()))
+    }
+}
+
+fn status(code: u32, field: &'static str) -> Result<StatusCode, InvalidPolicy> {
+    u16::try_from(code)
+        .ok()
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or_else(|| InvalidPolicy::Range(field, code.to_string()))
+}
+
+/// When a failed attempt is retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RetryOn {
+    /// The connection could not be made.
+    ConnectFailure,
+    /// HTTP/2 REFUSED_STREAM (the server did not process it).
+    RefusedStream,
+    /// The connection or stream was reset before a response.
+    Reset,
+    /// 502, 503, 504.
+    GatewayError,
+    /// Any 5xx.
+    ServerError,
+    /// The attempt hit the per-try timeout.
+    PerTryTimeout,
+    /// 409.
+    Retriable4xx,
+}
+
+/// How long to wait between attempts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum BackoffStrategy {
+    /// Always `base`.
+    Constant,
+    /// `base x 2^n`, capped at `max`.
+    Exponential,
+    /// Uniform in `[0, min(max, base x 2^n)]`.
+    ExponentialFullJitter,
+    /// Uniform in `[base, min(max, previous x 3)]` (AWS's decorrelated jitter).
+    DecorrelatedJitter,
+}
+
+/// The retry section.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RetryPolicy {
+    /// Extra attempts.
+    pub attempts: u32,
+    /// Failure kinds retried.
+    pub retry_on: Vec<RetryOn>,
+    /// Status codes retried.
+    #[serde(serialize_with = "codes")]
+    pub retry_on_status: Vec<StatusCode>,
+    /// gRPC codes retried.
+    pub grpc_retry_on: Vec<u32>,
+    /// Methods that may be retried (POST only with `Idempotency-Key`).
+    #[serde(serialize_with = "methods")]
+    pub methods: Vec<Method>,
+    /// Backoff.
+    pub backoff: BackoffStrategy,
+    /// Backoff base.
+    pub backoff_base: Duration,
+    /// Backoff cap.
+    pub backoff_max: Duration,
+    /// Wait as long as `Retry-After` says (capped by the time left).
+    pub respect_retry_after: bool,
+    /// Larger request bodies are never retried.
+    pub max_request_body_bytes: u32,
+    /// The retry budget.
+    pub budget: BudgetPolicy,
+}
+
+fn codes<S: serde::Serializer>(v: &[StatusCode], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(StatusCode::as_u16))
+}
+
+fn methods<S: serde::Serializer>(v: &[Method], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(Method::as_str))
+}
+
+/// The retry budget.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BudgetPolicy {
+    /// Retries may add at most this fraction of the requests in the window ...
+    pub ratio: f64,
+    /// ... plus this many per second.
+    pub min_retries_per_second: u32,
+    /// The window.
+    pub window: Duration,
+}
+
+impl Default for BudgetPolicy {
+    fn default() -> Self {
+        Self {
+            ratio: 0.2,
+            min_retries_per_second: 10,
+            window: Duration::from_secs(10),
+        }
+    }
+}
+
+pub(super) fn retry(
+    r: cfg::Retry,
+    budget: Option<cfg::RetryBudget>,
+) -> Result<RetryPolicy, InvalidPolicy> {
+    if r.attempts > 10 {
+        return Err(InvalidPolicy::Range(
+            "retry.attempts",
+            r.attempts.to_string(),
+        ));
+    }
+    let retry_on = r
+        .retry_on
+        .iter()
+        .map(|v| match cfg::RetryOn::try_from(*v) {
+            Ok(cfg::RetryOn::ConnectFailure) => Ok(RetryOn::ConnectFailure),
+            Ok(cfg::RetryOn::RefusedStream) => Ok(RetryOn::RefusedStream),
+            Ok(cfg::RetryOn::Reset) => Ok(RetryOn::Reset),
+            Ok(cfg::RetryOn::GatewayError) => Ok(RetryOn::GatewayError),
+            Ok(cfg::RetryOn::ServerError) => Ok(RetryOn::ServerError),
+            Ok(cfg::RetryOn::PerTryTimeout) => Ok(RetryOn::PerTryTimeout),
+            Ok(cfg::RetryOn::Retriable4xx) => Ok(RetryOn::Retriable4xx),
+            Ok(cfg::RetryOn::Unspecified) | Err(_) => Err(InvalidPolicy::Enum("retry.retryOn", *v)),
+        })
+        .collect::<Result<_, _>>()?;
+    let retry_on_status = r
+        .retry_on_status
+        .iter()
+        .map(|c| status(*c, "retry.retryOn"))
+        .collect::<Result<_, _>>()?;
+    if let Some(bad) = r.grpc_retry_on.iter().find(|c| **c > 16) {
+        return Err(InvalidPolicy::Range("retry.grpcRetryOn", bad.to_string()));
+    }
+    let methods = r
+        .methods
+        .iter()
+        .map(|m| {
+            Method::from_bytes(m.as_bytes())
+                .map_err(|_| InvalidPolicy::Range("retry.methods", m.clone()))
+        })
+        .collect::<Result<_, _>>()?;
+    let b = r.backoff.unwrap_or_default();
+    let backoff = match cfg::backoff::Strategy::try_from(b.strategy) {
+        Ok(cfg::backoff::Strategy::Constant) => BackoffStrategy::Constant,
+        Ok(cfg::backoff::Strategy::Exponential) => BackoffStrategy::Exponential,
+        Ok(cfg::backoff::Strategy::ExponentialFullJitter | cfg::backoff::Strategy::Unspecified) => {
+            BackoffStrategy::ExponentialFullJitter
+        }
+        Ok(cfg::backoff::Strategy::DecorrelatedJitter) => BackoffStrategy::DecorrelatedJitter,
+        Err(_) => return Err(InvalidPolicy::Enum("retry.backoff.strategy", b.strategy)),
+    };
+    let backoff_base = duration(b.base, "retry.backoff.base")?.unwrap_or(Duration::from_millis(25));
+    let backoff_max = duration(b.max, "retry.backoff.max")?
+        .unwrap_or(Duration::from_millis(250))
+        .max(backoff_base);
+    let budget = match budget {
+        None => BudgetPolicy::default(),
+        Some(g) => BudgetPolicy {
+            ratio: ratio(g.ratio, "retry.budget.ratio")?,
+            min_retries_per_second: g.min_retries_per_second,
+            window: required(g.window, "retry.budget.window")?,
+        },
+    };
+    if budget.window.is_zero() {
+        return Err(InvalidPolicy::Range("retry.budget.window", "0s".into()));
+    }
+    Ok(RetryPolicy {
+        attempts: r.attempts,
+        retry_on,
+        retry_on_status,
+        grpc_retry_on: r.grpc_retry_on,
+        methods,
+        backoff,
+        backoff_base,
+        backoff_max,
+        respect_retry_after: r.respect_retry_after,
+        max_request_body_bytes: r.max_request_body_bytes,
+        budget,
+    })
+}
+
+/// What counts as a failure for the circuit breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailureOn {
+    /// Any 5xx.
+    ServerError,
+    /// The connection could not be made.
+    ConnectFailure,
+    /// A timeout.
+    Timeout,
+    /// 502, 503, 504.
+    GatewayError,
+}
+
+/// The circuit breaker section (with its bulkhead).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BreakerPolicy {
+    /// Bulkhead: connections.
+    pub max_connections: u32,
+    /// Bulkhead: requests waiting for a connection.
+    pub max_pending_requests: u32,
+    /// Bulkhead: requests in flight.
+    pub max_requests: u32,
+    /// Trip after this many failures in a row (0: off).
+    pub consecutive_failures: u32,
+    /// Trip when failures / requests >= this (0: off) ...
+    pub failure_ratio: f64,
+    /// ... over at least this many requests ...
+    pub minimum_requests: u32,
+    /// ... in this sliding window.
+    pub window: Duration,
+    /// What counts as a failure.
+    pub failure_on: Vec<FailureOn>,
+    /// First open time.
+    pub open_base: Duration,
+    /// Longest open time.
+    pub open_max: Duration,
+    /// Jitter on the open time, a fraction.
+    pub open_jitter: f64,
+    /// Successes in half-open needed to close.
+    pub half_open_probes: u32,
+}
+
+pub(super) fn breaker(b: &cfg::CircuitBreaker) -> Result<BreakerPolicy, InvalidPolicy> {
+    let failure_on = b
+        .failure_on
+        .iter()
+        .map(|v| match cfg::FailureOn::try_from(*v) {
+            Ok(cfg::FailureOn::FailureServerError) => Ok(FailureOn::ServerError),
+            Ok(cfg::FailureOn::FailureConnectFailure) => Ok(FailureOn::ConnectFailure),
+            Ok(cfg::FailureOn::FailureTimeout) => Ok(FailureOn::Timeout),
+            Ok(cfg::FailureOn::FailureGatewayError) => Ok(FailureOn::GatewayError),
+            Ok(cfg::FailureOn::Unspecified) | Err(_) => {
+                Err(InvalidPolicy::Enum("circuitBreaker.failureOn", *v))
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    if b.minimum_requests == 0 {
+        return Err(InvalidPolicy::Range(
+            "circuitBreaker.tripWhen.minimumRequests",
+            "0".into(),
+        ));
+    }
+    if b.half_open_probes == 0 {
+        return Err(InvalidPolicy::Range(
+            "circuitBreaker.halfOpenProbes",
+            "0".into(),
+        ));
+    }
+    let open_base = required(b.open_base, "circuitBreaker.open.base")?;
+    let open_max = required(b.open_max, "circuitBreaker.open.max")?;
+    if open_base > open_max {
+        return Err(InvalidPolicy::Range(
+            "circuitBreaker.open.base",
+            format!("{open_base:?} > max {open_max:?}"),
+        ));
+    }
+    Ok(BreakerPolicy {
+        max_connections: b.max_connections,
+        max_pending_requests: b.max_pending_requests,
+        max_requests: b.max_requests,
+        consecutive_failures: b.consecutive_failures,
+        failure_ratio: ratio(b.failure_ratio, "circuitBreaker.tripWhen.failureRatio")?,
+        minimum_requests: b.minimum_requests,
+        window: required(b.window, "circuitBreaker.tripWhen.window")?,
+        failure_on,
+        open_base,
+        open_max,
+        open_jitter: ratio(b.open_jitter, "circuitBreaker.open.jitter")?,
+        half_open_probes: b.half_open_probes,
+    })
+}
+
+/// Outlier detection (per-endpoint ejection).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OutlierPolicy {
+    /// 5xx and connect failures in a row (0: off).
+    pub consecutive_errors: u32,
+    /// 502/503/504 in a row (0: off).
+    pub consecutive_gateway_errors: u32,
+    /// How often ejections are reviewed.
+    pub interval: Duration,
+    /// Ejection time x the number of ejections ...
+    pub base_ejection_time: Duration,
+    /// ... capped here.
+    pub max_ejection_time: Duration,
+    /// At most this share of endpoints ejected.
+    pub max_ejection_percent: u32,
+    /// Never eject below this many ready endpoints.
+    pub min_ready_endpoints: u32,
+}
+
+pub(super) fn outlier(o: cfg::OutlierDetection) -> Result<OutlierPolicy, InvalidPolicy> {
+    if o.max_ejection_percent > 100 {
+        return Err(InvalidPolicy::Range(
+            "outlierDetection.maxEjectionPercent",
+            o.max_ejection_percent.to_string(),
+        ));
+    }
+    Ok(OutlierPolicy {
+        consecutive_errors: o.consecutive_errors,
+        consecutive_gateway_errors: o.consecutive_gateway_errors,
+        interval: required(o.interval, "outlierDetection.interval")?,
+        base_ejection_time: required(o.base_ejection_time, "outlierDetection.baseEjectionTime")?,
+        max_ejection_time: required(o.max_ejection_time, "outlierDetection.maxEjectionTime")?,
+        max_ejection_percent: o.max_ejection_percent,
+        min_ready_endpoints: o.min_ready_endpoints,
+    })
+}
+
+/// What an active health check asks.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Check {
+    /// GET `path`, healthy on one of `statuses`.
+    Http {
+        /// Path.
+        path: String,
+        /// Healthy statuses.
+        #[serde(serialize_with = "codes")]
+        statuses: Vec<StatusCode>,
+    },
+    /// A TCP connect.
+    Tcp,
+    /// grpc.health.v1 Check for `service`.
+    Grpc {
+        /// Service name ("" = the server).
+        service: String,
+    },
+}
+
+/// Active health checking.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HealthCheckPolicy {
+    /// The check.
+    pub check: Check,
+    /// Port (0: the endpoint's).
+    pub port: u16,
+    /// Between checks.
+    pub interval: Duration,
+    /// Per check.
+    pub timeout: Duration,
+    /// Failures in a row to mark unhealthy.
+    pub unhealthy_threshold: u32,
+    /// Successes in a row to mark healthy again.
+    pub healthy_threshold: u32,
+    /// Random delay before the first check.
+    pub initial_jitter: Duration,
+}
+
+pub(super) fn health_check(h: cfg::HealthCheck) -> Result<HealthCheckPolicy, InvalidPolicy> {
+    let check = match h
+        .check
+        .ok_or(InvalidPolicy::Missing("healthCheck.http|tcp|grpc"))?
+    {
+        cfg::health_check::Check::Http(c) => Check::Http {
+            statuses: c
+                .expected_statuses
+                .iter()
+                .map(|s| status(*s, "healthCheck.http.expectedStatuses"))
+                .collect::<Result<_, _>>()?,
+            path: c.path,
+        },
+        cfg::health_check::Check::Tcp(_) => Check::Tcp,
+        cfg::health_check::Check::Grpc(g) => Check::Grpc { service: g.service },
+    };
+    let interval = required(h.interval, "healthCheck.interval")?;
+    let timeout = required(h.timeout, "healthCheck.timeout")?;
+    if interval.is_zero()
+        || timeout.is_zero()
+        || h.unhealthy_threshold == 0
+        || h.healthy_threshold == 0
+    {
+        return Err(InvalidPolicy::Range(
+            "healthCheck",
+            "interval, timeout and thresholds must be > 0".into(),
+        ));
+    }
+    Ok(HealthCheckPolicy {
+        check,
+        port: u16::try_from(h.port).map_err(|_| InvalidPolicy::Port(h.port))?,
+        interval,
+        timeout,
+        unhealthy_threshold: h.unhealthy_threshold,
+        healthy_threshold: h.healthy_threshold,
+        initial_jitter: duration(h.initial_jitter, "healthCheck.initialJitter")?
+            .unwrap_or_default(),
+    })
+}
+
+/// When the fallback is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FallbackTrigger {
+    /// The breaker is open.
+    CircuitOpen,
+    /// No endpoint is ready.
+    NoEndpoints,
+    /// The request timed out.
+    Timeout,
+    /// A 5xx after retries.
+    #[serde(rename = "5xx")]
+    ServerError,
+    /// The retry budget is exhausted.
+    BudgetExhausted,
+}
+
+/// What the fallback serves.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum FallbackTarget {
+    /// Another service port: `service.namespace:port`.
+    Backend(String),
+    /// A fixed response.
+    StaticResponse {
+        /// Status.
+        #[serde(serialize_with = "code")]
+        status: StatusCode,
+        /// Headers.
+        headers: BTreeMap<String, String>,
+        /// Body.
+        body: String,
+    },
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's serialize_with signature
+fn code<S: serde::Serializer>(v: &StatusCode, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u16(v.as_u16())
+}
+
+/// The fallback section.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FallbackPolicy {
+    /// Triggers.
+    pub triggers: Vec<FallbackTrigger>,
+    /// Target.
+    pub target: FallbackTarget,
+}
+
+pub(super) fn fallback(f: cfg::Fallback) -> Result<FallbackPolicy, InvalidPolicy> {
+    let triggers = f
+        .triggers
+        .iter()
+        .map(|v| match cfg::FallbackTrigger::try_from(*v) {
+            Ok(cfg::FallbackTrigger::FallbackCircuitOpen) => Ok(FallbackTrigger::CircuitOpen),
+            Ok(cfg::FallbackTrigger::FallbackNoEndpoints) => Ok(FallbackTrigger::NoEndpoints),
+            Ok(cfg::FallbackTrigger::FallbackTimeout) => Ok(FallbackTrigger::Timeout),
+            Ok(cfg::FallbackTrigger::FallbackServerError) => Ok(FallbackTrigger::ServerError),
+            Ok(cfg::FallbackTrigger::FallbackBudgetExhausted) => {
+                Ok(FallbackTrigger::BudgetExhausted)
+            }
+            Ok(cfg::FallbackTrigger::Unspecified) | Err(_) => {
+                Err(InvalidPolicy::Enum("fallback.triggers", *v))
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    let target = match f
+        .target
+        .ok_or(InvalidPolicy::Missing("fallback.backendRef|staticResponse"))?
+    {
+        cfg::fallback::Target::Backend(b) => {
+            let svc = b
+                .service
+                .ok_or(InvalidPolicy::Missing("fallback.backendRef.name"))?;
+            let port = u16::try_from(b.port)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or(InvalidPolicy::Port(b.port))?;
+            FallbackTarget::Backend(format!("{}.{}:{port}", svc.name, svc.namespace))
+        }
+        cfg::fallback::Target::StaticResponse(r) => {
+            for name in r.headers.keys() {
+                HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                    InvalidPolicy::Range("fallback.staticResponse.headers", name.clone())
+                })?;
+            }
+            FallbackTarget::StaticResponse {
+                status: status(r.status, "fallback.staticResponse.status")?,
+                headers: r.headers,
+                body: String::from_utf8(r.body).map_err(|_| {
+                    InvalidPolicy::Range("fallback.staticResponse.body", "not UTF-8".into())
+                })?,
+            }
+        }
+    };
+    Ok(FallbackPolicy { triggers, target })
+}
+
+/// The response cache section.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CachePolicy {
+    /// GET and/or HEAD.
+    #[serde(serialize_with = "methods")]
+    pub methods: Vec<Method>,
+    /// TTL for 200s without freshness information (zero: not cached).
+    pub default_ttl: Duration,
+    /// Longest freshness honoured.
+    pub max_ttl: Duration,
+    /// Entries kept.
+    pub max_entries: u32,
+    /// Largest body stored.
+    pub max_body_bytes: u32,
+    /// Request headers that are always part of the key.
+    pub vary_headers: Vec<String>,
+    /// A stale entry may answer an upstream error for this long past its freshness.
+    pub serve_stale_on_error: Duration,
+}
+
+pub(super) fn cache(c: cfg::Cache) -> Result<CachePolicy, InvalidPolicy> {
+    let methods: Vec<Method> = c
+        .methods
+        .iter()
+        .map(|m| match m.as_str() {
+            "GET" => Ok(Method::GET),
+            "HEAD" => Ok(Method::HEAD),
+            other => Err(InvalidPolicy::Range("cache.methods", other.to_owned())),
+        })
+        .collect::<Result<_, _>>()?;
+    for h in &c.vary_headers {
+        HeaderName::from_bytes(h.as_bytes())
+            .map_err(|_| InvalidPolicy::Range("cache.varyHeaders", h.clone()))?;
+    }
+    if c.max_entries == 0 {
+        return Err(InvalidPolicy::Range("cache.maxEntries", "0".into()));
+    }
+    Ok(CachePolicy {
+        methods,
+        default_ttl: duration(c.default_ttl, "cache.defaultTTL")?.unwrap_or_default(),
+        max_ttl: required(c.max_ttl, "cache.maxTTL")?,
+        max_entries: c.max_entries,
+        max_body_bytes: c.max_body_bytes,
+        vary_headers: c.vary_headers,
+        serve_stale_on_error: duration(c.serve_stale_on_error, "cache.serveStaleOnError")?
+            .unwrap_or_default(),
+    })
+}
