@@ -4,4 +4,6 @@
 //!
 //! - [`timeout`]: a deadline on the whole call (the outbound request timeout).
 
+pub mod replay;
+pub mod retry;
 pub mod timeout;

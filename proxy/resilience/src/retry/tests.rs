@@ -1,0 +1,349 @@
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use tokio::time::Instant;
+use tower::ServiceExt as _;
+use tower_test::mock;
+
+use super::*;
+
+type Req = Request<ReplayBody<Full<Bytes>>>;
+
+fn policy(attempts: u32, strategy: Strategy) -> Arc<RetryPolicy> {
+    Arc::new(RetryPolicy {
+        attempts,
+        backoff: Backoff {
+            strategy,
+            base: Duration::from_millis(25),
+            max: Duration::from_millis(250),
+        },
+        methods: vec![Method::GET, Method::PUT],
+        respect_retry_after: true,
+        max_request_body_bytes: 64 * 1024,
+    })
+}
+
+/// 5xx is a retryable failure.
+fn classify() -> Classifier<String> {
+    Arc::new(|rsp: &Response<String>| rsp.status().is_server_error().then_some("5xx"))
+}
+
+fn recorder() -> (Observer, Arc<Mutex<Vec<RetryEvent>>>) {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let e = events.clone();
+    (
+        Arc::new(move |ev: &RetryEvent| e.lock().unwrap().push(ev.clone())),
+        events,
+    )
+}
+
+fn status(code: u16) -> Response<String> {
+    Response::builder()
+        .status(code)
+        .body(String::new())
+        .unwrap()
+}
+
+fn request(method: Method, body: &'static str) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method(method)
+        .uri("/x")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap()
+}
+
+fn budget() -> RetryBudget {
+    RetryBudget::new(0.2, 100, Duration::from_secs(10))
+}
+
+#[tokio::test(start_paused = true)]
+async fn failures_are_retried_with_the_body_until_success() {
+    let (service, mut handle) = mock::pair::<Req, Response<String>>();
+    let (observe, events) = recorder();
+    let retry = Retry::new(
+        service,
+        policy(3, Strategy::Constant),
+        budget(),
+        classify(),
+        observe,
+    );
+    let call = tokio::spawn(retry.oneshot(request(Method::PUT, "payload")));
+    for (i, code) in [503, 500, 200].into_iter().enumerate() {
+        let (req, respond) = handle.next_request().await.unwrap();
+        let attempt = req.extensions().get::<Attempt>().unwrap().number;
+        assert_eq!(attempt, u32::try_from(i).unwrap() + 1);
+        assert_eq!(
+            req.into_body().collect().await.unwrap().to_bytes(),
+            "payload",
+            "attempt {attempt} carries the body"
+        );
+        respond.send_response(status(code));
+    }
+    assert_eq!(call.await.unwrap().unwrap().status(), 200);
+    let events = events.lock().unwrap();
+    assert_eq!(events.len(), 2);
+    assert!(
+        matches!(events[0], RetryEvent::Retry { attempt: 1, reason: "5xx", delay } if delay == Duration::from_millis(25))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn attempts_run_out_and_the_last_answer_is_returned() {
+    let (service, mut handle) = mock::pair::<Req, Response<String>>();
+    let (observe, events) = recorder();
+    let retry = Retry::new(
+        service,
+        policy(2, Strategy::Exponential),
+        budget(),
+        classify(),
+        observe,
+    );
+    let start = Instant::now();
+    let call = tokio::spawn(retry.oneshot(request(Method::GET, "")));
+    for _ in 0..3 {
+        handle
+            .next_request()
+            .await
+            .unwrap()
+            .1
+            .send_response(status(503));
+    }
+    assert_eq!(call.await.unwrap().unwrap().status(), 503);
+    assert_eq!(
+        start.elapsed(),
+        Duration::from_millis(25 + 50),
+        "exponential: 25ms then 50ms"
+    );
+    assert_eq!(
+        events.lock().unwrap().last(),
+        Some(&RetryEvent::Skipped {
+            reason: "5xx",
+            skip: Skip::AttemptsExhausted
+        })
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn post_is_retried_only_with_an_idempotency_key() {
+    let (service, mut handle) = mock::pair::<Req, Response<String>>();
+    let (observe, events) = recorder();
+    let retry = Retry::new(
+        service,
+        policy(2, Strategy::Constant),
+        budget(),
+        classify(),
+        observe,
+    );
+    let call = tokio::spawn(retry.clone().oneshot(request(Method::POST, "order")));
+    handle
+        .next_request()
+        .await
+        .unwrap()
+        .1
+        .send_response(status(503));
+    assert_eq!(call.await.unwrap().unwrap().status(), 503, "not retried");
+    assert_eq!(
+        events.lock().unwrap()[0],
+        RetryEvent::Skipped {
+            reason: "5xx",
+            skip: Skip::NotIdempotent
+        }
+    );
+
+    let mut keyed = request(Method::POST, "order");
+    keyed
+        .headers_mut()
+        .insert("idempotency-key", HeaderValue::from_static("k-1"));
+    let call = tokio::spawn(retry.oneshot(keyed));
+    handle
+        .next_request()
+        .await
+        .unwrap()
+        .1
+        .send_response(status(503));
+    handle
+        .next_request()
+        .await
+        .unwrap()
+        .1
+        .send_response(status(201));
+    assert_eq!(call.await.unwrap().unwrap().status(), 201);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_empty_budget_stops_retries() {
+    let (service, mut handle) = mock::pair::<Req, Response<String>>();
+    let (observe, events) = recorder();
+    let empty = RetryBudget::new(0.0, 0, Duration::from_secs(1));
+    let retry = Retry::new(
+        service,
+        policy(3, Strategy::Constant),
+        empty,
+        classify(),
+        observe,
+    );
+    let call = tokio::spawn(retry.oneshot(request(Method::GET, "")));
+    handle
+        .next_request()
+        .await
+        .unwrap()
+        .1
+        .send_response(status(503));
+    assert_eq!(call.await.unwrap().unwrap().status(), 503);
+    assert_eq!(
+        events.lock().unwrap()[0],
+        RetryEvent::Skipped {
+            reason: "5xx",
+            skip: Skip::BudgetExhausted
+        }
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_budget_allows_a_fraction_of_requests_plus_the_floor() {
+    let (service, mut handle) = mock::pair::<Req, Response<String>>();
+    let (observe, _events) = recorder();
+    // 20% of requests, no floor: 50 failing requests may add about 10 retries.
+    let retry = Retry::new(
+        service,
+        policy(3, Strategy::Constant),
+        RetryBudget::new(0.2, 0, Duration::from_secs(10)),
+        classify(),
+        observe,
+    );
+    let answer = tokio::spawn(async move {
+        let mut upstream = 0;
+        while let Some((_, respond)) = handle.next_request().await {
+            upstream += 1;
+            respond.send_response(status(503));
+        }
+        upstream
+    });
+    for _ in 0..50 {
+        let _ = retry.clone().oneshot(request(Method::GET, "")).await;
+    }
+    drop(retry);
+    let upstream = answer.await.unwrap();
+    assert!(
+        (50..=61).contains(&upstream),
+        "{upstream} upstream attempts for 50 requests"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_retry_starts_that_cannot_finish_before_the_deadline() {
+    let (service, mut handle) = mock::pair::<Req, Response<String>>();
+    let (observe, events) = recorder();
+    let retry = Retry::new(
+        service,
+        policy(3, Strategy::Constant),
+        budget(),
+        classify(),
+        observe,
+    );
+    let mut req = request(Method::GET, "");
+    req.extensions_mut()
+        .insert(Deadline(Instant::now() + Duration::from_millis(20)));
+    let call = tokio::spawn(retry.oneshot(req));
+    handle
+        .next_request()
+        .await
+        .unwrap()
+        .1
+        .send_response(status(503));
+    assert_eq!(call.await.unwrap().unwrap().status(), 503);
+    assert_eq!(
+        events.lock().unwrap()[0],
+        RetryEvent::Skipped {
+            reason: "5xx",
+            skip: Skip::Deadline
+        }
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_is_honoured() {
+    let (service, mut handle) = mock::pair::<Req, Response<String>>();
+    let (observe, _) = recorder();
+    let retry = Retry::new(
+        service,
+        policy(1, Strategy::Constant),
+        budget(),
+        classify(),
+        observe,
+    );
+    let start = Instant::now();
+    let call = tokio::spawn(retry.oneshot(request(Method::GET, "")));
+    let mut busy = status(503);
+    busy.headers_mut()
+        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("2"));
+    handle.next_request().await.unwrap().1.send_response(busy);
+    handle
+        .next_request()
+        .await
+        .unwrap()
+        .1
+        .send_response(status(200));
+    assert_eq!(call.await.unwrap().unwrap().status(), 200);
+    assert_eq!(start.elapsed(), Duration::from_secs(2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_past_the_cap_is_not_retried() {
+    let (service, mut handle) = mock::pair::<Req, Response<String>>();
+    let (observe, events) = recorder();
+    let small_cap = Arc::new(RetryPolicy {
+        max_request_body_bytes: 4,
+        ..(*policy(3, Strategy::Constant)).clone()
+    });
+    let retry = Retry::new(service, small_cap, budget(), classify(), observe);
+    let call = tokio::spawn(retry.oneshot(request(Method::PUT, "too long a body")));
+    let (req, respond) = handle.next_request().await.unwrap();
+    assert_eq!(
+        req.into_body().collect().await.unwrap().to_bytes(),
+        "too long a body"
+    );
+    respond.send_response(status(503));
+    assert_eq!(call.await.unwrap().unwrap().status(), 503);
+    assert_eq!(
+        events.lock().unwrap()[0],
+        RetryEvent::Skipped {
+            reason: "5xx",
+            skip: Skip::BodyTooLarge
+        }
+    );
+}
+
+#[test]
+fn backoff_strategies_stay_in_their_bounds() {
+    let b = |strategy| Backoff {
+        strategy,
+        base: Duration::from_millis(25),
+        max: Duration::from_millis(250),
+    };
+    assert_eq!(
+        b(Strategy::Constant).delay(5, Duration::ZERO),
+        Duration::from_millis(25)
+    );
+    let exp: Vec<_> = (1..=6)
+        .map(|n| {
+            b(Strategy::Exponential)
+                .delay(n, Duration::ZERO)
+                .as_millis()
+        })
+        .collect();
+    assert_eq!(exp, [25, 50, 100, 200, 250, 250]);
+    for n in 1..=10 {
+        let cap = b(Strategy::Exponential).delay(n, Duration::ZERO);
+        assert!(b(Strategy::ExponentialFullJitter).delay(n, Duration::ZERO) <= cap);
+        let d = b(Strategy::DecorrelatedJitter).delay(n, Duration::from_millis(40));
+        assert!(
+            d >= Duration::from_millis(25) && d <= Duration::from_millis(120),
+            "{d:?}"
+        );
+    }
+    assert_eq!(
+        retry_after(Some(&HeaderValue::from_static("3"))),
+        Some(Duration::from_secs(3))
+    );
+    assert_eq!(retry_after(Some(&HeaderValue::from_static("soon"))), None);
+}
