@@ -167,9 +167,30 @@ impl Balancer {
 
     /// Picks a ready endpoint, `None` when there is none.
     pub fn pick(&self) -> Option<Pick> {
+        self.pick_excluding(&[])
+    }
+
+    /// Picks a ready endpoint not in `avoid` (a retry's earlier endpoints) when there is one,
+    /// else any ready endpoint; `None` when none is ready.
+    pub fn pick_excluding(&self, avoid: &[std::net::SocketAddr]) -> Option<Pick> {
         let now = Instant::now();
         let slots = self.slots.lock().expect("balancer lock poisoned");
-        let ready = &slots.ready;
+        let fresh;
+        let ready: &[Arc<Slot>] = if avoid.is_empty() {
+            &slots.ready
+        } else {
+            fresh = slots
+                .ready
+                .iter()
+                .filter(|s| !avoid.contains(&s.endpoint.addr))
+                .cloned()
+                .collect::<Vec<_>>();
+            if fresh.is_empty() {
+                &slots.ready
+            } else {
+                &fresh
+            }
+        };
         let slot = match ready.len() {
             0 => return None,
             1 => ready[0].clone(),
@@ -303,6 +324,21 @@ mod tests {
             }
         }
         assert!(new_picks >= 10, "the new endpoint got {new_picks} of 60");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_avoids_the_endpoints_already_tried_when_it_can() {
+        let b = Balancer::default();
+        b.update(&[ep(1, true), ep(2, true), ep(3, true)]);
+        let tried = [ep(1, true).addr, ep(2, true).addr];
+        for _ in 0..20 {
+            assert_eq!(b.pick_excluding(&tried).unwrap().endpoint().addr.port(), 3);
+        }
+        let all = [ep(1, true).addr, ep(2, true).addr, ep(3, true).addr];
+        assert!(
+            b.pick_excluding(&all).is_some(),
+            "all tried: any ready endpoint"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -8,8 +8,26 @@ use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 /// Any error, as tower services return them.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The error of a forwarded body.
+// NOTE: a named type, not `BoxError` itself: with a `dyn Error` trait object in the body type,
+// rustc fails to prove the tower futures `Send` ("not general enough" over the object's lifetime).
+#[derive(Debug)]
+pub struct BodyError(pub BoxError);
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for BodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
+
 /// The body every proxy service speaks.
-pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+pub type Body = UnsyncBoxBody<Bytes, BodyError>;
 
 /// Boxes any body into [`Body`].
 pub fn boxed<B>(body: B) -> Body
@@ -17,7 +35,7 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    body.map_err(Into::into).boxed_unsync()
+    body.map_err(|e| BodyError(e.into())).boxed_unsync()
 }
 
 /// An empty body.

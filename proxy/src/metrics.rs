@@ -32,6 +32,12 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    service: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ServiceLabels {
     direction: Direction,
     service: String,
@@ -49,6 +55,8 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     latency: HistogramFamily,
     tcp: Family<ServiceLabels, Counter>,
+    retries: Family<ReasonLabels, Counter>,
+    retries_skipped: Family<ReasonLabels, Counter>,
     registry: Registry,
 }
 
@@ -76,6 +84,18 @@ impl Metrics {
             "Time to response headers, by direction, service and status class",
             latency.clone(),
         );
+        let retries = Family::<ReasonLabels, Counter>::default();
+        let retries_skipped = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "retries",
+            "Retries sent, by service and the failure retried",
+            retries.clone(),
+        );
+        registry.register(
+            "retries_skipped",
+            "Retryable failures not retried, by service and why (not-idempotent, budget-exhausted, deadline, ...)",
+            retries_skipped.clone(),
+        );
         registry.register(
             "tcp_connections",
             "Opaque TCP connections forwarded",
@@ -85,6 +105,8 @@ impl Metrics {
             requests,
             latency,
             tcp,
+            retries,
+            retries_skipped,
             registry,
         }
     }
@@ -106,6 +128,26 @@ impl Metrics {
         self.latency
             .get_or_create(&labels)
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// A retry sent because of `reason`.
+    pub fn retry(&self, service: &str, reason: &'static str) {
+        self.retries
+            .get_or_create(&ReasonLabels {
+                service: service.to_owned(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// A retryable failure not retried, because of `reason`.
+    pub fn retry_skipped(&self, service: &str, reason: &'static str) {
+        self.retries_skipped
+            .get_or_create(&ReasonLabels {
+                service: service.to_owned(),
+                reason,
+            })
+            .inc();
     }
 
     /// One opaque TCP connection forwarded.

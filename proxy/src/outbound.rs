@@ -5,6 +5,7 @@
 //! everything to one service. Each request resolves its authority to a [`logical::Logical`]
 //! target and goes to the endpoint the balancer picks; unknown hosts pass through or get 502.
 
+pub mod concrete;
 pub mod logical;
 
 use std::collections::HashMap;
@@ -290,20 +291,17 @@ async fn handle(
     let req = req.map(boxed);
     let (rsp, service) = match route(&ctx, &target).await {
         Route::Service(logical, endpoints, policy) => {
-            let request = policy
-                .as_ref()
-                .and_then(|p| p.request_timeout)
-                .unwrap_or(ctx.config.outbound.default_request_timeout);
-            let timeouts = CallTimeouts {
-                request: (!request.is_zero()).then_some(request),
-                connect: policy
-                    .as_ref()
-                    .and_then(|p| p.connect_timeout)
-                    .unwrap_or(ctx.config.outbound.connect_timeout),
-            };
-            let (rsp, _instance) =
-                logical::forward(&ctx.pool, &logical, &authority, req, timeouts).await;
-            (rsp, endpoints.service.clone())
+            let service = endpoints.service.clone();
+            let rsp = concrete::call(
+                ctx.clone(),
+                logical,
+                authority,
+                req,
+                policy,
+                service.clone(),
+            )
+            .await;
+            (rsp, service)
         }
         Route::Passthrough(addr) => {
             let timeouts = CallTimeouts {

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use ferrymesh_proto::discovery::v1 as pb;
 use http::{Request, Response, StatusCode, Uri};
-use http_body_util::BodyExt as _;
 use tokio::sync::watch;
 
 use ferrymesh_resilience::timeout::{TimeoutError, TimeoutLayer};
@@ -15,7 +14,7 @@ use tower::{Layer as _, ServiceExt as _};
 
 use crate::balance::Balancer;
 use crate::discovery::{Discovery, State, Value};
-use crate::http::{Body, proxy_response, strip_hop_by_hop};
+use crate::http::{Body, boxed, proxy_response, strip_hop_by_hop};
 use crate::policy::{ClientPolicy, Endpoints};
 use crate::pool::{Pool, PoolError, Version};
 
@@ -50,6 +49,8 @@ pub struct Logical {
     policy: watch::Receiver<State>,
     /// The balancer over the endpoints.
     pub balancer: Balancer,
+    /// Retry state of the current policy (its budget counts across requests).
+    pub retries: super::concrete::RetryCache,
     applied: Mutex<Option<String>>,
 }
 
@@ -61,6 +62,7 @@ impl Logical {
             policy: discovery.watch(pb::ResourceType::ClientPolicy, &name),
             name,
             balancer: Balancer::default(),
+            retries: super::concrete::RetryCache::default(),
             applied: Mutex::new(None),
         }
     }
@@ -115,36 +117,6 @@ pub struct CallTimeouts {
     pub request: Option<Duration>,
     /// TCP connect.
     pub connect: Duration,
-}
-
-/// Forwards `req` to one endpoint of `logical`, producing the proxy's own error responses for
-/// every failure (`ferrymesh-error`).
-pub async fn forward(
-    pool: &Pool,
-    logical: &Logical,
-    authority: &http::uri::Authority,
-    req: Request<Body>,
-    timeouts: CallTimeouts,
-) -> (Response<Body>, Option<String>) {
-    let Some(pick) = logical.balancer.pick() else {
-        return (
-            proxy_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no-endpoints",
-                &logical.name,
-            ),
-            None,
-        );
-    };
-    let addr = pick.endpoint().addr;
-    let instance = Some(pick.endpoint().instance.clone());
-    let rsp = send(pool, addr, authority, req, timeouts).await;
-    if rsp.headers().contains_key(&crate::http::FERRYMESH_ERROR) && rsp.status().is_server_error() {
-        drop(pick); // released without a latency sample: errors are not fast responses
-    } else {
-        pick.complete();
-    }
-    (rsp, instance)
 }
 
 /// Sends `req` to `addr` keeping `authority` as the request's authority.
@@ -203,7 +175,7 @@ pub async fn send(
         Ok(rsp) => {
             let (mut parts, body) = rsp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            Response::from_parts(parts, body.map_err(Into::into).boxed_unsync())
+            Response::from_parts(parts, boxed(body))
         }
         Err(TimeoutError::Elapsed(t)) => proxy_response(
             StatusCode::GATEWAY_TIMEOUT,
