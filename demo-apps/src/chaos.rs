@@ -117,14 +117,22 @@ fn parse_latency(text: &str) -> Result<Duration, String> {
 pub struct Knobs {
     current: Arc<RwLock<Chaos>>,
     initial: Arc<Chaos>,
+    /// The dice: seeded from `CHAOS_SEED` for a reproducible lab, from the OS otherwise.
+    rng: Arc<std::sync::Mutex<rand::rngs::StdRng>>,
 }
 
 impl Knobs {
-    /// Knobs starting at `initial`.
-    pub fn new(initial: Chaos) -> Self {
+    /// Knobs starting at `initial`; with a `seed`, the same requests meet the same chaos.
+    pub fn new(initial: Chaos, seed: Option<u64>) -> Self {
+        use rand::SeedableRng as _;
+        let rng = seed.map_or_else(
+            rand::rngs::StdRng::from_os_rng,
+            rand::rngs::StdRng::seed_from_u64,
+        );
         Self {
             current: Arc::new(RwLock::new(initial.clone())),
             initial: Arc::new(initial),
+            rng: Arc::new(std::sync::Mutex::new(rng)),
         }
     }
 
@@ -185,7 +193,7 @@ pub async fn inject(State(knobs): State<Knobs>, req: Request, next: Next) -> Res
         tokio::time::sleep(latency).await;
     }
     let (hang, error) = {
-        let mut rng = rand::rng();
+        let mut rng = knobs.rng.lock().expect("chaos rng lock poisoned");
         (
             rng.random_bool(chaos.hang_rate),
             rng.random_bool(chaos.error_rate),
@@ -269,6 +277,18 @@ mod tests {
             .is_err()
         );
         assert_eq!(c, Chaos::default());
+    }
+
+    #[test]
+    fn a_seed_makes_the_chaos_reproducible() {
+        use rand::Rng as _;
+        let draws = |seed| {
+            let knobs = Knobs::new(Chaos::default(), Some(seed));
+            let mut rng = knobs.rng.lock().unwrap();
+            (0..32).map(|_| rng.random_bool(0.3)).collect::<Vec<_>>()
+        };
+        assert_eq!(draws(7), draws(7));
+        assert_ne!(draws(7), draws(8));
     }
 
     #[test]

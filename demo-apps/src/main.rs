@@ -57,7 +57,12 @@ async fn main() -> anyhow::Result<()> {
         .get_name()
         .to_owned();
     let instance = cli.instance.clone().unwrap_or_else(|| name.clone());
-    let knobs = chaos::Knobs::new(chaos::Chaos::from_env(|k| std::env::var(k).ok())?);
+    let seed = std::env::var("CHAOS_SEED")
+        .ok()
+        .map(|s| s.parse::<u64>())
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("CHAOS_SEED: {e}"))?;
+    let knobs = chaos::Knobs::new(chaos::Chaos::from_env(|k| std::env::var(k).ok())?, seed);
     let peers = services::Peers::new(cli.namespace.clone())?;
     let business: Router = match cli.service {
         Service::Storefront => services::storefront::routes(peers),

@@ -165,6 +165,27 @@ impl Mesh {
         .expect("starting a proxy")
     }
 
+    /// Starts a demo-shop instance (`ferry-shop SERVICE`) on a free port, with chaos `env`
+    /// (e.g. `CHAOS_ERROR_RATE`), and no `HTTP_PROXY`.
+    ///
+    /// # Panics
+    /// When it does not start.
+    pub fn shop(&self, service: &str, instance: &str, env: &[(&str, &str)]) -> Spawned {
+        let mut cmd = Command::new(bin("ferry-shop"));
+        cmd.args([service, "--listen", "127.0.0.1:0", "--instance", instance])
+            .env_remove("HTTP_PROXY")
+            .env_remove("http_proxy");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Spawned::start(
+            instance,
+            cmd,
+            &self.dir.path().join(format!("{instance}.log")),
+        )
+        .expect("starting a shop instance")
+    }
+
     /// Stops the controller (SIGKILL) and starts a new one on the same Discovery address.
     ///
     /// # Panics
@@ -272,4 +293,17 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The sum of a counter over every series whose labels contain `matching` (e.g.
+/// `direction="inbound"`), read from a proxy's `/metrics`.
+///
+/// # Panics
+/// When `/metrics` does not answer.
+pub async fn counter(health: SocketAddr, name: &str, matching: &str) -> u64 {
+    let (_, text) = get(health, "/metrics").await.expect("/metrics answers");
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{') && l.contains(matching))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }

@@ -1,0 +1,321 @@
+//! Resilience policies through real proxies and real chaos upstreams (`ferry-shop` processes
+//! with chaos knobs): retries within a budget, the idempotency guard, per-try timeouts that
+//! move on to another replica, and the whole-request timeout.
+
+#![allow(clippy::unwrap_used)] // test helpers, not #[test] functions, unwrap too
+
+use std::time::Duration;
+
+use ferrymesh_test_support::mesh::{Mesh, ProxySpec, counter, eventually, get};
+use ferrymesh_test_support::process::Spawned;
+
+fn service(name: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{ports: [{{name: http, port: 80}}]}}\n---\n"
+    )
+}
+
+fn policy(service: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: policy.ferrymesh.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: {{name: {service}, namespace: shop}}\n\
+         spec:\n  targetRefs: [{{group: \"\", kind: Service, name: {service}}}]\n{spec}"
+    )
+}
+
+fn client(outbound: std::net::SocketAddr) -> reqwest::Client {
+    reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(format!("http://{outbound}")).unwrap())
+        .timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap()
+}
+
+/// A client proxy that holds `count` ready endpoints of `host` (subscribing it first).
+async fn client_proxy(mesh: &Mesh, host: &str, count: usize) -> Spawned {
+    let proxy = mesh.proxy(&ProxySpec {
+        log: Some("warn".into()),
+        ..ProxySpec::client("client")
+    });
+    let http = client(proxy.addr("outbound"));
+    let _ = http.get(format!("http://{host}/healthz")).send().await;
+    let admin = proxy.addr("admin");
+    let name = format!("{host}.svc.cluster.local:80");
+    eventually(Duration::from_secs(10), || {
+        let name = name.clone();
+        async move {
+            let dump = ferrymesh_test_support::mesh::get_json(admin, "/config_dump").await;
+            dump["resources"].as_array().unwrap().iter().any(|r| {
+                r["type"] == "ENDPOINTS"
+                    && r["name"] == name.as_str()
+                    && r["value"]["endpoints"]
+                        .as_array()
+                        .is_some_and(|e| e.len() == count)
+            }) && dump["resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["type"] == "CLIENT_POLICY" && r["state"] == "found")
+        }
+    })
+    .await
+    .expect("the client proxy holds the endpoints and policy");
+    proxy
+}
+
+/// Sends `n` GETs, `concurrency` at a time; returns how many got a 2xx.
+async fn send(http: &reqwest::Client, url: &str, n: usize, concurrency: usize) -> usize {
+    let mut ok = 0;
+    let mut left = n;
+    while left > 0 {
+        let batch = left.min(concurrency);
+        let calls = (0..batch).map(|_| http.get(url).send());
+        ok += futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .filter(|r| r.as_ref().is_ok_and(|r| r.status().is_success()))
+            .count();
+        left -= batch;
+    }
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_mask_a_flaky_upstream_within_the_budget() {
+    let spec = "  retry:\n    attempts: 4\n    retryOn: [5xx]\n    backoff: {strategy: Constant, base: 1ms, max: 1ms}\n    budget: {ratio: \"0.5\", minRetriesPerSecond: 10, window: 10s}\n";
+    let mesh = Mesh::start(&[(
+        "pricing.yaml",
+        &(service("pricing") + &policy("pricing", spec)),
+    )]);
+    // A seeded chaos: the same 30% of draws fail on every run (reproducible, like a lab).
+    let app = mesh.shop(
+        "pricing",
+        "pricing-1",
+        &[("CHAOS_ERROR_RATE", "0.3"), ("CHAOS_SEED", "7")],
+    );
+    let server = mesh.proxy(&ProxySpec {
+        log: Some("warn".into()),
+        ..ProxySpec::app("pricing-1", "pricing", app.addr("app"))
+    });
+    let proxy = client_proxy(&mesh, "pricing.shop", 1).await;
+    let http = client(proxy.addr("outbound"));
+    let inbound = || {
+        counter(
+            server.addr("health"),
+            "ferrymesh_proxy_requests_total",
+            r#"direction="inbound""#,
+        )
+    };
+    let before = inbound().await;
+    let n = 2000;
+    let ok = send(&http, "http://pricing.shop/prices/1", n, 20).await;
+    let upstream = inbound().await - before;
+    eprintln!("{ok}/{n} succeeded with {upstream} upstream attempts");
+    assert!(ok * 1000 >= n * 995, "{ok} of {n} succeeded");
+    // 0.5 of the requests plus the floor (10/s over the 10s window).
+    assert!(
+        upstream <= (n as u64) * 3 / 2 + 100,
+        "{upstream} attempts for {n} requests"
+    );
+    let retries = counter(
+        proxy.addr("health"),
+        "ferrymesh_proxy_retries_total",
+        r#"reason="5xx""#,
+    )
+    .await;
+    assert_eq!(upstream, n as u64 + retries, "every retry is counted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_endpoint_failing_the_budget_caps_the_load() {
+    let spec = "  retry:\n    attempts: 4\n    retryOn: [5xx]\n    backoff: {strategy: Constant, base: 1ms, max: 1ms}\n    budget: {ratio: \"0.2\", minRetriesPerSecond: 10, window: 10s}\n";
+    let mesh = Mesh::start(&[(
+        "pricing.yaml",
+        &(service("pricing") + &policy("pricing", spec)),
+    )]);
+    let app = mesh.shop("pricing", "pricing-1", &[("CHAOS_ERROR_RATE", "1")]);
+    let server = mesh.proxy(&ProxySpec {
+        log: Some("warn".into()),
+        ..ProxySpec::app("pricing-1", "pricing", app.addr("app"))
+    });
+    let proxy = client_proxy(&mesh, "pricing.shop", 1).await;
+    let http = client(proxy.addr("outbound"));
+    let inbound = || {
+        counter(
+            server.addr("health"),
+            "ferrymesh_proxy_requests_total",
+            r#"direction="inbound""#,
+        )
+    };
+    let before = inbound().await;
+    let n = 1000;
+    let ok = send(&http, "http://pricing.shop/prices/1", n, 20).await;
+    assert_eq!(ok, 0);
+    let upstream = inbound().await - before;
+    eprintln!("{upstream} upstream attempts for {n} failing requests");
+    assert!(
+        upstream <= (n as u64) * 6 / 5 + 100,
+        "{upstream} attempts: more than 1.2x plus the floor"
+    );
+    let skipped = counter(
+        proxy.addr("health"),
+        "ferrymesh_proxy_retries_skipped_total",
+        r#"reason="budget-exhausted""#,
+    )
+    .await;
+    assert!(skipped > 0, "the budget said no, visibly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_is_retried_only_with_an_idempotency_key_and_charged_once() {
+    let spec = "  retry:\n    attempts: 10\n    retryOn: [5xx]\n    backoff: {strategy: Constant, base: 1ms, max: 1ms}\n    budget: {ratio: \"1\", minRetriesPerSecond: 100, window: 10s}\n";
+    let files = service("payments") + &policy("payments", spec);
+    let mesh = Mesh::start(&[("payments.yaml", &files)]);
+    let app = mesh.shop("payments", "payments-1", &[("CHAOS_ERROR_RATE", "0.5")]);
+    let server = mesh.proxy(&ProxySpec {
+        log: Some("warn".into()),
+        ..ProxySpec::app("payments-1", "payments", app.addr("app"))
+    });
+    let proxy = client_proxy(&mesh, "payments.shop", 1).await;
+    let http = client(proxy.addr("outbound"));
+    let health = server.addr("health");
+    let inbound = || {
+        counter(
+            health,
+            "ferrymesh_proxy_requests_total",
+            r#"direction="inbound""#,
+        )
+    };
+
+    // Without a key: exactly one attempt per POST, whatever the answer.
+    let before = inbound().await;
+    for _ in 0..20 {
+        let _ = http
+            .post("http://payments.shop/payments")
+            .json(&serde_json::json!({"amount": 1}))
+            .send()
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        inbound().await - before,
+        20,
+        "POST without Idempotency-Key is never retried"
+    );
+    let skipped = counter(
+        proxy.addr("health"),
+        "ferrymesh_proxy_retries_skipped_total",
+        r#"reason="not-idempotent""#,
+    )
+    .await;
+    assert!(skipped > 0);
+
+    // With a key: retried until it goes through, and charged once per key.
+    let before = inbound().await;
+    for i in 0..20 {
+        let rsp = http
+            .post("http://payments.shop/payments")
+            .header("idempotency-key", format!("order-{i}"))
+            .json(&serde_json::json!({"orderId": i, "amount": 2}))
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            rsp.status().is_success(),
+            "retried to success: {}",
+            rsp.status()
+        );
+    }
+    assert!(
+        inbound().await - before > 20,
+        "some keyed POSTs were retried"
+    );
+    // GET is idempotent: the policy retries it through the chaos too.
+    let charges: serde_json::Value = http
+        .get("http://payments.shop/payments")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let keyed: Vec<_> = charges
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["idempotencyKey"].is_string())
+        .collect();
+    assert_eq!(keyed.len(), 20, "one charge per key");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_try_timeout_moves_on_to_another_replica() {
+    let spec = "  timeouts: {request: 3s, perTry: 200ms}\n  retry:\n    attempts: 2\n    retryOn: [per-try-timeout]\n    backoff: {strategy: Constant, base: 1ms, max: 1ms}\n";
+    let mesh = Mesh::start(&[(
+        "catalog.yaml",
+        &(service("catalog") + &policy("catalog", spec)),
+    )]);
+    let slow = mesh.shop("catalog", "catalog-slow", &[("CHAOS_LATENCY", "2s")]);
+    let fast = mesh.shop("catalog", "catalog-fast", &[]);
+    let _p1 = mesh.proxy(&ProxySpec {
+        log: Some("warn".into()),
+        ..ProxySpec::app("catalog-slow", "catalog", slow.addr("app"))
+    });
+    let _p2 = mesh.proxy(&ProxySpec {
+        log: Some("warn".into()),
+        ..ProxySpec::app("catalog-fast", "catalog", fast.addr("app"))
+    });
+    let proxy = client_proxy(&mesh, "catalog.shop", 2).await;
+    let http = client(proxy.addr("outbound"));
+    for _ in 0..20 {
+        let start = tokio::time::Instant::now();
+        let rsp = http
+            .get("http://catalog.shop/products/1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(rsp.status(), 200);
+        assert_eq!(rsp.headers()["x-ferry-instance"], "catalog-fast");
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+    let retried = counter(
+        proxy.addr("health"),
+        "ferrymesh_proxy_retries_total",
+        r#"reason="per-try-timeout""#,
+    )
+    .await;
+    assert!(
+        retried > 0,
+        "some requests went to the slow replica first and were retried"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upstream_gets_504_at_the_request_timeout() {
+    let mesh = Mesh::start(&[(
+        "pricing.yaml",
+        &(service("pricing") + &policy("pricing", "  timeouts: {request: 500ms}\n")),
+    )]);
+    let app = mesh.shop("pricing", "pricing-1", &[("CHAOS_LATENCY", "2s")]);
+    let _server = mesh.proxy(&ProxySpec::app("pricing-1", "pricing", app.addr("app")));
+    let proxy = client_proxy(&mesh, "pricing.shop", 1).await;
+    let http = client(proxy.addr("outbound"));
+    let start = tokio::time::Instant::now();
+    let rsp = http
+        .get("http://pricing.shop/prices/1")
+        .send()
+        .await
+        .unwrap();
+    let took = start.elapsed();
+    assert_eq!(rsp.status(), 504);
+    assert_eq!(rsp.headers()["ferrymesh-error"], "timeout");
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_millis(650),
+        "{took:?}"
+    );
+    assert_eq!(get(proxy.addr("health"), "/ready").await.unwrap().0, 200);
+}
