@@ -301,41 +301,43 @@ where
                 let Some(reason) = classify(&rsp) else {
                     return Ok(rsp);
                 };
-                let skip = |skip: Skip| {
-                    observe(&RetryEvent::Skipped { reason, skip });
-                };
-                if !may_retry {
-                    if policy.attempts > 0 {
-                        skip(Skip::NotIdempotent);
+                let decision = if !may_retry {
+                    Err(Skip::NotIdempotent)
+                } else if number > policy.attempts {
+                    Err(Skip::AttemptsExhausted)
+                } else if !body.is_replayable() {
+                    Err(Skip::BodyTooLarge)
+                } else {
+                    let mut delay = policy.backoff.delay(number, previous_delay);
+                    if policy.respect_retry_after
+                        && let Some(after) =
+                            retry_after(rsp.headers().get(http::header::RETRY_AFTER))
+                    {
+                        delay = delay.max(after);
                     }
-                    return Ok(rsp);
-                }
-                if number > policy.attempts {
-                    skip(Skip::AttemptsExhausted);
-                    return Ok(rsp);
-                }
-                if !body.is_replayable() {
-                    skip(Skip::BodyTooLarge);
-                    return Ok(rsp);
-                }
-                let mut delay = policy.backoff.delay(number, previous_delay);
-                if policy.respect_retry_after
-                    && let Some(after) = retry_after(rsp.headers().get(http::header::RETRY_AFTER))
-                {
-                    delay = delay.max(after);
-                }
-                // NOTE: an attempt is assumed to take as long as the last one did: a retry
-                // that cannot finish before the deadline is not started.
-                if let Some(Deadline(at)) = deadline
-                    && Instant::now() + delay + started.elapsed() >= at
-                {
-                    skip(Skip::Deadline);
-                    return Ok(rsp);
-                }
-                if !budget.0.withdraw() {
-                    skip(Skip::BudgetExhausted);
-                    return Ok(rsp);
-                }
+                    // NOTE: an attempt is assumed to take as long as the last one did: a retry
+                    // that cannot finish before the deadline is not started.
+                    match deadline {
+                        Some(Deadline(at)) if Instant::now() + delay + started.elapsed() >= at => {
+                            Err(Skip::Deadline)
+                        }
+                        _ if !budget.0.withdraw() => Err(Skip::BudgetExhausted),
+                        _ => Ok(delay),
+                    }
+                };
+                let delay = match decision {
+                    Ok(delay) => delay,
+                    Err(skip) => {
+                        // A policy with no retries at all skips nothing.
+                        if policy.attempts > 0 {
+                            observe(&RetryEvent::Skipped { reason, skip });
+                        }
+                        // NOTE: the caller (fallback, explain) can see why it was not retried.
+                        let mut rsp = rsp;
+                        rsp.extensions_mut().insert(skip);
+                        return Ok(rsp);
+                    }
+                };
                 observe(&RetryEvent::Retry {
                     attempt: number,
                     reason,
