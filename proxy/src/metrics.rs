@@ -57,7 +57,15 @@ pub struct Metrics {
     tcp: Family<ServiceLabels, Counter>,
     retries: Family<ReasonLabels, Counter>,
     retries_skipped: Family<ReasonLabels, Counter>,
+    breaker: Family<BreakerLabels, prometheus_client::metrics::gauge::Gauge>,
+    fallbacks: Family<ReasonLabels, Counter>,
     registry: Registry,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BreakerLabels {
+    service: String,
+    state: &'static str,
 }
 
 impl Default for Metrics {
@@ -96,6 +104,18 @@ impl Metrics {
             "Retryable failures not retried, by service and why (not-idempotent, budget-exhausted, deadline, ...)",
             retries_skipped.clone(),
         );
+        let breaker = Family::<BreakerLabels, prometheus_client::metrics::gauge::Gauge>::default();
+        registry.register(
+            "breaker_state",
+            "Circuit breaker state per service: 1 for the current state (closed, open, half-open), 0 for the others",
+            breaker.clone(),
+        );
+        let fallbacks = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "fallbacks",
+            "Fallback answers served, by service and trigger",
+            fallbacks.clone(),
+        );
         registry.register(
             "tcp_connections",
             "Opaque TCP connections forwarded",
@@ -107,6 +127,8 @@ impl Metrics {
             tcp,
             retries,
             retries_skipped,
+            breaker,
+            fallbacks,
             registry,
         }
     }
@@ -146,6 +168,29 @@ impl Metrics {
             .get_or_create(&ReasonLabels {
                 service: service.to_owned(),
                 reason,
+            })
+            .inc();
+    }
+
+    /// The breaker of `service` is now in `state`.
+    pub fn breaker_state(&self, service: &str, state: &'static str) {
+        for s in ["closed", "open", "half-open"] {
+            let value = i64::from(s == state);
+            self.breaker
+                .get_or_create(&BreakerLabels {
+                    service: service.to_owned(),
+                    state: s,
+                })
+                .set(value);
+        }
+    }
+
+    /// A fallback served for `service` because of `trigger`.
+    pub fn fallback(&self, service: &str, trigger: &'static str) {
+        self.fallbacks
+            .get_or_create(&ReasonLabels {
+                service: service.to_owned(),
+                reason: trigger,
             })
             .inc();
     }

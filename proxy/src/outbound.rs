@@ -79,7 +79,8 @@ impl Target {
 }
 
 impl Outbound {
-    fn logical(&self, ctx: &Context, name: &str) -> Arc<Logical> {
+    /// The logical target of `name`, created (and subscribed) on first use.
+    pub fn logical(&self, ctx: &Context, name: &str) -> Arc<Logical> {
         let mut targets = self.targets.lock().expect("targets lock poisoned");
         targets
             .entry(name.to_owned())

@@ -319,3 +319,117 @@ async fn a_slow_upstream_gets_504_at_the_request_timeout() {
     );
     assert_eq!(get(proxy.addr("health"), "/ready").await.unwrap().0, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_breaker_opens_fails_fast_serves_the_fallback_and_closes_after_recovery() {
+    let spec = "  circuitBreaker:\n    tripWhen: {consecutiveFailures: 5, failureRatio: \"0\"}\n    failureOn: [5xx]\n    open: {base: 1s, max: 1s, jitter: \"0\"}\n    halfOpenProbes: 1\n  fallback:\n    triggers: [circuit-open]\n    staticResponse: {status: 200, headers: {content-type: application/json}, body: '{\"price\":\"unknown\"}'}\n";
+    let mesh = Mesh::start(&[(
+        "pricing.yaml",
+        &(service("pricing") + &policy("pricing", spec)),
+    )]);
+    let app = mesh.shop("pricing", "pricing-1", &[("CHAOS_ERROR_RATE", "1")]);
+    let server = mesh.proxy(&ProxySpec {
+        log: Some("warn".into()),
+        ..ProxySpec::app("pricing-1", "pricing", app.addr("app"))
+    });
+    let proxy = client_proxy(&mesh, "pricing.shop", 1).await;
+    let http = client(proxy.addr("outbound"));
+    let inbound = || {
+        counter(
+            server.addr("health"),
+            "ferrymesh_proxy_requests_total",
+            r#"direction="inbound""#,
+        )
+    };
+    let before = inbound().await;
+    for _ in 0..5 {
+        assert_eq!(
+            http.get("http://pricing.shop/prices/1")
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            500
+        );
+    }
+    // Open: no upstream call, the static fallback at once.
+    for _ in 0..20 {
+        let start = tokio::time::Instant::now();
+        let rsp = http
+            .get("http://pricing.shop/prices/1")
+            .send()
+            .await
+            .unwrap();
+        let took = start.elapsed();
+        assert_eq!(rsp.status(), 200);
+        assert_eq!(rsp.headers()["ferrymesh-fallback"], "static");
+        assert_eq!(rsp.headers()["ferrymesh-fallback-cause"], "circuit-open");
+        assert_eq!(rsp.text().await.unwrap(), r#"{"price":"unknown"}"#);
+        assert!(took < Duration::from_millis(5), "failed fast: {took:?}");
+    }
+    assert_eq!(
+        inbound().await - before,
+        5,
+        "nothing reached the upstream while open"
+    );
+    let health = proxy.addr("health");
+    assert_eq!(
+        counter(health, "ferrymesh_proxy_breaker_state", r#"state="open""#).await,
+        1
+    );
+
+    // The upstream recovers; after the open time a probe closes the breaker.
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .put(format!("http://{}/chaos", app.addr("app")))
+        .json(&serde_json::json!({"errorRate": 0}))
+        .send()
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), || async {
+        http.get("http://pricing.shop/prices/1")
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200 && !r.headers().contains_key("ferrymesh-fallback"))
+    })
+    .await
+    .expect("closed again after recovery");
+    assert_eq!(
+        counter(health, "ferrymesh_proxy_breaker_state", r#"state="closed""#).await,
+        1
+    );
+    assert!(
+        counter(
+            health,
+            "ferrymesh_proxy_fallbacks_total",
+            r#"reason="circuit-open""#
+        )
+        .await
+            >= 20
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_fallback_serves_when_the_service_has_no_endpoints() {
+    let spec = "  fallback:\n    triggers: [no-endpoints]\n    backendRef: {name: pricing-legacy, port: 80}\n";
+    let files = service("pricing") + &service("pricing-legacy") + &policy("pricing", spec);
+    let mesh = Mesh::start(&[("pricing.yaml", &files)]);
+    let legacy = mesh.shop("pricing", "pricing-legacy-1", &[]);
+    let _server = mesh.proxy(&ProxySpec {
+        log: Some("warn".into()),
+        ..ProxySpec::app("pricing-legacy-1", "pricing-legacy", legacy.addr("app"))
+    });
+    let proxy = client_proxy(&mesh, "pricing.shop", 0).await;
+    let http = client(proxy.addr("outbound"));
+    let rsp = http
+        .get("http://pricing.shop/prices/2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rsp.status(), 200);
+    assert_eq!(rsp.headers()["ferrymesh-fallback"], "backend");
+    assert_eq!(rsp.headers()["ferrymesh-fallback-cause"], "no-endpoints");
+    assert_eq!(rsp.headers()["x-ferry-instance"], "pricing-legacy-1");
+}

@@ -9,7 +9,10 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll};
 
-use ferrymesh_resilience::replay::ReplayBody;
+use ferrymesh_resilience::breaker::{
+    self, Breaker, BreakerConfig, BreakerError, FailureClassifier, State as BreakerState,
+};
+use ferrymesh_resilience::replay::{MAX_BUFFERED_BYTES, ReplayBody};
 use ferrymesh_resilience::retry::{
     self, Attempt, Backoff, Classifier, Deadline, Retry, RetryBudget, RetryEvent, Strategy,
 };
@@ -22,14 +25,14 @@ use tower::{Layer as _, ServiceExt as _};
 use super::logical::{CallTimeouts, Logical, send};
 use crate::app::Context;
 use crate::http::{Body, FERRYMESH_ERROR, boxed, proxy_response};
-use crate::policy::resilience::{BackoffStrategy, RetryOn};
-use crate::policy::{ClientPolicy, RetryPolicy};
+use crate::policy::resilience::{
+    BackoffStrategy, FailureOn, FallbackTarget, FallbackTrigger, RetryOn,
+};
+use crate::policy::{BreakerPolicy, ClientPolicy, FallbackPolicy, RetryPolicy};
 
-/// The retry machinery of one client policy, kept while the policy does not change (the
-/// budget counts across requests).
+/// The retry machinery of one client policy.
 #[derive(Clone)]
 pub struct RetryState {
-    for_policy: Arc<ClientPolicy>,
     policy: Arc<retry::RetryPolicy>,
     budget: RetryBudget,
     classify: Classifier<Body>,
@@ -43,47 +46,121 @@ impl std::fmt::Debug for RetryState {
     }
 }
 
-/// The cache of a logical target's retry state.
-#[derive(Debug, Default)]
-pub struct RetryCache(Mutex<Option<RetryState>>);
+/// What one client policy's stack keeps across requests (the retry budget, the breaker).
+#[derive(Clone)]
+pub struct Stack {
+    for_policy: Arc<ClientPolicy>,
+    retry: Option<RetryState>,
+    breaker: Option<(Breaker, FailureClassifier<Response<Body>>)>,
+}
 
-impl RetryCache {
-    fn get(&self, policy: &Arc<ClientPolicy>) -> Option<RetryState> {
-        let r = policy.retry.as_ref()?;
-        let mut cached = self.0.lock().expect("retry cache lock poisoned");
-        if let Some(state) = cached.as_ref()
-            && Arc::ptr_eq(&state.for_policy, policy)
-        {
-            return Some(state.clone());
-        }
-        let state = RetryState {
-            for_policy: policy.clone(),
-            policy: Arc::new(retry::RetryPolicy {
-                attempts: r.attempts,
-                backoff: Backoff {
-                    strategy: match r.backoff {
-                        BackoffStrategy::Constant => Strategy::Constant,
-                        BackoffStrategy::Exponential => Strategy::Exponential,
-                        BackoffStrategy::ExponentialFullJitter => Strategy::ExponentialFullJitter,
-                        BackoffStrategy::DecorrelatedJitter => Strategy::DecorrelatedJitter,
-                    },
-                    base: r.backoff_base,
-                    max: r.backoff_max,
-                },
-                methods: r.methods.clone(),
-                respect_retry_after: r.respect_retry_after,
-                max_request_body_bytes: r.max_request_body_bytes as usize,
-            }),
-            budget: RetryBudget::new(
-                r.budget.ratio,
-                r.budget.min_retries_per_second,
-                r.budget.window,
-            ),
-            classify: classifier(Arc::new(r.clone())),
-        };
-        *cached = Some(state.clone());
-        Some(state)
+impl std::fmt::Debug for Stack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stack")
+            .field("retry", &self.retry)
+            .field("breaker", &self.breaker.as_ref().map(|(b, _)| b))
+            .finish_non_exhaustive()
     }
+}
+
+/// The cache of a logical target's stack, rebuilt when its policy changes.
+#[derive(Debug, Default)]
+pub struct StackCache(Mutex<Option<Stack>>);
+
+impl StackCache {
+    fn get(&self, policy: &Arc<ClientPolicy>, metrics: &Arc<Context>, service: &str) -> Stack {
+        let mut cached = self.0.lock().expect("stack cache lock poisoned");
+        if let Some(stack) = cached.as_ref()
+            && Arc::ptr_eq(&stack.for_policy, policy)
+        {
+            return stack.clone();
+        }
+        let stack = Stack {
+            for_policy: policy.clone(),
+            retry: policy.retry.as_ref().map(retry_state),
+            breaker: policy
+                .breaker
+                .as_ref()
+                .map(|b| breaker(b, metrics.clone(), service.to_owned())),
+        };
+        *cached = Some(stack.clone());
+        stack
+    }
+
+    /// The breaker's state, for `/config_dump`.
+    pub fn breaker_state(&self) -> Option<&'static str> {
+        let cached = self.0.lock().expect("stack cache lock poisoned");
+        cached
+            .as_ref()?
+            .breaker
+            .as_ref()
+            .map(|(b, _)| b.state().as_str())
+    }
+}
+
+fn retry_state(r: &RetryPolicy) -> RetryState {
+    RetryState {
+        policy: Arc::new(retry::RetryPolicy {
+            attempts: r.attempts,
+            backoff: Backoff {
+                strategy: match r.backoff {
+                    BackoffStrategy::Constant => Strategy::Constant,
+                    BackoffStrategy::Exponential => Strategy::Exponential,
+                    BackoffStrategy::ExponentialFullJitter => Strategy::ExponentialFullJitter,
+                    BackoffStrategy::DecorrelatedJitter => Strategy::DecorrelatedJitter,
+                },
+                base: r.backoff_base,
+                max: r.backoff_max,
+            },
+            methods: r.methods.clone(),
+            respect_retry_after: r.respect_retry_after,
+            max_request_body_bytes: r.max_request_body_bytes as usize,
+        }),
+        budget: RetryBudget::new(
+            r.budget.ratio,
+            r.budget.min_retries_per_second,
+            r.budget.window,
+        ),
+        classify: classifier(Arc::new(r.clone())),
+    }
+}
+
+fn breaker(
+    b: &BreakerPolicy,
+    ctx: Arc<Context>,
+    service: String,
+) -> (Breaker, FailureClassifier<Response<Body>>) {
+    let config = BreakerConfig {
+        max_requests: b.max_requests as usize,
+        consecutive_failures: b.consecutive_failures,
+        failure_ratio: b.failure_ratio,
+        minimum_requests: b.minimum_requests,
+        window: b.window,
+        open_base: b.open_base,
+        open_max: b.open_max,
+        open_jitter: b.open_jitter,
+        half_open_probes: b.half_open_probes,
+    };
+    ctx.metrics
+        .breaker_state(&service, BreakerState::Closed.as_str());
+    let on_change: breaker::OnChange = Arc::new(move |state: BreakerState| {
+        tracing::info!(service = %service, state = state.as_str(), "circuit breaker");
+        ctx.metrics.breaker_state(&service, state.as_str());
+    });
+    let failure_on = b.failure_on.clone();
+    let failed: FailureClassifier<Response<Body>> = Arc::new(move |rsp: &Response<Body>| {
+        let cause = rsp
+            .headers()
+            .get(&FERRYMESH_ERROR)
+            .and_then(|v| v.to_str().ok());
+        failure_on.iter().any(|f| match f {
+            FailureOn::ServerError => rsp.status().is_server_error(),
+            FailureOn::GatewayError => matches!(rsp.status().as_u16(), 502..=504),
+            FailureOn::ConnectFailure => cause == Some("connect-failed"),
+            FailureOn::Timeout => cause == Some("timeout"),
+        })
+    });
+    (Breaker::new(config, Some(on_change)), failed)
 }
 
 /// Which failures of an attempt the policy retries, and under what reason label.
@@ -131,13 +208,14 @@ fn classifier(policy: Arc<RetryPolicy>) -> Classifier<Body> {
     })
 }
 
-/// One attempt: a balanced endpoint and the per-try timeout.
+/// One attempt: the breaker, a balanced endpoint and the per-try timeout.
 #[derive(Clone)]
 struct Attempter {
     ctx: Arc<Context>,
     logical: Arc<Logical>,
     authority: Authority,
     timeouts: CallTimeouts,
+    breaker: Option<(Breaker, FailureClassifier<Response<Body>>)>,
 }
 
 // NOTE: one concrete request type (not generic over the body): rustc cannot prove `Send` for a
@@ -154,6 +232,27 @@ impl tower::Service<Request<ReplayBody<Body>>> for Attempter {
     fn call(&mut self, req: Request<ReplayBody<Body>>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
+            // Breaker and bulkhead first: an open circuit costs nothing downstream.
+            let permit = match &this.breaker {
+                None => None,
+                Some((breaker, _)) => match breaker.try_acquire() {
+                    Ok(p) => Some(p),
+                    Err(BreakerError::Open) => {
+                        return Ok(proxy_response(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "circuit-open",
+                            &this.logical.name,
+                        ));
+                    }
+                    Err(BreakerError::Full) => {
+                        return Ok(proxy_response(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "overloaded",
+                            "too many requests in flight",
+                        ));
+                    }
+                },
+            };
             let tried = req.extensions().get::<Attempt>().map(|a| a.tried.clone());
             let avoid = tried
                 .as_ref()
@@ -183,6 +282,9 @@ impl tower::Service<Request<ReplayBody<Body>>> for Attempter {
             } else {
                 pick.complete();
             }
+            if let (Some(permit), Some((_, failed))) = (permit, &this.breaker) {
+                permit.record(failed(&rsp));
+            }
             Ok(rsp)
         })
     }
@@ -199,7 +301,150 @@ pub fn call(
     policy: Option<Arc<ClientPolicy>>,
     service: String,
 ) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>> {
-    Box::pin(call_inner(ctx, logical, authority, req, policy, service))
+    Box::pin(call_with_fallback(
+        ctx, logical, authority, req, policy, service, true,
+    ))
+}
+
+/// Which fallback trigger a final answer meets, if any.
+fn triggered(fallback: &FallbackPolicy, rsp: &Response<Body>) -> Option<&'static str> {
+    let cause = rsp
+        .headers()
+        .get(&FERRYMESH_ERROR)
+        .and_then(|v| v.to_str().ok());
+    fallback.triggers.iter().find_map(|t| {
+        let hit = match t {
+            FallbackTrigger::CircuitOpen => cause == Some("circuit-open"),
+            FallbackTrigger::NoEndpoints => cause == Some("no-endpoints"),
+            FallbackTrigger::Timeout => cause == Some("timeout"),
+            FallbackTrigger::ServerError => rsp.status().is_server_error(),
+            FallbackTrigger::BudgetExhausted => {
+                rsp.extensions().get::<retry::Skip>() == Some(&retry::Skip::BudgetExhausted)
+            }
+        };
+        hit.then_some(match t {
+            FallbackTrigger::CircuitOpen => "circuit-open",
+            FallbackTrigger::NoEndpoints => "no-endpoints",
+            FallbackTrigger::Timeout => "timeout",
+            FallbackTrigger::ServerError => "5xx",
+            FallbackTrigger::BudgetExhausted => "budget-exhausted",
+        })
+    })
+}
+
+fn copy_head(req: &http::request::Parts) -> http::request::Builder {
+    let mut b = Request::builder()
+        .method(req.method.clone())
+        .uri(req.uri.clone())
+        .version(req.version);
+    if let Some(h) = b.headers_mut() {
+        h.clone_from(&req.headers);
+    }
+    b
+}
+
+/// The stack, then the policy's fallback when the answer meets one of its triggers. A backend
+/// fallback is called with its own policy but no fallback of its own.
+async fn call_with_fallback(
+    ctx: Arc<Context>,
+    logical: Arc<Logical>,
+    authority: Authority,
+    req: Request<Body>,
+    policy: Option<Arc<ClientPolicy>>,
+    service: String,
+    allow_fallback: bool,
+) -> Response<Body> {
+    let fallback = policy
+        .as_ref()
+        .and_then(|p| p.fallback.clone())
+        .filter(|_| allow_fallback);
+    let Some(fallback) = fallback else {
+        return call_inner(ctx, logical, authority, req, policy, service).await;
+    };
+    // A backend fallback needs the request again: keep a replayable copy of the body.
+    let (parts, body) = req.into_parts();
+    let replay = ReplayBody::new(body, MAX_BUFFERED_BYTES);
+    let first = copy_head(&parts)
+        .body(boxed(replay.replay()))
+        .expect("parts of a valid request");
+    let rsp = call_inner(
+        ctx.clone(),
+        logical,
+        authority,
+        first,
+        policy,
+        service.clone(),
+    )
+    .await;
+    let Some(trigger) = triggered(&fallback, &rsp) else {
+        return rsp;
+    };
+    ctx.metrics.fallback(&service, trigger);
+    let mut served = match &fallback.target {
+        FallbackTarget::StaticResponse {
+            status,
+            headers,
+            body,
+        } => {
+            let mut r = Response::new(boxed(http_body_util::Full::new(bytes::Bytes::from(
+                body.clone(),
+            ))));
+            *r.status_mut() = *status;
+            for (k, v) in headers {
+                if let (Ok(k), Ok(v)) = (
+                    http::HeaderName::from_bytes(k.as_bytes()),
+                    http::HeaderValue::from_str(v),
+                ) {
+                    r.headers_mut().insert(k, v);
+                }
+            }
+            r.headers_mut().insert(
+                "ferrymesh-fallback",
+                http::HeaderValue::from_static("static"),
+            );
+            r
+        }
+        FallbackTarget::Backend(name) => {
+            let Some(target) = super::Target::parse(name, &ctx.config.workload.namespace) else {
+                return rsp;
+            };
+            let Some(backend_name) = target.name.clone() else {
+                return rsp;
+            };
+            if !replay.is_replayable() {
+                return rsp; // the body was too large to send twice
+            }
+            let backend = ctx.outbound.logical(&ctx, &backend_name);
+            let Ok(super::logical::Resolution::Service { endpoints, policy }) =
+                backend.resolve().await
+            else {
+                return rsp;
+            };
+            let req = copy_head(&parts)
+                .body(boxed(replay.replay()))
+                .expect("parts of a valid request");
+            let mut r = Box::pin(call_with_fallback(
+                ctx.clone(),
+                backend,
+                target.authority.clone(),
+                req,
+                policy,
+                endpoints.service.clone(),
+                false,
+            ))
+            .await;
+            r.headers_mut().insert(
+                "ferrymesh-fallback",
+                http::HeaderValue::from_static("backend"),
+            );
+            r
+        }
+    };
+    served.headers_mut().insert(
+        "ferrymesh-fallback-cause",
+        http::HeaderValue::from_static(trigger),
+    );
+    served
 }
 
 async fn call_inner(
@@ -227,8 +472,12 @@ async fn call_inner(
     if let Some(t) = request {
         req.extensions_mut().insert(Deadline(Instant::now() + t));
     }
-    let retry = policy.as_ref().and_then(|p| logical.retries.get(p));
+    let stack = policy
+        .as_ref()
+        .map(|p| logical.stack.get(p, &ctx, &service));
+    let retry = stack.as_ref().and_then(|s| s.retry.clone());
     let attempter = Attempter {
+        breaker: stack.as_ref().and_then(|s| s.breaker.clone()),
         ctx: ctx.clone(),
         logical,
         authority,

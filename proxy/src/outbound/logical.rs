@@ -49,8 +49,8 @@ pub struct Logical {
     policy: watch::Receiver<State>,
     /// The balancer over the endpoints.
     pub balancer: Balancer,
-    /// Retry state of the current policy (its budget counts across requests).
-    pub retries: super::concrete::RetryCache,
+    /// The stack state of the current policy (retry budget, breaker), kept across requests.
+    pub stack: super::concrete::StackCache,
     applied: Mutex<Option<String>>,
 }
 
@@ -62,7 +62,7 @@ impl Logical {
             policy: discovery.watch(pb::ResourceType::ClientPolicy, &name),
             name,
             balancer: Balancer::default(),
-            retries: super::concrete::RetryCache::default(),
+            stack: super::concrete::StackCache::default(),
             applied: Mutex::new(None),
         }
     }
