@@ -167,30 +167,43 @@ impl Balancer {
 
     /// Picks a ready endpoint, `None` when there is none.
     pub fn pick(&self) -> Option<Pick> {
-        self.pick_excluding(&[])
+        self.pick_excluding(&[], |_| false)
     }
 
-    /// Picks a ready endpoint not in `avoid` (a retry's earlier endpoints) when there is one,
-    /// else any ready endpoint; `None` when none is ready.
-    pub fn pick_excluding(&self, avoid: &[std::net::SocketAddr]) -> Option<Pick> {
+    /// Picks a ready endpoint that is not `ejected` (outlier detection) and not in `avoid` (a
+    /// retry's earlier endpoints) when there is one; else a ready one not ejected; else any
+    /// ready one (as Envoy's panic threshold: better a suspect endpoint than none). `None` when
+    /// none is ready.
+    pub fn pick_excluding(
+        &self,
+        avoid: &[std::net::SocketAddr],
+        ejected: impl Fn(&std::net::SocketAddr) -> bool,
+    ) -> Option<Pick> {
         let now = Instant::now();
         let slots = self.slots.lock().expect("balancer lock poisoned");
+        let healthy;
         let fresh;
-        let ready: &[Arc<Slot>] = if avoid.is_empty() {
-            &slots.ready
-        } else {
-            fresh = slots
-                .ready
+        let mut ready: &[Arc<Slot>] = &slots.ready;
+        if ready.iter().any(|s| ejected(&s.endpoint.addr)) {
+            healthy = ready
+                .iter()
+                .filter(|s| !ejected(&s.endpoint.addr))
+                .cloned()
+                .collect::<Vec<_>>();
+            if !healthy.is_empty() {
+                ready = &healthy;
+            }
+        }
+        if !avoid.is_empty() {
+            fresh = ready
                 .iter()
                 .filter(|s| !avoid.contains(&s.endpoint.addr))
                 .cloned()
                 .collect::<Vec<_>>();
-            if fresh.is_empty() {
-                &slots.ready
-            } else {
-                &fresh
+            if !fresh.is_empty() {
+                ready = &fresh;
             }
-        };
+        }
         let slot = match ready.len() {
             0 => return None,
             1 => ready[0].clone(),
@@ -215,6 +228,15 @@ impl Balancer {
             start: now,
             done: false,
         })
+    }
+
+    /// How many endpoints are ready.
+    pub fn ready_count(&self) -> usize {
+        self.slots
+            .lock()
+            .expect("balancer lock poisoned")
+            .ready
+            .len()
     }
 
     /// Every endpoint with its statistics (for dumps and tests).
@@ -332,11 +354,32 @@ mod tests {
         b.update(&[ep(1, true), ep(2, true), ep(3, true)]);
         let tried = [ep(1, true).addr, ep(2, true).addr];
         for _ in 0..20 {
-            assert_eq!(b.pick_excluding(&tried).unwrap().endpoint().addr.port(), 3);
+            assert_eq!(
+                b.pick_excluding(&tried, |_| false)
+                    .unwrap()
+                    .endpoint()
+                    .addr
+                    .port(),
+                3
+            );
         }
+        let three = ep(3, true).addr;
+        assert_eq!(
+            b.pick_excluding(&[], |a| *a != three)
+                .unwrap()
+                .endpoint()
+                .addr
+                .port(),
+            3,
+            "ejected endpoints are skipped"
+        );
+        assert!(
+            b.pick_excluding(&[], |_| true).is_some(),
+            "all ejected: any ready endpoint"
+        );
         let all = [ep(1, true).addr, ep(2, true).addr, ep(3, true).addr];
         assert!(
-            b.pick_excluding(&all).is_some(),
+            b.pick_excluding(&all, |_| false).is_some(),
             "all tried: any ready endpoint"
         );
     }

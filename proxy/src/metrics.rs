@@ -59,7 +59,13 @@ pub struct Metrics {
     retries_skipped: Family<ReasonLabels, Counter>,
     breaker: Family<BreakerLabels, prometheus_client::metrics::gauge::Gauge>,
     fallbacks: Family<ReasonLabels, Counter>,
+    ejections: Family<ServiceOnly, Counter>,
     registry: Registry,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceOnly {
+    service: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -116,6 +122,12 @@ impl Metrics {
             "Fallback answers served, by service and trigger",
             fallbacks.clone(),
         );
+        let ejections = Family::<ServiceOnly, Counter>::default();
+        registry.register(
+            "ejections",
+            "Endpoints ejected by outlier detection, by service",
+            ejections.clone(),
+        );
         registry.register(
             "tcp_connections",
             "Opaque TCP connections forwarded",
@@ -129,6 +141,7 @@ impl Metrics {
             retries_skipped,
             breaker,
             fallbacks,
+            ejections,
             registry,
         }
     }
@@ -191,6 +204,15 @@ impl Metrics {
             .get_or_create(&ReasonLabels {
                 service: service.to_owned(),
                 reason: trigger,
+            })
+            .inc();
+    }
+
+    /// An endpoint of `service` ejected.
+    pub fn ejection(&self, service: &str) {
+        self.ejections
+            .get_or_create(&ServiceOnly {
+                service: service.to_owned(),
             })
             .inc();
     }

@@ -433,3 +433,78 @@ async fn a_backend_fallback_serves_when_the_service_has_no_endpoints() {
     assert_eq!(rsp.headers()["ferrymesh-fallback-cause"], "no-endpoints");
     assert_eq!(rsp.headers()["x-ferry-instance"], "pricing-legacy-1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_replica_is_ejected_and_comes_back_once_healthy() {
+    let spec = "  outlierDetection:\n    consecutiveErrors: 5\n    interval: 10s\n    baseEjectionTime: 5s\n    maxEjectionTime: 5s\n    maxEjectionPercent: 50\n";
+    let mesh = Mesh::start(&[(
+        "catalog.yaml",
+        &(service("catalog") + &policy("catalog", spec)),
+    )]);
+    let apps: Vec<Spawned> = (1..=3)
+        .map(|i| {
+            let env: &[(&str, &str)] = if i == 2 {
+                &[("CHAOS_ERROR_RATE", "1")]
+            } else {
+                &[]
+            };
+            mesh.shop("catalog", &format!("catalog-{i}"), env)
+        })
+        .collect();
+    let _proxies: Vec<Spawned> = apps
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            mesh.proxy(&ProxySpec {
+                log: Some("warn".into()),
+                ..ProxySpec::app(&format!("catalog-{}", i + 1), "catalog", a.addr("app"))
+            })
+        })
+        .collect();
+    let proxy = client_proxy(&mesh, "catalog.shop", 3).await;
+    let http = client(proxy.addr("outbound"));
+    let mut errors = 0;
+    for _ in 0..1000 {
+        if !http
+            .get("http://catalog.shop/products/1")
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .is_success()
+        {
+            errors += 1;
+        }
+    }
+    assert!(errors <= 5, "{errors} errors seen by the client");
+    assert!(errors >= 1, "the bad replica was tried at least once");
+    assert_eq!(
+        counter(
+            proxy.addr("health"),
+            "ferrymesh_proxy_ejections_total",
+            "shop/catalog"
+        )
+        .await,
+        1
+    );
+
+    // Healthy again: after the ejection time it gets traffic.
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .put(format!("http://{}/chaos", apps[1].addr("app")))
+        .json(&serde_json::json!({"errorRate": 0}))
+        .send()
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(15), || async {
+        let calls = (0..6).map(|_| http.get("http://catalog.shop/products/1").send());
+        futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .any(|r| r.is_ok_and(|r| r.headers()["x-ferry-instance"] == "catalog-2"))
+    })
+    .await
+    .expect("catalog-2 is back in rotation");
+}

@@ -5,6 +5,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll};
@@ -12,6 +13,7 @@ use std::task::{Context as TaskContext, Poll};
 use ferrymesh_resilience::breaker::{
     self, Breaker, BreakerConfig, BreakerError, FailureClassifier, State as BreakerState,
 };
+use ferrymesh_resilience::outlier::{Outcome, Outlier, OutlierConfig};
 use ferrymesh_resilience::replay::{MAX_BUFFERED_BYTES, ReplayBody};
 use ferrymesh_resilience::retry::{
     self, Attempt, Backoff, Classifier, Deadline, Retry, RetryBudget, RetryEvent, Strategy,
@@ -52,6 +54,7 @@ pub struct Stack {
     for_policy: Arc<ClientPolicy>,
     retry: Option<RetryState>,
     breaker: Option<(Breaker, FailureClassifier<Response<Body>>)>,
+    outlier: Option<Arc<Outlier<SocketAddr>>>,
 }
 
 impl std::fmt::Debug for Stack {
@@ -59,6 +62,7 @@ impl std::fmt::Debug for Stack {
         f.debug_struct("Stack")
             .field("retry", &self.retry)
             .field("breaker", &self.breaker.as_ref().map(|(b, _)| b))
+            .field("outlier", &self.outlier)
             .finish_non_exhaustive()
     }
 }
@@ -82,6 +86,17 @@ impl StackCache {
                 .breaker
                 .as_ref()
                 .map(|b| breaker(b, metrics.clone(), service.to_owned())),
+            outlier: policy.outlier.as_ref().map(|o| {
+                Arc::new(Outlier::new(OutlierConfig {
+                    consecutive_errors: o.consecutive_errors,
+                    consecutive_gateway_errors: o.consecutive_gateway_errors,
+                    interval: o.interval,
+                    base_ejection_time: o.base_ejection_time,
+                    max_ejection_time: o.max_ejection_time,
+                    max_ejection_percent: o.max_ejection_percent,
+                    min_ready_endpoints: o.min_ready_endpoints,
+                }))
+            }),
         };
         *cached = Some(stack.clone());
         stack
@@ -216,6 +231,8 @@ struct Attempter {
     authority: Authority,
     timeouts: CallTimeouts,
     breaker: Option<(Breaker, FailureClassifier<Response<Body>>)>,
+    outlier: Option<Arc<Outlier<SocketAddr>>>,
+    service: String,
 }
 
 // NOTE: one concrete request type (not generic over the body): rustc cannot prove `Send` for a
@@ -258,7 +275,12 @@ impl tower::Service<Request<ReplayBody<Body>>> for Attempter {
                 .as_ref()
                 .map(|t| t.lock().expect("tried lock poisoned").clone())
                 .unwrap_or_default();
-            let Some(pick) = this.logical.balancer.pick_excluding(&avoid) else {
+            let outlier = this.outlier.as_deref();
+            let Some(pick) = this
+                .logical
+                .balancer
+                .pick_excluding(&avoid, |a| outlier.is_some_and(|o| o.is_ejected(a)))
+            else {
                 return Ok(proxy_response(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "no-endpoints",
@@ -284,6 +306,24 @@ impl tower::Service<Request<ReplayBody<Body>>> for Attempter {
             }
             if let (Some(permit), Some((_, failed))) = (permit, &this.breaker) {
                 permit.record(failed(&rsp));
+            }
+            if let Some(outlier) = outlier {
+                let cause = rsp
+                    .headers()
+                    .get(&FERRYMESH_ERROR)
+                    .and_then(|v| v.to_str().ok());
+                let outcome = match (rsp.status().as_u16(), cause) {
+                    (_, Some("connect-failed" | "timeout" | "upstream-reset")) | (502..=504, _) => {
+                        Outcome::GatewayError
+                    }
+                    (500..=599, _) => Outcome::Error,
+                    _ => Outcome::Success,
+                };
+                let total = this.logical.balancer.ready_count();
+                if let Some(time) = outlier.record(&addr, outcome, total) {
+                    tracing::info!(service = %this.service, endpoint = %addr, ?time, "endpoint ejected");
+                    this.ctx.metrics.ejection(&this.service);
+                }
             }
             Ok(rsp)
         })
@@ -478,6 +518,8 @@ async fn call_inner(
     let retry = stack.as_ref().and_then(|s| s.retry.clone());
     let attempter = Attempter {
         breaker: stack.as_ref().and_then(|s| s.breaker.clone()),
+        outlier: stack.as_ref().and_then(|s| s.outlier.clone()),
+        service: service.clone(),
         ctx: ctx.clone(),
         logical,
         authority,
