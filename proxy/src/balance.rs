@@ -76,6 +76,23 @@ impl Slot {
     }
 }
 
+/// The rendezvous weight of `addr` for `key`.
+fn rendezvous(key: u64, addr: std::net::SocketAddr) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    addr.hash(&mut h);
+    h.finish()
+}
+
+/// A stable hash of a header value, for [`Lb::Hash`].
+pub fn hash_key(value: &[u8]) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    value.hash(&mut h);
+    h.finish()
+}
+
 fn duration_ns(d: Duration) -> f64 {
     d.as_secs_f64() * 1e9
 }
@@ -123,6 +140,24 @@ impl Drop for Pick {
 #[derive(Debug, Default)]
 pub struct Balancer {
     slots: Mutex<Slots>,
+    /// Round-robin position.
+    next: AtomicUsize,
+}
+
+/// How a pick chooses among the candidates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lb {
+    /// Power of two choices over peak-EWMA load (the default).
+    PeakEwma,
+    /// In turn.
+    RoundRobin,
+    /// Power of two choices over requests in flight.
+    LeastRequest,
+    /// Uniform.
+    Random,
+    /// Rendezvous hashing of the key: the same key goes to the same endpoint while it is a
+    /// candidate, and only the keys of an endpoint that leaves move.
+    Hash(u64),
 }
 
 #[derive(Debug, Default)]
@@ -167,7 +202,7 @@ impl Balancer {
 
     /// Picks a ready endpoint, `None` when there is none.
     pub fn pick(&self) -> Option<Pick> {
-        self.pick_excluding(&[], |_| false)
+        self.pick_excluding(Lb::PeakEwma, &[], |_| false)
     }
 
     /// Picks a ready endpoint that is not `ejected` (outlier detection) and not in `avoid` (a
@@ -176,6 +211,7 @@ impl Balancer {
     /// none is ready.
     pub fn pick_excluding(
         &self,
+        lb: Lb,
         avoid: &[std::net::SocketAddr],
         ejected: impl Fn(&std::net::SocketAddr) -> bool,
     ) -> Option<Pick> {
@@ -204,10 +240,18 @@ impl Balancer {
                 ready = &fresh;
             }
         }
-        let slot = match ready.len() {
-            0 => return None,
-            1 => ready[0].clone(),
-            n => {
+        let n = ready.len();
+        let slot = match (n, lb) {
+            (0, _) => return None,
+            (1, _) => ready[0].clone(),
+            (_, Lb::RoundRobin) => ready[self.next.fetch_add(1, Ordering::Relaxed) % n].clone(),
+            (_, Lb::Random) => ready[rand::rng().random_range(0..n)].clone(),
+            (_, Lb::Hash(key)) => ready
+                .iter()
+                .max_by_key(|s| rendezvous(key, s.endpoint.addr))
+                .expect("n > 1 candidates")
+                .clone(),
+            (_, Lb::PeakEwma | Lb::LeastRequest) => {
                 let mut rng = rand::rng();
                 let a = rng.random_range(0..n);
                 let mut b = rng.random_range(0..n - 1);
@@ -215,11 +259,12 @@ impl Balancer {
                     b += 1;
                 }
                 let (a, b) = (&ready[a], &ready[b]);
-                if a.load(now) <= b.load(now) {
-                    a.clone()
+                let better = if lb == Lb::LeastRequest {
+                    a.pending() <= b.pending()
                 } else {
-                    b.clone()
-                }
+                    a.load(now) <= b.load(now)
+                };
+                if better { a.clone() } else { b.clone() }
             }
         };
         slot.pending.fetch_add(1, Ordering::Relaxed);
@@ -355,7 +400,7 @@ mod tests {
         let tried = [ep(1, true).addr, ep(2, true).addr];
         for _ in 0..20 {
             assert_eq!(
-                b.pick_excluding(&tried, |_| false)
+                b.pick_excluding(Lb::PeakEwma, &tried, |_| false)
                     .unwrap()
                     .endpoint()
                     .addr
@@ -365,7 +410,7 @@ mod tests {
         }
         let three = ep(3, true).addr;
         assert_eq!(
-            b.pick_excluding(&[], |a| *a != three)
+            b.pick_excluding(Lb::PeakEwma, &[], |a| *a != three)
                 .unwrap()
                 .endpoint()
                 .addr
@@ -374,14 +419,78 @@ mod tests {
             "ejected endpoints are skipped"
         );
         assert!(
-            b.pick_excluding(&[], |_| true).is_some(),
+            b.pick_excluding(Lb::PeakEwma, &[], |_| true).is_some(),
             "all ejected: any ready endpoint"
         );
         let all = [ep(1, true).addr, ep(2, true).addr, ep(3, true).addr];
         assert!(
-            b.pick_excluding(&all, |_| false).is_some(),
+            b.pick_excluding(Lb::PeakEwma, &all, |_| false).is_some(),
             "all tried: any ready endpoint"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn round_robin_takes_turns_and_least_request_avoids_the_busy() {
+        let b = Balancer::default();
+        b.update(&[ep(1, true), ep(2, true), ep(3, true)]);
+        let turns: Vec<u16> = (0..6)
+            .map(|_| {
+                b.pick_excluding(Lb::RoundRobin, &[], |_| false)
+                    .unwrap()
+                    .endpoint()
+                    .addr
+                    .port()
+            })
+            .collect();
+        assert_eq!(turns[..3], turns[3..]);
+        let mut sorted = turns[..3].to_vec();
+        sorted.sort_unstable();
+        assert_eq!(sorted, [1, 2, 3]);
+        // Two busy endpoints (a pick forced onto each by marking the others ejected): least-request
+        // goes to the idle one whenever it is among the two drawn.
+        let busy: Vec<_> = [1, 2]
+            .iter()
+            .flat_map(|_| {
+                [1, 2].map(|port| b.pick_excluding(Lb::Random, &[], |a| a.port() != port))
+            })
+            .collect();
+        let mut idle = 0;
+        for _ in 0..100 {
+            let p = b.pick_excluding(Lb::LeastRequest, &[], |_| false).unwrap();
+            if p.endpoint().addr.port() == 3 {
+                idle += 1;
+            }
+        }
+        drop(busy);
+        assert!(idle >= 55, "the idle endpoint got {idle} of 100");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hashing_sends_a_key_to_the_same_endpoint_and_moves_only_the_leavers_keys() {
+        let b = Balancer::default();
+        b.update(&[ep(1, true), ep(2, true), ep(3, true)]);
+        let pick = |k: u64| {
+            b.pick_excluding(Lb::Hash(k), &[], |_| false)
+                .unwrap()
+                .endpoint()
+                .addr
+                .port()
+        };
+        let before: Vec<u16> = (0..200).map(pick).collect();
+        assert_eq!(before, (0..200).map(pick).collect::<Vec<_>>(), "stable");
+        for port in 1..=3 {
+            assert!(
+                before.iter().filter(|p| **p == port).count() > 30,
+                "spread: {port}"
+            );
+        }
+        b.update(&[ep(1, true), ep(3, true)]);
+        for (k, old) in before.iter().enumerate() {
+            let now = pick(k as u64);
+            if *old != 2 {
+                assert_eq!(now, *old, "key {k} moved although its endpoint stayed");
+            }
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -508,3 +508,77 @@ async fn a_failing_replica_is_ejected_and_comes_back_once_healthy() {
     .await
     .expect("catalog-2 is back in rotation");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_balancer_algorithms_round_robin_and_consistent_hash() {
+    let rr = "  loadBalancer: {algorithm: RoundRobin}\n";
+    let files = service("catalog") + &policy("catalog", rr);
+    let mesh = Mesh::start(&[("catalog.yaml", &files)]);
+    let apps: Vec<Spawned> = (1..=3)
+        .map(|i| mesh.shop("catalog", &format!("catalog-{i}"), &[]))
+        .collect();
+    let _proxies: Vec<Spawned> = apps
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            mesh.proxy(&ProxySpec {
+                log: Some("warn".into()),
+                ..ProxySpec::app(&format!("catalog-{}", i + 1), "catalog", a.addr("app"))
+            })
+        })
+        .collect();
+    let proxy = client_proxy(&mesh, "catalog.shop", 3).await;
+    let http = client(proxy.addr("outbound"));
+    let instance =
+        |r: reqwest::Response| r.headers()["x-ferry-instance"].to_str().unwrap().to_owned();
+    // Round robin: sequential requests take turns (peak-EWMA would stick to the fastest).
+    let mut seen = std::collections::HashMap::new();
+    for _ in 0..9 {
+        *seen
+            .entry(instance(
+                http.get("http://catalog.shop/products")
+                    .send()
+                    .await
+                    .unwrap(),
+            ))
+            .or_insert(0) += 1;
+    }
+    assert_eq!(
+        seen.values().copied().collect::<Vec<_>>(),
+        [3, 3, 3],
+        "{seen:?}"
+    );
+
+    // Consistent hash on a header: one user, one replica.
+    mesh.write(
+        "catalog.yaml",
+        &(service("catalog")
+            + &policy(
+                "catalog",
+                "  loadBalancer: {algorithm: ConsistentHash, hashOn: {header: x-user-id}}\n",
+            )),
+    );
+    let admin = proxy.addr("admin");
+    eventually(Duration::from_secs(5), || async move {
+        ferrymesh_test_support::mesh::get_json(admin, "/config_dump")
+            .await
+            .to_string()
+            .contains("ConsistentHash")
+    })
+    .await
+    .unwrap();
+    let mut users = std::collections::HashMap::new();
+    for round in 0..5 {
+        for user in ["ada", "bob", "cy", "dee", "eve", "fay"] {
+            let who = instance(
+                http.get("http://catalog.shop/products")
+                    .header("x-user-id", user)
+                    .send()
+                    .await
+                    .unwrap(),
+            );
+            let first = users.entry(user).or_insert_with(|| who.clone());
+            assert_eq!(*first, who, "{user} moved in round {round}");
+        }
+    }
+}

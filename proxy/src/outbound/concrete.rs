@@ -26,11 +26,12 @@ use tower::{Layer as _, ServiceExt as _};
 
 use super::logical::{CallTimeouts, Logical, send};
 use crate::app::Context;
+use crate::balance::{Lb, hash_key};
 use crate::http::{Body, FERRYMESH_ERROR, boxed, proxy_response};
 use crate::policy::resilience::{
     BackoffStrategy, FailureOn, FallbackTarget, FallbackTrigger, RetryOn,
 };
-use crate::policy::{BreakerPolicy, ClientPolicy, FallbackPolicy, RetryPolicy};
+use crate::policy::{BreakerPolicy, ClientPolicy, FallbackPolicy, LoadBalancer, RetryPolicy};
 
 /// The retry machinery of one client policy.
 #[derive(Clone)]
@@ -233,6 +234,7 @@ struct Attempter {
     breaker: Option<(Breaker, FailureClassifier<Response<Body>>)>,
     outlier: Option<Arc<Outlier<SocketAddr>>>,
     service: String,
+    lb: LoadBalancer,
 }
 
 // NOTE: one concrete request type (not generic over the body): rustc cannot prove `Send` for a
@@ -276,10 +278,12 @@ impl tower::Service<Request<ReplayBody<Body>>> for Attempter {
                 .map(|t| t.lock().expect("tried lock poisoned").clone())
                 .unwrap_or_default();
             let outlier = this.outlier.as_deref();
-            let Some(pick) = this
-                .logical
-                .balancer
-                .pick_excluding(&avoid, |a| outlier.is_some_and(|o| o.is_ejected(a)))
+            let Some(pick) =
+                this.logical
+                    .balancer
+                    .pick_excluding(lb_for(&this.lb, &req), &avoid, |a| {
+                        outlier.is_some_and(|o| o.is_ejected(a))
+                    })
             else {
                 return Ok(proxy_response(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -327,6 +331,21 @@ impl tower::Service<Request<ReplayBody<Body>>> for Attempter {
             }
             Ok(rsp)
         })
+    }
+}
+
+/// The balancer's way of picking for this request.
+fn lb_for<B>(lb: &LoadBalancer, req: &Request<B>) -> Lb {
+    match lb {
+        LoadBalancer::PeakEwma => Lb::PeakEwma,
+        LoadBalancer::RoundRobin => Lb::RoundRobin,
+        LoadBalancer::LeastRequest => Lb::LeastRequest,
+        LoadBalancer::Random => Lb::Random,
+        // Without the header there is nothing to hash: any endpoint will do.
+        LoadBalancer::ConsistentHash { header } => req
+            .headers()
+            .get(header.as_str())
+            .map_or(Lb::Random, |v| Lb::Hash(hash_key(v.as_bytes()))),
     }
 }
 
@@ -520,6 +539,9 @@ async fn call_inner(
         breaker: stack.as_ref().and_then(|s| s.breaker.clone()),
         outlier: stack.as_ref().and_then(|s| s.outlier.clone()),
         service: service.clone(),
+        lb: policy
+            .as_ref()
+            .map_or(LoadBalancer::PeakEwma, |p| p.lb.clone()),
         ctx: ctx.clone(),
         logical,
         authority,
