@@ -12,6 +12,7 @@ pub mod admin;
 pub mod app;
 pub mod balance;
 pub mod config;
+pub mod deadline;
 pub mod detect;
 pub mod discovery;
 pub mod http;

@@ -183,6 +183,8 @@ impl TryFrom<cfg::ClientPolicy> for ClientPolicy {
     fn try_from(pb: cfg::ClientPolicy) -> Result<Self, InvalidPolicy> {
         use cfg::load_balancer::Algorithm;
         let service = pb.service.ok_or(InvalidPolicy::Missing("service"))?;
+        // Deadline propagation is on unless a timeouts section turns it off.
+        let deadline_propagation = pb.timeouts.as_ref().is_none_or(|t| t.deadline_propagation);
         let t = pb.timeouts.unwrap_or_default();
         let request_timeout = duration(t.request, "timeouts.request")?;
         let per_try_timeout = duration(t.per_try, "timeouts.perTry")?;
@@ -227,7 +229,7 @@ impl TryFrom<cfg::ClientPolicy> for ClientPolicy {
             per_try_timeout,
             connect_timeout: duration(t.connect, "timeouts.connect")?,
             idle_timeout: duration(t.idle, "timeouts.idle")?,
-            deadline_propagation: t.deadline_propagation,
+            deadline_propagation,
             retry: pb
                 .retry
                 .map(|r| resilience::retry(r, pb.budget))

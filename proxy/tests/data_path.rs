@@ -648,3 +648,42 @@ async fn ready_only_after_the_first_sync_and_reconnects_when_the_controller_appe
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_callers_deadline_is_honoured_and_passed_on_shrunk() {
+    let mesh = Mesh::start(&[("services.yaml", SERVICES)]);
+    let echo = HttpEcho::start("echo-1").await;
+    let _echo_proxy = mesh.proxy(&ProxySpec::app("echo-1", "echo", echo.addr));
+    let client_proxy = mesh.proxy(&ProxySpec::client("client"));
+    wait_ready(&client_proxy).await;
+    let http = client(client_proxy.addr("outbound"));
+    // The app sees the budget that is left, never more than the caller gave.
+    let rsp = http
+        .get("http://echo.shop/")
+        .header("ferrymesh-timeout", "800")
+        .send()
+        .await
+        .unwrap();
+    let doc: Value = rsp.json().await.unwrap();
+    let left: u64 = doc["headers"]["ferrymesh-timeout"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(left <= 800 && left > 500, "{left}");
+    // A caller's budget shorter than the upstream's latency: 504 at the caller's deadline.
+    let start = tokio::time::Instant::now();
+    let rsp = http
+        .get("http://echo.shop/slow/3000")
+        .header("ferrymesh-timeout", "300")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rsp.status(), 504);
+    assert_eq!(rsp.headers()["ferrymesh-error"], "timeout");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+}

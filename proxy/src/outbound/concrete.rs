@@ -27,6 +27,7 @@ use tower::{Layer as _, ServiceExt as _};
 use super::logical::{CallTimeouts, Logical, send};
 use crate::app::Context;
 use crate::balance::{Lb, hash_key};
+use crate::deadline;
 use crate::http::{Body, FERRYMESH_ERROR, boxed, proxy_response};
 use crate::policy::resilience::{
     BackoffStrategy, FailureOn, FallbackTarget, FallbackTrigger, RetryOn,
@@ -235,6 +236,8 @@ struct Attempter {
     outlier: Option<Arc<Outlier<SocketAddr>>>,
     service: String,
     lb: LoadBalancer,
+    /// Write the time left into each attempt.
+    propagate: bool,
 }
 
 // NOTE: one concrete request type (not generic over the body): rustc cannot prove `Send` for a
@@ -272,6 +275,15 @@ impl tower::Service<Request<ReplayBody<Body>>> for Attempter {
                     }
                 },
             };
+            let mut req = req;
+            if this.propagate
+                && let Some(Deadline(at)) = req.extensions().get::<Deadline>().copied()
+            {
+                deadline::write(
+                    req.headers_mut(),
+                    at.saturating_duration_since(Instant::now()),
+                );
+            }
             let tried = req.extensions().get::<Attempt>().map(|a| a.tried.clone());
             let avoid = tried
                 .as_ref()
@@ -520,6 +532,15 @@ async fn call_inner(
         .and_then(|p| p.request_timeout)
         .unwrap_or(defaults.default_request_timeout);
     let request = (!request.is_zero()).then_some(request);
+    // The caller's own deadline shortens ours; every attempt then carries what is left.
+    let propagate = policy.as_ref().is_none_or(|p| p.deadline_propagation);
+    let request = match (
+        request,
+        deadline::incoming(req.headers()).filter(|_| propagate),
+    ) {
+        (Some(ours), Some(theirs)) => Some(ours.min(theirs)),
+        (ours, theirs) => ours.or(theirs),
+    };
     let per_try = policy
         .as_ref()
         .and_then(|p| p.per_try_timeout)
@@ -542,6 +563,7 @@ async fn call_inner(
         lb: policy
             .as_ref()
             .map_or(LoadBalancer::PeakEwma, |p| p.lb.clone()),
+        propagate,
         ctx: ctx.clone(),
         logical,
         authority,
