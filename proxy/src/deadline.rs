@@ -87,7 +87,7 @@ mod tests {
     fn grpc_timeouts_parse_and_format() {
         assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
         assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
-        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_hours(1)));
         assert_eq!(parse_grpc_timeout("100u"), Some(Duration::from_micros(100)));
         for bad in ["", "5", "m", "123456789m", "1.5S", "10x", "-1S"] {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
