@@ -15,6 +15,7 @@ pub mod config;
 pub mod deadline;
 pub mod detect;
 pub mod discovery;
+pub mod explain;
 pub mod http;
 pub mod inbound;
 pub mod metrics;

@@ -582,3 +582,50 @@ async fn load_balancer_algorithms_round_robin_and_consistent_hash() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ferrymesh_explain_tells_what_happened_to_a_request() {
+    let spec = "  retry:\n    attempts: 2\n    retryOn: [5xx]\n    backoff: {strategy: Constant, base: 5ms, max: 5ms}\n  circuitBreaker: {tripWhen: {consecutiveFailures: 100}}\n";
+    let mesh = Mesh::start(&[(
+        "pricing.yaml",
+        &(service("pricing") + &policy("pricing", spec)),
+    )]);
+    let app = mesh.shop("pricing", "pricing-1", &[("CHAOS_ERROR_RATE", "1")]);
+    let _server = mesh.proxy(&ProxySpec {
+        log: Some("warn".into()),
+        ..ProxySpec::app("pricing-1", "pricing", app.addr("app"))
+    });
+    let proxy = client_proxy(&mesh, "pricing.shop", 1).await;
+    let http = client(proxy.addr("outbound"));
+    let plain = http
+        .get("http://pricing.shop/prices/1")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        !plain.headers().contains_key("ferrymesh-explain"),
+        "only when asked"
+    );
+    let rsp = http
+        .get("http://pricing.shop/prices/1")
+        .header("ferrymesh-explain", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rsp.status(), 500);
+    let explain = rsp.headers()["ferrymesh-explain"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    eprintln!("ferrymesh-explain: {explain}");
+    let parts: Vec<&str> = explain.split("; ").collect();
+    assert!(
+        parts[0].starts_with("attempt 1 127.0.0.1:") && parts[0].contains(" 500 "),
+        "{explain}"
+    );
+    assert_eq!(parts[1], "retry on 5xx after 5ms");
+    assert!(parts[2].starts_with("attempt 2 "), "{explain}");
+    assert!(parts[4].starts_with("attempt 3 "), "{explain}");
+    assert_eq!(parts[5], "no retry on 5xx: attempts-exhausted");
+    assert_eq!(parts[6], "breaker closed");
+}

@@ -285,9 +285,8 @@ where
                 *attempt.uri_mut() = parts.uri.clone();
                 *attempt.version_mut() = parts.version;
                 *attempt.headers_mut() = parts.headers.clone();
-                if let Some(d) = deadline {
-                    attempt.extensions_mut().insert(d);
-                }
+                // Every attempt carries the caller's extensions (deadline, explain, ...).
+                *attempt.extensions_mut() = parts.extensions.clone();
                 attempt.extensions_mut().insert(Attempt {
                     number,
                     tried: tried.clone(),

@@ -28,6 +28,7 @@ use super::logical::{CallTimeouts, Logical, send};
 use crate::app::Context;
 use crate::balance::{Lb, hash_key};
 use crate::deadline;
+use crate::explain::Explain;
 use crate::http::{Body, FERRYMESH_ERROR, boxed, proxy_response};
 use crate::policy::resilience::{
     BackoffStrategy, FailureOn, FallbackTarget, FallbackTrigger, RetryOn,
@@ -240,6 +241,67 @@ struct Attempter {
     propagate: bool,
 }
 
+impl Attempter {
+    /// Asks the breaker and bulkhead; the fail-fast answer when they say no.
+    #[allow(clippy::result_large_err)] // the error is the response itself, returned at once
+    fn admit(
+        &self,
+        number: u32,
+        explain: Option<&Explain>,
+    ) -> Result<Option<breaker::Permit>, Response<Body>> {
+        let Some((breaker, _)) = &self.breaker else {
+            return Ok(None);
+        };
+        match breaker.try_acquire() {
+            Ok(p) => Ok(Some(p)),
+            Err(BreakerError::Open) => {
+                if let Some(e) = explain {
+                    e.note(format!("attempt {number}: circuit open, failed fast"));
+                }
+                Err(proxy_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "circuit-open",
+                    &self.logical.name,
+                ))
+            }
+            Err(BreakerError::Full) => Err(proxy_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "too many requests in flight",
+            )),
+        }
+    }
+
+    /// Feeds the endpoint's outcome to outlier detection.
+    fn record_outlier(
+        &self,
+        outlier: &Outlier<SocketAddr>,
+        addr: SocketAddr,
+        rsp: &Response<Body>,
+        explain: Option<&Explain>,
+    ) {
+        let cause = rsp
+            .headers()
+            .get(&FERRYMESH_ERROR)
+            .and_then(|v| v.to_str().ok());
+        let outcome = match (rsp.status().as_u16(), cause) {
+            (_, Some("connect-failed" | "timeout" | "upstream-reset")) | (502..=504, _) => {
+                Outcome::GatewayError
+            }
+            (500..=599, _) => Outcome::Error,
+            _ => Outcome::Success,
+        };
+        let total = self.logical.balancer.ready_count();
+        if let Some(time) = outlier.record(&addr, outcome, total) {
+            tracing::info!(service = %self.service, endpoint = %addr, ?time, "endpoint ejected");
+            self.ctx.metrics.ejection(&self.service);
+            if let Some(e) = explain {
+                e.note(format!("{addr} ejected for {}s", time.as_secs()));
+            }
+        }
+    }
+}
+
 // NOTE: one concrete request type (not generic over the body): rustc cannot prove `Send` for a
 // generic body whose error converts into `BoxError` for every lifetime.
 impl tower::Service<Request<ReplayBody<Body>>> for Attempter {
@@ -254,26 +316,12 @@ impl tower::Service<Request<ReplayBody<Body>>> for Attempter {
     fn call(&mut self, req: Request<ReplayBody<Body>>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
+            let explain = req.extensions().get::<Explain>().cloned();
+            let number = req.extensions().get::<Attempt>().map_or(1, |a| a.number);
             // Breaker and bulkhead first: an open circuit costs nothing downstream.
-            let permit = match &this.breaker {
-                None => None,
-                Some((breaker, _)) => match breaker.try_acquire() {
-                    Ok(p) => Some(p),
-                    Err(BreakerError::Open) => {
-                        return Ok(proxy_response(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "circuit-open",
-                            &this.logical.name,
-                        ));
-                    }
-                    Err(BreakerError::Full) => {
-                        return Ok(proxy_response(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "overloaded",
-                            "too many requests in flight",
-                        ));
-                    }
-                },
+            let permit = match this.admit(number, explain.as_ref()) {
+                Ok(permit) => permit,
+                Err(rsp) => return Ok(rsp),
             };
             let mut req = req;
             if this.propagate
@@ -304,6 +352,7 @@ impl tower::Service<Request<ReplayBody<Body>>> for Attempter {
                 ));
             };
             let addr = pick.endpoint().addr;
+            let started = Instant::now();
             if let Some(t) = tried {
                 t.lock().expect("tried lock poisoned").push(addr);
             }
@@ -320,26 +369,24 @@ impl tower::Service<Request<ReplayBody<Body>>> for Attempter {
             } else {
                 pick.complete();
             }
+            if let Some(e) = &explain {
+                let cause = rsp
+                    .headers()
+                    .get(&FERRYMESH_ERROR)
+                    .and_then(|v| v.to_str().ok())
+                    .map(|c| format!(" ({c})"))
+                    .unwrap_or_default();
+                e.note(format!(
+                    "attempt {number} {addr} {}{cause} {}ms",
+                    rsp.status().as_u16(),
+                    started.elapsed().as_millis()
+                ));
+            }
             if let (Some(permit), Some((_, failed))) = (permit, &this.breaker) {
                 permit.record(failed(&rsp));
             }
             if let Some(outlier) = outlier {
-                let cause = rsp
-                    .headers()
-                    .get(&FERRYMESH_ERROR)
-                    .and_then(|v| v.to_str().ok());
-                let outcome = match (rsp.status().as_u16(), cause) {
-                    (_, Some("connect-failed" | "timeout" | "upstream-reset")) | (502..=504, _) => {
-                        Outcome::GatewayError
-                    }
-                    (500..=599, _) => Outcome::Error,
-                    _ => Outcome::Success,
-                };
-                let total = this.logical.balancer.ready_count();
-                if let Some(time) = outlier.record(&addr, outcome, total) {
-                    tracing::info!(service = %this.service, endpoint = %addr, ?time, "endpoint ejected");
-                    this.ctx.metrics.ejection(&this.service);
-                }
+                this.record_outlier(outlier, addr, &rsp, explain.as_ref());
             }
             Ok(rsp)
         })
@@ -368,13 +415,25 @@ pub fn call(
     ctx: Arc<Context>,
     logical: Arc<Logical>,
     authority: Authority,
-    req: Request<Body>,
+    mut req: Request<Body>,
     policy: Option<Arc<ClientPolicy>>,
     service: String,
 ) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>> {
-    Box::pin(call_with_fallback(
-        ctx, logical, authority, req, policy, service, true,
-    ))
+    let explain = Explain::from_request(req.headers_mut());
+    if let Some(e) = &explain {
+        req.extensions_mut().insert(e.clone());
+    }
+    Box::pin(async move {
+        let stack_of = logical.clone();
+        let mut rsp = call_with_fallback(ctx, logical, authority, req, policy, service, true).await;
+        if let Some(e) = explain {
+            if let Some(state) = stack_of.stack.breaker_state() {
+                e.note(format!("breaker {state}"));
+            }
+            e.write(rsp.headers_mut());
+        }
+        rsp
+    })
 }
 
 /// Which fallback trigger a final answer meets, if any.
@@ -574,9 +633,24 @@ async fn call_inner(
     };
     let timeout = TimeoutLayer::new(request); // outermost: the whole call, retries and backoff included
     let result = if let Some(state) = retry {
-        let observe: retry::Observer = Arc::new(move |event: &RetryEvent| match event {
-            RetryEvent::Retry { reason, .. } => ctx.metrics.retry(&service, reason),
-            RetryEvent::Skipped { skip, .. } => ctx.metrics.retry_skipped(&service, skip.as_str()),
+        let explain = req.extensions().get::<Explain>().cloned();
+        let observe: retry::Observer = Arc::new(move |event: &RetryEvent| {
+            if let Some(e) = &explain {
+                match event {
+                    RetryEvent::Retry { reason, delay, .. } => {
+                        e.note(format!("retry on {reason} after {}ms", delay.as_millis()));
+                    }
+                    RetryEvent::Skipped { reason, skip } => {
+                        e.note(format!("no retry on {reason}: {}", skip.as_str()));
+                    }
+                }
+            }
+            match event {
+                RetryEvent::Retry { reason, .. } => ctx.metrics.retry(&service, reason),
+                RetryEvent::Skipped { skip, .. } => {
+                    ctx.metrics.retry_skipped(&service, skip.as_str());
+                }
+            }
         });
         let retry = Retry::new(
             attempter,
