@@ -134,6 +134,16 @@ fn verdicts(rows: &[Row]) -> String {
         return String::new();
     };
     let mut out = String::from("\nTargets (Ferrymesh 2 hops):\n");
+    if let Some(full) = find("Ferrymesh 2 hops, full policy") {
+        let ratio = full.cpu_us / fm.cpu_us;
+        let _ = writeln!(
+            out,
+            "- full policy at most 1.15x the CPU per request of no policy: {} ({:.1} µs vs {:.1} µs, {ratio:.2}x)",
+            if ratio <= 1.15 { "MET" } else { "MISSED" },
+            full.cpu_us,
+            fm.cpu_us
+        );
+    }
     if let Some(h) = find("HAProxy 2 hops") {
         let (ours, theirs) = (fm.p99 - direct.p99, h.p99 - direct.p99);
         let _ = writeln!(
@@ -162,7 +172,24 @@ fn verdicts(rows: &[Row]) -> String {
     out
 }
 
-const SERVICES: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: bench-meshed, namespace: shop}\nspec: {ports: [{name: http, port: 80}]}\n";
+const SERVICES: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: bench-meshed, namespace: shop}\nspec: {ports: [{name: http, port: 80}]}\n---\n\
+                        apiVersion: v1\nkind: Service\nmetadata: {name: bench-policy, namespace: shop}\nspec: {ports: [{name: http, port: 80}]}\n";
+
+/// Every section the proxy enforces, none of which trips on a healthy upstream: the cost of
+/// the stack itself (issue 3's target: at most 1.15x the CPU per request of no policy).
+const FULL_POLICY: &str = r#"
+apiVersion: policy.ferrymesh.io/v1alpha1
+kind: ResiliencePolicy
+metadata: {name: bench-policy, namespace: shop}
+spec:
+  targetRefs: [{group: "", kind: Service, name: bench-policy}]
+  timeouts: {request: 5s, perTry: 2s}
+  retry: {attempts: 2, retryOn: [5xx, connect-failure, reset]}
+  circuitBreaker: {tripWhen: {consecutiveFailures: 50}}
+  outlierDetection: {consecutiveErrors: 50}
+  fallback: {triggers: [circuit-open], staticResponse: {status: 503}}
+  loadBalancer: {algorithm: PeakEWMA}
+"#;
 
 fn direct_service(upstream: SocketAddr) -> String {
     format!(
@@ -186,14 +213,26 @@ async fn main() -> anyhow::Result<()> {
     }];
 
     let direct_yaml = direct_service(upstream);
-    let mesh = Mesh::start(&[("services.yaml", SERVICES), ("direct.yaml", &direct_yaml)]);
+    let mesh = Mesh::start(&[
+        ("services.yaml", SERVICES),
+        ("direct.yaml", &direct_yaml),
+        ("policy.yaml", FULL_POLICY),
+    ]);
     let quiet = Some("warn".to_owned());
     let server = mesh.proxy(&ProxySpec {
         log: quiet.clone(),
         ..ProxySpec::app("bench-server", "bench-meshed", upstream)
     });
+    let policy_server = mesh.proxy(&ProxySpec {
+        log: quiet.clone(),
+        ..ProxySpec::app("bench-policy-server", "bench-policy", upstream)
+    });
     let client = mesh.proxy(&ProxySpec {
-        fixed: vec!["bench-direct.shop:80".into(), "bench-meshed.shop:80".into()],
+        fixed: vec![
+            "bench-direct.shop:80".into(),
+            "bench-meshed.shop:80".into(),
+            "bench-policy.shop:80".into(),
+        ],
         log: quiet,
         ..ProxySpec::client("bench-client")
     });
@@ -203,8 +242,8 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_default()
             .parse()?)
     };
-    let (one_hop, two_hops) = (fixed(0)?, fixed(1)?);
-    for addr in [one_hop, two_hops] {
+    let (one_hop, two_hops, with_policy) = (fixed(0)?, fixed(1)?, fixed(2)?);
+    for addr in [one_hop, two_hops, with_policy] {
         eventually(Duration::from_secs(10), || async move {
             get(addr, "/ping").await.is_ok_and(|(s, _)| s == 200)
         })
@@ -220,6 +259,12 @@ async fn main() -> anyhow::Result<()> {
         name: "Ferrymesh 2 hops".into(),
         addr: two_hops,
         pids: vec![client.pid(), server.pid()],
+        hops: 2,
+    });
+    variants.push(Variant {
+        name: "Ferrymesh 2 hops, full policy".into(),
+        addr: with_policy,
+        pids: vec![client.pid(), policy_server.pid()],
         hops: 2,
     });
 
