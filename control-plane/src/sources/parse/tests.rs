@@ -422,3 +422,25 @@ fn a_policy_with_no_section_is_refused() {
     assert_eq!(err.field, "spec");
     assert!(err.message.contains("at least one section"), "{err}");
 }
+
+#[test]
+fn the_demo_config_folder_and_its_commented_example_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../demo-apps/mesh");
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let parsed = parse_documents(&path, &text).unwrap_or_else(|e| panic!("{e}"));
+        assert!(parsed.warnings.is_empty(), "{:?}", parsed.warnings);
+        // The example policy students uncomment must be valid too.
+        if let Some((_, example)) = text.split_once("# ---\n") {
+            let uncommented: String = example
+                .lines()
+                .map(|l| l.strip_prefix("# ").unwrap_or(l.trim_start_matches('#')))
+                .collect::<Vec<_>>()
+                .join("\n");
+            let parsed = parse_documents(&path, &uncommented)
+                .unwrap_or_else(|e| panic!("the commented example: {e}"));
+            assert_eq!(parsed.objects.len(), 1);
+        }
+    }
+}
