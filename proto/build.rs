@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 const PROTOS: &[&str] = &[
     "proto/ferrymesh/config/v1/common.proto",
+    "proto/ferrymesh/config/v1/fault.proto",
     "proto/ferrymesh/config/v1/endpoints.proto",
     "proto/ferrymesh/config/v1/client.proto",
     "proto/ferrymesh/config/v1/inbound.proto",

@@ -70,6 +70,8 @@ impl pb::discovery_server::Discovery for DiscoveryService {
             nacked: HashSet::new(),
             nonce: 0,
             opened: false,
+            node: None,
+            with_ttl: BTreeMap::new(),
         };
         // NOTE: the task ends when the proxy hangs up, when the response channel closes, or on
         // shutdown; it never outlives the server.
@@ -86,7 +88,7 @@ impl pb::discovery_server::Discovery for DiscoveryService {
         let snapshot = self.index.snapshot();
         let mut response = pb::FetchResponse::default();
         for name in req.names {
-            match snapshot.lookup(ty, &name) {
+            match snapshot.lookup(ty, &name, None) {
                 Lookup::Found(r) => response.resources.push(*r),
                 Lookup::NotFound => response.not_found.push(name),
                 Lookup::Invalid(e) => return Err(Status::invalid_argument(e)),
@@ -124,6 +126,10 @@ struct StreamTask {
     nacked: HashSet<(String, String)>,
     nonce: u64,
     opened: bool,
+    /// The proxy's node (its workload selects inbound faults).
+    node: Option<pb::Node>,
+    /// Names whose last resource had a TTL: re-sent before it lapses (heartbeat).
+    with_ttl: BTreeMap<pb::ResourceType, HashSet<String>>,
 }
 
 impl StreamTask {
@@ -134,8 +140,30 @@ impl StreamTask {
     ) {
         let mut snapshots = self.index.subscribe();
         self.metrics.streams.inc();
+        // NOTE: resources with a TTL (faults) are re-sent at a third of it, so a proxy keeps
+        // them only while the controller is alive.
+        let beat = (self.index.snapshot().fault_ttl / 3).max(std::time::Duration::from_millis(100));
+        let mut heartbeat = tokio::time::interval(beat);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = heartbeat.tick() => {
+                    let snapshot = snapshots.borrow().clone();
+                    let due: Vec<(pb::ResourceType, Vec<String>)> =
+                        self.with_ttl.iter().map(|(ty, names)| (*ty, names.iter().cloned().collect())).collect();
+                    for (ty, names) in due {
+                        if let Some(subs) = self.subs.get_mut(&ty) {
+                            for n in &names {
+                                if let Some(sent) = subs.get_mut(n) {
+                                    *sent = Sent::Nothing;
+                                }
+                            }
+                        }
+                        if !names.is_empty() && !self.push(ty, Some(&names), &snapshot, false).await {
+                            break;
+                        }
+                    }
+                }
                 message = requests.message() => match message {
                     Ok(Some(req)) => {
                         // NOTE: `borrow`, not `borrow_and_update`: a change that arrived meanwhile
@@ -185,6 +213,7 @@ impl StreamTask {
                 .ok_or_else(|| Status::invalid_argument("the first request must carry node"))?;
             tracing::info!(stream = self.id, workload = %node.workload, "proxy connected");
             self.index.stream_opened(self.id, node);
+            self.node = Some(node.clone());
             self.opened = true;
         }
         if let Some(status) = req.workload_status {
@@ -260,8 +289,14 @@ impl StreamTask {
             let Some(sent) = subs.get_mut(name) else {
                 continue;
             };
-            match snapshot.lookup(ty, name) {
+            match snapshot.lookup(ty, name, self.node.as_ref()) {
                 Lookup::Found(r) => {
+                    let ttl_names = self.with_ttl.entry(ty).or_default();
+                    if r.ttl.is_some() {
+                        ttl_names.insert(name.clone());
+                    } else {
+                        ttl_names.remove(name);
+                    }
                     if *sent != Sent::Version(r.version.clone())
                         && !self.nacked.contains(&(name.clone(), r.version.clone()))
                     {

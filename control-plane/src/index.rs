@@ -3,6 +3,7 @@
 //! each change rebuilds the snapshot and publishes it on a watch channel, so Discovery streams
 //! see a consistent view and push only what changed.
 
+mod faults;
 mod translate;
 
 use std::collections::BTreeMap;
@@ -43,6 +44,10 @@ struct Index {
     /// Streams connected now, registered or not: stream id -> node.
     streams: BTreeMap<u64, pb::Node>,
     generation: u64,
+    /// When each FaultInjection was first seen (its start; files carry no creationTimestamp).
+    first_seen: BTreeMap<ObjectKey, std::time::SystemTime>,
+    /// TTL of resources that carry faults.
+    fault_ttl: std::time::Duration,
 }
 
 /// A consistent view of every resource, rebuilt on every change.
@@ -62,12 +67,19 @@ pub struct Snapshot {
     pub file_errors: Vec<ParseError>,
     /// Documents skipped or objects ignored.
     pub warnings: Vec<String>,
+    /// FaultInjections in force.
+    pub faults: Vec<faults::ActiveFault>,
+    /// When the next fault ends (the snapshot is rebuilt then).
+    pub next_expiry: Option<std::time::SystemTime>,
+    /// TTL of resources that carry faults.
+    pub fault_ttl: std::time::Duration,
 }
 
 impl Snapshot {
-    /// Looks a resource up by the name a proxy subscribed with.
-    pub fn lookup(&self, ty: pb::ResourceType, name: &str) -> Lookup {
-        translate::lookup(self, ty, name)
+    /// Looks a resource up by the name a proxy subscribed with; `node` (the subscriber)
+    /// selects the faults of an inbound policy.
+    pub fn lookup(&self, ty: pb::ResourceType, name: &str, node: Option<&pb::Node>) -> Lookup {
+        translate::lookup(self, ty, name, node)
     }
 }
 
@@ -87,10 +99,31 @@ impl Default for IndexHandle {
 impl IndexHandle {
     /// An empty index.
     pub fn new() -> Self {
+        Self::with_fault_ttl(std::time::Duration::from_mins(1))
+    }
+
+    /// An empty index whose fault-carrying resources get `fault_ttl` (60s by default).
+    pub fn with_fault_ttl(fault_ttl: std::time::Duration) -> Self {
         let (tx, _) = watch::channel(Arc::new(Snapshot::default()));
+        let index = Index {
+            fault_ttl,
+            ..Index::default()
+        };
         Self {
-            inner: Arc::default(),
+            inner: Arc::new(Mutex::new(index)),
             tx: Arc::new(tx),
+        }
+    }
+
+    /// Rebuilds when a fault has ended since the last build (called every second).
+    pub fn expire_faults(&self) {
+        let due = self
+            .tx
+            .borrow()
+            .next_expiry
+            .is_some_and(|t| t <= std::time::SystemTime::now());
+        if due {
+            self.update(|_| {});
         }
     }
 
@@ -173,7 +206,7 @@ impl IndexHandle {
 }
 
 impl Index {
-    fn build(&self) -> Snapshot {
+    fn build(&mut self) -> Snapshot {
         let mut objects: BTreeMap<ObjectKey, &Object> = BTreeMap::new();
         let mut warnings = Vec::new();
         let mut file_errors = Vec::new();
@@ -203,9 +236,25 @@ impl Index {
                 objects.insert(key, object);
             }
         }
+        let now = std::time::SystemTime::now();
+        let fault_keys: std::collections::BTreeSet<ObjectKey> = objects
+            .iter()
+            .filter(|(_, o)| matches!(o, Object::Policy(p) if p.fault.is_some()))
+            .map(|(k, _)| k.clone())
+            .collect();
+        self.first_seen.retain(|k, _| fault_keys.contains(k));
+        for k in fault_keys {
+            self.first_seen.entry(k).or_insert(now);
+        }
+        let faults = faults::active(objects.values().copied(), &self.first_seen, now);
         let workloads: Vec<Registered> = self.workloads.values().cloned().collect();
-        let (resources, services) =
-            translate::build(objects.values().copied(), &workloads, &mut warnings);
+        let (resources, services) = translate::build(
+            objects.values().copied(),
+            &workloads,
+            &faults,
+            self.fault_ttl,
+            &mut warnings,
+        );
         Snapshot {
             generation: self.generation,
             resources,
@@ -214,6 +263,9 @@ impl Index {
             streams: self.streams.clone(),
             file_errors,
             warnings,
+            next_expiry: faults.iter().map(|f| f.expires_at).min(),
+            faults,
+            fault_ttl: self.fault_ttl,
         }
     }
 }

@@ -46,6 +46,14 @@ pub struct RunArgs {
         env = "FERRYMESH_CONTROLLER_ADMIN_LISTEN"
     )]
     pub admin_listen: SocketAddr,
+    /// TTL of resources that carry faults: proxies drop a fault not refreshed within it (the
+    /// controller refreshes every third of it), so chaos stops when the controller is gone.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, env = "FERRYMESH_CONTROLLER_FAULT_TTL")]
+    pub fault_ttl: Duration,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    ferrymesh_proto::duration::parse(text).map_err(|e| e.to_string())
 }
 
 /// The line printed on stdout once every port is bound: `FERRYMESH_LISTENING {json}`.
@@ -56,7 +64,7 @@ pub const LISTENING_PREFIX: &str = "FERRYMESH_LISTENING ";
 /// # Errors
 /// A port cannot be bound or the source cannot be read at start.
 pub async fn run(args: RunArgs, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let index = IndexHandle::new();
+    let index = IndexHandle::with_fault_ttl(args.fault_ttl);
     let metrics = Arc::new(Metrics::new());
     let SourceKind::Files = args.source;
     let mut source = FileSource::new(args.config_dir.clone(), index.clone());
@@ -87,6 +95,18 @@ pub async fn run(args: RunArgs, shutdown: watch::Receiver<bool>) -> anyhow::Resu
     tracing::info!(discovery = %addrs.discovery, admin = %addrs.admin, "controller listening");
 
     let watch_task = tokio::spawn(source.watch(shutdown.clone()));
+    // Faults end on time even when nothing else changes.
+    let expiry_index = index.clone();
+    let mut expiry_shutdown = shutdown.clone();
+    let expiry_task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => expiry_index.expire_faults(),
+                _ = expiry_shutdown.wait_for(|s| *s) => return,
+            }
+        }
+    });
     let admin_app = admin::router(index.clone(), metrics.clone(), addrs.clone());
     let mut admin_shutdown = shutdown.clone();
     let admin_task = tokio::spawn(async move {
@@ -112,5 +132,6 @@ pub async fn run(args: RunArgs, shutdown: watch::Receiver<bool>) -> anyhow::Resu
         .context("admin task")?
         .context("serving admin")?;
     watch_task.await.context("watch task")??;
+    expiry_task.await.context("fault expiry task")?;
     Ok(())
 }

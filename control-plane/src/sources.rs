@@ -172,8 +172,45 @@ pub struct Policy {
     pub target_refs: Vec<TargetRef>,
     /// ResiliencePolicy only: its sections, validated and in the form proxies get.
     pub resilience: Option<ResilienceSections>,
+    /// FaultInjection only: the fault, validated.
+    pub fault: Option<FaultSpec>,
     /// The spec as written.
     pub spec: serde_json::Value,
+}
+
+/// Which proxies inject a fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultSide {
+    /// The target's inbound proxies (callers' retries and breakers react as to a real failure).
+    Server,
+    /// The callers' outbound proxies (before retries, as in Istio).
+    Client,
+}
+
+/// What an abort answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultAbort {
+    /// An HTTP status.
+    Http(u16),
+    /// A gRPC status (HTTP 200 with `grpc-status`).
+    Grpc(u32),
+}
+
+/// A validated FaultInjection.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FaultSpec {
+    /// Server or client side.
+    pub side: FaultSide,
+    /// `workloadSelector.matchLabels` (server side).
+    pub selector: std::collections::BTreeMap<String, String>,
+    /// `match.headers`: (lowercase name, exact value).
+    pub headers: Vec<(String, String)>,
+    /// Delay and its percentage.
+    pub delay: Option<(std::time::Duration, f64)>,
+    /// Abort and its percentage.
+    pub abort: Option<(FaultAbort, f64)>,
+    /// How long after creation the fault ends.
+    pub duration: std::time::Duration,
 }
 
 /// The sections of a ResiliencePolicy, each taken whole when merging (section-atomic).

@@ -40,6 +40,8 @@ pub struct Context {
     pub outbound: Outbound,
     /// This workload's service, `namespace/name` (metrics label of inbound traffic).
     pub service_label: String,
+    /// This workload's inbound policy (server-side faults).
+    pub inbound_policy: watch::Receiver<crate::discovery::State>,
 }
 
 /// The bound addresses, printed at start and announced to the controller.
@@ -128,6 +130,7 @@ impl App {
         };
         let (discovery, commands) = Discovery::new(config.control_plane.discovery.clone());
         let service_label = format!("{}/{}", config.workload.namespace, config.workload.service);
+        let inbound_policy = discovery.watch(pb::ResourceType::InboundPolicy, "*");
         let ctx = Arc::new(Context {
             config,
             discovery,
@@ -135,6 +138,7 @@ impl App {
             metrics: Metrics::new(),
             outbound: Outbound::default(),
             service_label,
+            inbound_policy,
         });
         Ok(App {
             ctx,
@@ -177,7 +181,7 @@ impl App {
                 app: c.inbound.as_ref().map(|i| sock(i.app)),
                 ready: false,
                 listeners: None,
-                labels: std::collections::BTreeMap::new(),
+                labels: c.workload.labels.clone(),
             }
         });
         let listeners = pb::ProxyListeners {

@@ -48,6 +48,8 @@ pub struct Workload {
     pub service: String,
     /// Zone, for zone-aware balancing. Default empty.
     pub zone: String,
+    /// Labels, as a pod's (FaultInjection `workloadSelector`). Default none.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Inbound listener settings.
@@ -167,6 +169,8 @@ struct RawWorkload {
     service_account: Option<String>,
     service: Option<String>,
     zone: Option<String>,
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -293,6 +297,7 @@ impl Config {
                 .unwrap_or_else(|| service.clone()),
             service,
             zone: s.workload.zone.unwrap_or_default(),
+            labels: s.workload.labels,
             name: s.workload.name,
         };
         let inbound = s.inbound.map(|i| inbound(&mut p, &i));

@@ -52,6 +52,19 @@ pub struct Held {
     /// The converted body.
     #[serde(flatten)]
     pub value: Value,
+    /// When it arrived (or was last refreshed).
+    #[serde(skip)]
+    pub received: tokio::time::Instant,
+    /// Faults only: the resource lapses unless refreshed within this.
+    #[serde(skip)]
+    pub ttl: Option<std::time::Duration>,
+}
+
+impl Held {
+    /// False once a TTL'd resource went unrefreshed for its TTL (a dead controller).
+    pub fn fresh(&self) -> bool {
+        self.ttl.is_none_or(|ttl| self.received.elapsed() < ttl)
+    }
 }
 
 /// What is known of a subscribed name.

@@ -14,6 +14,8 @@ use tokio::time::Instant;
 use crate::app::Context;
 use crate::config::{Inbound, InboundProtocol};
 use crate::detect::{Detected, PrefixedIo, sniff};
+use crate::discovery::{State, Value};
+use crate::fault;
 use crate::http::{Body, boxed};
 use crate::metrics::Direction;
 use crate::outbound::logical::{CallTimeouts, send};
@@ -78,6 +80,30 @@ async fn handle(ctx: &Context, inbound: &Inbound, req: Request<Incoming>) -> Res
                 .and_then(|h| h.parse().ok())
         })
         .unwrap_or_else(|| http::uri::Authority::from_static("localhost"));
+    let held = match &*ctx.inbound_policy.borrow() {
+        State::Found(held) if held.fresh() => Some(held.clone()),
+        _ => None,
+    };
+    if let Some(held) = held
+        && let Value::InboundPolicy(policy) = &held.value
+        && !policy.faults.is_empty()
+        && let Some(rsp) = fault::inject(
+            &policy.faults,
+            req.headers(),
+            &ctx.metrics,
+            Direction::inbound,
+            &ctx.service_label,
+        )
+        .await
+    {
+        ctx.metrics.request(
+            Direction::inbound,
+            &ctx.service_label,
+            rsp.status(),
+            start.elapsed(),
+        );
+        return rsp;
+    }
     let timeouts = CallTimeouts {
         request: None,
         connect: inbound.connect_timeout,

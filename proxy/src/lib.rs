@@ -16,6 +16,7 @@ pub mod deadline;
 pub mod detect;
 pub mod discovery;
 pub mod explain;
+pub mod fault;
 pub mod http;
 pub mod inbound;
 pub mod metrics;

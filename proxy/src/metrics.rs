@@ -60,7 +60,15 @@ pub struct Metrics {
     breaker: Family<BreakerLabels, prometheus_client::metrics::gauge::Gauge>,
     fallbacks: Family<ReasonLabels, Counter>,
     ejections: Family<ServiceOnly, Counter>,
+    faults: Family<FaultLabels, Counter>,
     registry: Registry,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FaultLabels {
+    direction: Direction,
+    service: String,
+    kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -128,6 +136,12 @@ impl Metrics {
             "Endpoints ejected by outlier detection, by service",
             ejections.clone(),
         );
+        let faults = Family::<FaultLabels, Counter>::default();
+        registry.register(
+            "faults_injected",
+            "Faults injected, by direction, service and kind (delay, abort)",
+            faults.clone(),
+        );
         registry.register(
             "tcp_connections",
             "Opaque TCP connections forwarded",
@@ -142,6 +156,7 @@ impl Metrics {
             breaker,
             fallbacks,
             ejections,
+            faults,
             registry,
         }
     }
@@ -213,6 +228,17 @@ impl Metrics {
         self.ejections
             .get_or_create(&ServiceOnly {
                 service: service.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A fault of `kind` injected.
+    pub fn fault(&self, direction: Direction, service: &str, kind: &'static str) {
+        self.faults
+            .get_or_create(&FaultLabels {
+                direction,
+                service: service.to_owned(),
+                kind,
             })
             .inc();
     }

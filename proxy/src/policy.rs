@@ -35,7 +35,8 @@ pub mod resilience;
 
 use resilience::duration;
 pub use resilience::{
-    BreakerPolicy, CachePolicy, FallbackPolicy, HealthCheckPolicy, OutlierPolicy, RetryPolicy,
+    BreakerPolicy, CachePolicy, FallbackPolicy, FaultPolicy, HealthCheckPolicy, OutlierPolicy,
+    RetryPolicy,
 };
 
 /// The protocol of a service port.
@@ -157,6 +158,8 @@ pub struct ClientPolicy {
     pub lb: LoadBalancer,
     /// Section -> the policy object it came from (`Kind namespace/name@generation`).
     pub sections: BTreeMap<String, String>,
+    /// A client-side fault (applied before retries).
+    pub fault: Option<FaultPolicy>,
 }
 
 /// Load-balancing algorithm.
@@ -241,6 +244,7 @@ impl TryFrom<cfg::ClientPolicy> for ClientPolicy {
             cache: pb.cache.map(resilience::cache).transpose()?,
             lb,
             sections,
+            fault: pb.fault.map(resilience::fault).transpose()?,
         })
     }
 }
@@ -250,6 +254,8 @@ impl TryFrom<cfg::ClientPolicy> for ClientPolicy {
 pub struct InboundPolicy {
     /// Port (0: all).
     pub port: u16,
+    /// Server-side faults selecting this workload.
+    pub faults: Vec<FaultPolicy>,
 }
 
 impl TryFrom<cfg::InboundPolicy> for InboundPolicy {
@@ -258,6 +264,11 @@ impl TryFrom<cfg::InboundPolicy> for InboundPolicy {
     fn try_from(pb: cfg::InboundPolicy) -> Result<Self, InvalidPolicy> {
         Ok(InboundPolicy {
             port: u16::try_from(pb.port).map_err(|_| InvalidPolicy::Port(pb.port))?,
+            faults: pb
+                .faults
+                .into_iter()
+                .map(resilience::fault)
+                .collect::<Result<_, _>>()?,
         })
     }
 }

@@ -23,6 +23,7 @@ pub struct Mesh {
     pub controller: Spawned,
     /// Its Discovery address (kept across restarts).
     pub discovery: SocketAddr,
+    controller_args: Vec<String>,
 }
 
 /// What a test proxy fronts and offers.
@@ -46,6 +47,8 @@ pub struct ProxySpec {
     pub drain_timeout: Option<String>,
     /// `FERRYMESH_LOG` (default: info, debug for the proxy's own modules).
     pub log: Option<String>,
+    /// Workload labels.
+    pub labels: Vec<(String, String)>,
 }
 
 impl ProxySpec {
@@ -72,7 +75,13 @@ impl ProxySpec {
         let n = &self.name;
         let mut s = format!(
             "apiVersion: config.ferrymesh.io/v1alpha1\nkind: ProxyConfig\nmetadata: {{name: {n}}}\nspec:\n  \
-             workload: {{name: {n}, namespace: shop, service: {service}}}\n"
+             workload: {{name: {n}, namespace: shop, service: {service}, labels: {{{labels}}}}}\n",
+            labels = self
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         if let Some(app) = self.app {
             let _ = writeln!(
@@ -115,18 +124,28 @@ impl Mesh {
     /// # Panics
     /// When the controller does not start.
     pub fn start(files: &[(&str, &str)]) -> Mesh {
+        Self::start_with(files, &[])
+    }
+
+    /// As [`Mesh::start`], with extra controller arguments (e.g. `--fault-ttl 1s`).
+    ///
+    /// # Panics
+    /// When the controller does not start.
+    pub fn start_with(files: &[(&str, &str)], controller_args: &[&str]) -> Mesh {
         let dir = tempfile::tempdir().expect("a temporary folder");
         std::fs::create_dir_all(dir.path().join("mesh")).expect("creating the config folder");
         for (name, text) in files {
             std::fs::write(dir.path().join("mesh").join(name), text)
                 .expect("writing a config file");
         }
-        let controller = start_controller(dir.path(), "127.0.0.1:0".parse().expect("valid"));
+        let args: Vec<String> = controller_args.iter().map(|a| (*a).to_owned()).collect();
+        let controller = start_controller(dir.path(), "127.0.0.1:0".parse().expect("valid"), &args);
         let discovery = controller.addr("discovery");
         Mesh {
             dir,
             controller,
             discovery,
+            controller_args: args,
         }
     }
 
@@ -192,7 +211,7 @@ impl Mesh {
     /// When it does not come back.
     pub fn restart_controller(&mut self) {
         self.controller.kill();
-        self.controller = start_controller(self.dir.path(), self.discovery);
+        self.controller = start_controller(self.dir.path(), self.discovery, &self.controller_args);
     }
 
     /// The controller's `/status`.
@@ -208,8 +227,9 @@ impl Mesh {
     }
 }
 
-fn start_controller(dir: &Path, discovery: SocketAddr) -> Spawned {
+fn start_controller(dir: &Path, discovery: SocketAddr, extra: &[String]) -> Spawned {
     let mut cmd = Command::new(bin("ferrymesh-controller"));
+    cmd.args(extra);
     cmd.args([
         "--source",
         "files",

@@ -33,7 +33,10 @@ fn load(index: &IndexHandle, file: &str, text: &str) {
 use ferrymesh_test_support::nodes::local as node;
 
 fn endpoints(index: &IndexHandle, name: &str) -> Vec<u32> {
-    match index.snapshot().lookup(pb::ResourceType::Endpoints, name) {
+    match index
+        .snapshot()
+        .lookup(pb::ResourceType::Endpoints, name, None)
+    {
         Lookup::Found(r) => {
             let Some(pb::resource::Body::Endpoints(e)) = r.body else {
                 panic!("not endpoints")
@@ -73,13 +76,14 @@ fn versions_depend_on_content_not_on_order() {
     let b = IndexHandle::new();
     b.stream_opened(9, &node("x-2", "x", 7002, true));
     b.stream_opened(8, &node("x-1", "x", 7001, true));
-    let version = |i: &IndexHandle| match i
-        .snapshot()
-        .lookup(pb::ResourceType::Endpoints, "x.shop:80")
-    {
-        Lookup::Found(r) => r.version,
-        other => panic!("{other:?}"),
-    };
+    let version =
+        |i: &IndexHandle| match i
+            .snapshot()
+            .lookup(pb::ResourceType::Endpoints, "x.shop:80", None)
+        {
+            Lookup::Found(r) => r.version,
+            other => panic!("{other:?}"),
+        };
     assert_eq!(version(&a), version(&b));
     b.stream_closed(9);
     assert_ne!(version(&a), version(&b));
@@ -91,27 +95,27 @@ fn unknown_names_are_not_found_and_bad_names_invalid() {
     load(&index, "shop.yaml", SHOP);
     let snap = index.snapshot();
     assert_eq!(
-        snap.lookup(pb::ResourceType::Endpoints, "nope.shop:80"),
+        snap.lookup(pb::ResourceType::Endpoints, "nope.shop:80", None),
         Lookup::NotFound
     );
     assert_eq!(
-        snap.lookup(pb::ResourceType::Endpoints, "pricing.shop:81"),
+        snap.lookup(pb::ResourceType::Endpoints, "pricing.shop:81", None),
         Lookup::NotFound
     );
     assert_eq!(
-        snap.lookup(pb::ResourceType::Endpoints, "a.b.c.d.e.f:80"),
+        snap.lookup(pb::ResourceType::Endpoints, "a.b.c.d.e.f:80", None),
         Lookup::NotFound
     );
     assert!(matches!(
-        snap.lookup(pb::ResourceType::Endpoints, "pricing.shop"),
+        snap.lookup(pb::ResourceType::Endpoints, "pricing.shop", None),
         Lookup::Invalid(_)
     ));
     assert!(matches!(
-        snap.lookup(pb::ResourceType::InboundPolicy, "*"),
+        snap.lookup(pb::ResourceType::InboundPolicy, "*", None),
         Lookup::Found(_)
     ));
     assert!(matches!(
-        snap.lookup(pb::ResourceType::Gateway, "*"),
+        snap.lookup(pb::ResourceType::Gateway, "*", None),
         Lookup::Invalid(_)
     ));
 }
@@ -120,9 +124,10 @@ fn unknown_names_are_not_found_and_bad_names_invalid() {
 fn the_most_specific_policy_sets_the_timeouts_section() {
     let index = IndexHandle::new();
     load(&index, "shop.yaml", SHOP);
-    let Lookup::Found(r) = index
-        .snapshot()
-        .lookup(pb::ResourceType::ClientPolicy, "pricing.shop:80")
+    let Lookup::Found(r) =
+        index
+            .snapshot()
+            .lookup(pb::ResourceType::ClientPolicy, "pricing.shop:80", None)
     else {
         panic!("no client policy")
     };
@@ -147,14 +152,14 @@ fn a_rejected_reload_keeps_the_last_good_objects() {
     assert_eq!(snap.file_errors.len(), 1);
     assert_eq!(snap.file_errors[0].field, "spec.ports");
     assert!(matches!(
-        snap.lookup(pb::ResourceType::Endpoints, "pricing.shop:80"),
+        snap.lookup(pb::ResourceType::Endpoints, "pricing.shop:80", None),
         Lookup::Found(_)
     ));
     index.remove_file(Path::new("shop.yaml"));
     assert_eq!(
         index
             .snapshot()
-            .lookup(pb::ResourceType::Endpoints, "pricing.shop:80"),
+            .lookup(pb::ResourceType::Endpoints, "pricing.shop:80", None),
         Lookup::NotFound
     );
 }
@@ -169,9 +174,10 @@ fn static_endpoint_slices_carry_their_conditions() {
          apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: legacy-a, namespace: shop, labels: {kubernetes.io/service-name: legacy}}\n\
          ports: [{name: http, port: 9000}]\nendpoints:\n- addresses: [127.0.0.2]\n- addresses: [127.0.0.3]\n  conditions: {ready: false, terminating: true}\n",
     );
-    let Lookup::Found(r) = index
-        .snapshot()
-        .lookup(pb::ResourceType::Endpoints, "legacy.shop:80")
+    let Lookup::Found(r) =
+        index
+            .snapshot()
+            .lookup(pb::ResourceType::Endpoints, "legacy.shop:80", None)
     else {
         panic!()
     };
@@ -215,9 +221,10 @@ spec:
   fallback: {staticResponse: {status: 200, body: "{}"}}
 "#,
     );
-    let Lookup::Found(r) = index
-        .snapshot()
-        .lookup(pb::ResourceType::ClientPolicy, "pricing.shop:80")
+    let Lookup::Found(r) =
+        index
+            .snapshot()
+            .lookup(pb::ResourceType::ClientPolicy, "pricing.shop:80", None)
     else {
         panic!("no client policy")
     };
@@ -239,4 +246,45 @@ spec:
         (from("timeouts"), from("retry"), from("fallback")),
         ("pricing".into(), "namespace-wide".into(), "pricing".into())
     );
+}
+
+#[test]
+fn faults_end_after_their_duration_and_carry_a_ttl_until_then() {
+    let index = IndexHandle::with_fault_ttl(std::time::Duration::from_secs(60));
+    load(
+        &index,
+        "f.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: shop}\nspec: {ports: [{name: http, port: 80}]}\n---\n\
+         apiVersion: policy.ferrymesh.io/v1alpha1\nkind: FaultInjection\nmetadata: {name: f, namespace: shop}\n\
+         spec:\n  targetRefs: [{group: \"\", kind: Service, name: echo}]\n  duration: 1m\n  abort: {httpStatus: 503}\n",
+    );
+    let snap = index.snapshot();
+    assert_eq!(snap.faults.len(), 1);
+    let expires = snap.next_expiry.unwrap();
+    let node = node("echo-1", "echo", 7001, true);
+    let Lookup::Found(r) = snap.lookup(pb::ResourceType::InboundPolicy, "*", Some(&node)) else {
+        panic!()
+    };
+    let Some(pb::resource::Body::InboundPolicy(p)) = &r.body else {
+        panic!()
+    };
+    assert_eq!(p.faults.len(), 1, "the echo workload gets the fault");
+    assert!(r.ttl.unwrap().seconds <= 60);
+    let other = node_of("other-1", "other");
+    let Lookup::Found(r) = snap.lookup(pb::ResourceType::InboundPolicy, "*", Some(&other)) else {
+        panic!()
+    };
+    assert!(r.ttl.is_none(), "other workloads get the plain policy");
+    // Past its end it is gone.
+    let inner = index.inner.lock().unwrap();
+    let later = faults::active(
+        inner.files.values().flat_map(|f| f.objects.iter()),
+        &inner.first_seen,
+        expires,
+    );
+    assert!(later.is_empty());
+}
+
+fn node_of(instance: &str, service: &str) -> pb::Node {
+    node(instance, service, 7002, true)
 }

@@ -66,8 +66,11 @@ const IMPLICIT_PORT: u16 = 80;
 pub(super) fn build<'a>(
     objects: impl Iterator<Item = &'a Object>,
     workloads: &[Registered],
+    faults: &[super::faults::ActiveFault],
+    fault_ttl: std::time::Duration,
     warnings: &mut Vec<String>,
 ) -> (Resources, BTreeMap<ServiceKey, ServiceInfo>) {
+    let now = std::time::SystemTime::now();
     let objects: Vec<&Object> = objects.collect();
     let mut services: BTreeMap<ServiceKey, (ServiceInfo, Option<&Service>)> = BTreeMap::new();
     for o in &objects {
@@ -130,14 +133,21 @@ pub(super) fn build<'a>(
                 Arc::new(resource(body, ep_sources)),
             );
 
-            let (policy, sources) = client_policy(key, port, &objects);
+            let (mut policy, sources) = client_policy(key, port, &objects);
+            let client_faults: Vec<&super::faults::ActiveFault> = faults
+                .iter()
+                .filter(|f| f.side == crate::sources::FaultSide::Client && f.service == *key)
+                .collect();
+            policy.fault = client_faults.first().map(|f| f.fault.clone());
+            let ttl = super::faults::ttl(client_faults.iter().copied().take(1), fault_ttl, now);
             let mut all_sources: Vec<cfg::ResourceRef> = service_source.into_iter().collect();
             all_sources.extend(sources);
             let body = pb::resource::Body::ClientPolicy(policy);
-            resources.client_policies.insert(
-                (key.clone(), port.port),
-                Arc::new(resource(body, all_sources)),
-            );
+            let mut r = resource(body, all_sources);
+            r.ttl = ttl;
+            resources
+                .client_policies
+                .insert((key.clone(), port.port), Arc::new(r));
         }
     }
     let inbound = cfg::InboundPolicy {
@@ -145,6 +155,7 @@ pub(super) fn build<'a>(
         protocol: cfg::Protocol::Http.into(),
         mtls: cfg::MtlsMode::Permissive.into(),
         default_policy: cfg::DefaultPolicy::AllUnauthenticated.into(),
+        faults: Vec::new(),
     };
     resources.inbound = Some(Arc::new(resource(
         pb::resource::Body::InboundPolicy(inbound),
@@ -394,6 +405,7 @@ fn client_policy(
         lb,
         protocol: protocol(port.protocol).into(),
         section_sources,
+        fault: None,
     };
     (policy, sources)
 }
@@ -445,7 +457,12 @@ fn resolve(snapshot: &Snapshot, name: &str) -> Result<Option<ResourceKey>, Strin
     )))
 }
 
-pub(super) fn lookup(snapshot: &Snapshot, ty: pb::ResourceType, name: &str) -> Lookup {
+pub(super) fn lookup(
+    snapshot: &Snapshot,
+    ty: pb::ResourceType,
+    name: &str,
+    node: Option<&pb::Node>,
+) -> Lookup {
     let found = |r: &Arc<pb::Resource>| {
         let mut r = Box::new(pb::Resource::clone(r));
         name.clone_into(&mut r.name);
@@ -456,11 +473,31 @@ pub(super) fn lookup(snapshot: &Snapshot, ty: pb::ResourceType, name: &str) -> L
         pb::ResourceType::ClientPolicy => &snapshot.resources.client_policies,
         pb::ResourceType::InboundPolicy => {
             return if name == "*" || name.parse::<u16>().is_ok() {
-                snapshot
-                    .resources
-                    .inbound
-                    .as_ref()
-                    .map_or(Lookup::NotFound, found)
+                let Some(base) = &snapshot.resources.inbound else {
+                    return Lookup::NotFound;
+                };
+                let selected = node
+                    .map(|n| super::faults::for_workload(&snapshot.faults, n))
+                    .unwrap_or_default();
+                if selected.is_empty() {
+                    return found(base);
+                }
+                // This workload's own inbound policy: the base plus the faults that select it.
+                let Some(pb::resource::Body::InboundPolicy(mut policy)) = base.body.clone() else {
+                    return found(base);
+                };
+                policy.faults = selected.iter().map(|f| f.fault.clone()).collect();
+                let sources = selected
+                    .iter()
+                    .filter_map(|f| f.fault.source.clone())
+                    .collect();
+                let mut r = resource(pb::resource::Body::InboundPolicy(policy), sources);
+                r.ttl = super::faults::ttl(
+                    selected.into_iter(),
+                    snapshot.fault_ttl,
+                    std::time::SystemTime::now(),
+                );
+                found(&Arc::new(r))
             } else {
                 Lookup::Invalid(format!(
                     "{name:?}: inbound policy names are \"*\" or a port number"

@@ -402,13 +402,17 @@ fn policy(
     json: &serde_json::Value,
 ) -> Result<Object, FieldError> {
     let spec = json.get("spec").cloned().unwrap_or(serde_json::Value::Null);
-    let (target_refs, resilience) = match (group, kind) {
+    let (target_refs, resilience, fault) = match (group, kind) {
         ("policy.ferrymesh.io", "ResiliencePolicy") => {
             let (refs, sections) = resilience::spec(json)?;
-            (refs, Some(sections))
+            (refs, Some(sections), None)
         }
-        ("policy.ferrymesh.io", _) => (from_json::<RawPolicy>(json)?.spec.target_refs, None),
-        _ => (Vec::new(), None),
+        ("policy.ferrymesh.io", "FaultInjection") => {
+            let (refs, fault) = fault::spec(json)?;
+            (refs, None, Some(fault))
+        }
+        ("policy.ferrymesh.io", _) => (from_json::<RawPolicy>(json)?.spec.target_refs, None, None),
+        _ => (Vec::new(), None, None),
     };
     if group == "policy.ferrymesh.io" {
         check_target_refs(&meta, &target_refs)?;
@@ -428,6 +432,7 @@ fn policy(
         kind: kind.to_owned(),
         target_refs,
         resilience,
+        fault,
         spec,
     })))
 }
@@ -459,6 +464,7 @@ fn check_target_refs(meta: &Meta, refs: &[TargetRef]) -> Result<(), FieldError> 
     Ok(())
 }
 
+mod fault;
 mod resilience;
 
 #[cfg(test)]

@@ -212,10 +212,15 @@ fn convert(ty: pb::ResourceType, resource: pb::Resource) -> Result<Held, String>
             file: s.file,
         })
         .collect();
+    let ttl = resource
+        .ttl
+        .and_then(|t| std::time::Duration::try_from(t).ok());
     Ok(Held {
         version: resource.version,
         sources,
         value,
+        received: tokio::time::Instant::now(),
+        ttl,
     })
 }
 

@@ -424,6 +424,23 @@ pub fn call(
         req.extensions_mut().insert(e.clone());
     }
     Box::pin(async move {
+        // A client-side fault comes before the stack: no retry hides it (as in Istio).
+        if let Some(fault) = policy.as_ref().and_then(|p| p.fault.as_ref())
+            && let Some(mut rsp) = crate::fault::inject(
+                std::slice::from_ref(fault),
+                req.headers(),
+                &ctx.metrics,
+                crate::metrics::Direction::outbound,
+                &service,
+            )
+            .await
+        {
+            if let Some(e) = explain {
+                e.note(format!("fault injected by {}", fault.source));
+                e.write(rsp.headers_mut());
+            }
+            return rsp;
+        }
         let stack_of = logical.clone();
         let mut rsp = call_with_fallback(ctx, logical, authority, req, policy, service, true).await;
         if let Some(e) = explain {

@@ -98,6 +98,12 @@ impl Logical {
         }
         let policy = match p {
             Ok(State::Found(held)) => match &held.value {
+                // A client-side fault whose TTL lapsed (a dead controller) no longer applies.
+                Value::ClientPolicy(p) if p.fault.is_some() && !held.fresh() => {
+                    let mut stale = ClientPolicy::clone(p);
+                    stale.fault = None;
+                    Some(Arc::new(stale))
+                }
                 Value::ClientPolicy(p) => Some(p.clone()),
                 _ => None,
             },

@@ -444,3 +444,69 @@ fn the_demo_config_folder_and_its_commented_example_are_valid() {
         }
     }
 }
+
+fn fault_doc(spec: &str) -> String {
+    format!(
+        "apiVersion: policy.ferrymesh.io/v1alpha1\nkind: FaultInjection\nmetadata: {{name: f, namespace: shop}}\n\
+         spec:\n  targetRefs: [{{group: \"\", kind: Service, name: ratings}}]\n{spec}"
+    )
+}
+
+#[test]
+fn fault_injection_rules_are_enforced() {
+    let ok = parse(&fault_doc("  duration: 15m\n  delay: {fixed: 2s, percentage: 25}\n  abort: {grpcStatus: 14, percentage: 10}\n")).unwrap();
+    let Object::Policy(p) = &ok.objects[0] else {
+        panic!()
+    };
+    let f = p.fault.as_ref().unwrap();
+    assert_eq!(f.abort, Some((crate::sources::FaultAbort::Grpc(14), 10.0)));
+    assert_eq!(f.duration, std::time::Duration::from_mins(15));
+    let cases = [
+        ("  duration: 15m\n", "spec", "at least one of delay, abort"),
+        (
+            "  abort: {httpStatus: 503}\n",
+            "spec.duration",
+            "duration is required",
+        ),
+        (
+            "  duration: 30s\n  abort: {httpStatus: 503}\n",
+            "spec.duration",
+            "duration 1m..24h",
+        ),
+        (
+            "  duration: 25h\n  abort: {httpStatus: 503}\n",
+            "spec.duration",
+            "duration 1m..24h",
+        ),
+        (
+            "  duration: 5m\n  abort: {httpStatus: 503, grpcStatus: 14}\n",
+            "spec.abort",
+            "exactly one of httpStatus, grpcStatus",
+        ),
+        (
+            "  duration: 5m\n  abort: {httpStatus: 99}\n",
+            "spec.abort.httpStatus",
+            "httpStatus 200..599",
+        ),
+        (
+            "  duration: 5m\n  abort: {grpcStatus: 17}\n",
+            "spec.abort.grpcStatus",
+            "grpcStatus 0..16",
+        ),
+        (
+            "  duration: 5m\n  abort: {httpStatus: 503, percentage: 101}\n",
+            "spec.abort.percentage",
+            "percentage 0..100",
+        ),
+        (
+            "  duration: 5m\n  side: Client\n  workloadSelector: {matchLabels: {v: x}}\n  abort: {httpStatus: 503}\n",
+            "spec.workloadSelector",
+            "forbidden when side is Client",
+        ),
+    ];
+    for (spec, field, rule) in cases {
+        let err = parse(&fault_doc(spec)).unwrap_err();
+        assert_eq!(err.field, field, "{spec}: {err}");
+        assert!(err.message.contains(rule), "{spec}: {err}");
+    }
+}
