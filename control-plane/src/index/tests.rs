@@ -250,7 +250,7 @@ spec:
 
 #[test]
 fn faults_end_after_their_duration_and_carry_a_ttl_until_then() {
-    let index = IndexHandle::with_fault_ttl(std::time::Duration::from_secs(60));
+    let index = IndexHandle::with_fault_ttl(std::time::Duration::from_mins(1));
     load(
         &index,
         "f.yaml",
