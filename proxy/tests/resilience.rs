@@ -31,6 +31,62 @@ fn client(outbound: std::net::SocketAddr) -> reqwest::Client {
         .unwrap()
 }
 
+/// One service with a policy: a chaos instance behind its sidecar, and a client sidecar.
+struct One {
+    mesh: Mesh,
+    app: Spawned,
+    server: Spawned,
+    proxy: Spawned,
+    http: reqwest::Client,
+}
+
+impl One {
+    async fn start(name: &str, spec: &str, chaos: &[(&str, &str)]) -> One {
+        let mesh = Mesh::start(&[(
+            &format!("{name}.yaml"),
+            &(service(name) + &policy(name, spec)),
+        )]);
+        let instance = format!("{name}-1");
+        let app = mesh.shop(name, &instance, chaos);
+        let server = mesh.proxy(&ProxySpec {
+            log: Some("warn".into()),
+            ..ProxySpec::app(&instance, name, app.addr("app"))
+        });
+        let proxy = client_proxy(&mesh, &format!("{name}.shop"), 1).await;
+        let http = client(proxy.addr("outbound"));
+        One {
+            mesh,
+            app,
+            server,
+            proxy,
+            http,
+        }
+    }
+}
+
+/// `n` chaos instances of `service` (`<service>-1`..), each behind its sidecar.
+fn replicas(
+    mesh: &Mesh,
+    service: &str,
+    n: usize,
+    chaos: impl Fn(usize) -> Vec<(&'static str, &'static str)>,
+) -> (Vec<Spawned>, Vec<Spawned>) {
+    let apps: Vec<Spawned> = (1..=n)
+        .map(|i| mesh.shop(service, &format!("{service}-{i}"), &chaos(i)))
+        .collect();
+    let proxies = apps
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            mesh.proxy(&ProxySpec {
+                log: Some("warn".into()),
+                ..ProxySpec::app(&format!("{service}-{}", i + 1), service, a.addr("app"))
+            })
+        })
+        .collect();
+    (apps, proxies)
+}
+
 /// A client proxy that holds `count` ready endpoints of `host` (subscribing it first).
 async fn client_proxy(mesh: &Mesh, host: &str, count: usize) -> Spawned {
     let proxy = mesh.proxy(&ProxySpec {
@@ -83,22 +139,19 @@ async fn send(http: &reqwest::Client, url: &str, n: usize, concurrency: usize) -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_mask_a_flaky_upstream_within_the_budget() {
     let spec = "  retry:\n    attempts: 4\n    retryOn: [5xx]\n    backoff: {strategy: Constant, base: 1ms, max: 1ms}\n    budget: {ratio: \"0.5\", minRetriesPerSecond: 10, window: 10s}\n";
-    let mesh = Mesh::start(&[(
-        "pricing.yaml",
-        &(service("pricing") + &policy("pricing", spec)),
-    )]);
     // A seeded chaos: the same 30% of draws fail on every run (reproducible, like a lab).
-    let app = mesh.shop(
+    let One {
+        mesh: _mesh,
+        app: _app,
+        server,
+        proxy,
+        http,
+    } = One::start(
         "pricing",
-        "pricing-1",
+        spec,
         &[("CHAOS_ERROR_RATE", "0.3"), ("CHAOS_SEED", "7")],
-    );
-    let server = mesh.proxy(&ProxySpec {
-        log: Some("warn".into()),
-        ..ProxySpec::app("pricing-1", "pricing", app.addr("app"))
-    });
-    let proxy = client_proxy(&mesh, "pricing.shop", 1).await;
-    let http = client(proxy.addr("outbound"));
+    )
+    .await;
     let inbound = || {
         counter(
             server.addr("health"),
@@ -129,17 +182,13 @@ async fn retries_mask_a_flaky_upstream_within_the_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_every_endpoint_failing_the_budget_caps_the_load() {
     let spec = "  retry:\n    attempts: 4\n    retryOn: [5xx]\n    backoff: {strategy: Constant, base: 1ms, max: 1ms}\n    budget: {ratio: \"0.2\", minRetriesPerSecond: 10, window: 10s}\n";
-    let mesh = Mesh::start(&[(
-        "pricing.yaml",
-        &(service("pricing") + &policy("pricing", spec)),
-    )]);
-    let app = mesh.shop("pricing", "pricing-1", &[("CHAOS_ERROR_RATE", "1")]);
-    let server = mesh.proxy(&ProxySpec {
-        log: Some("warn".into()),
-        ..ProxySpec::app("pricing-1", "pricing", app.addr("app"))
-    });
-    let proxy = client_proxy(&mesh, "pricing.shop", 1).await;
-    let http = client(proxy.addr("outbound"));
+    let One {
+        mesh: _mesh,
+        app: _app,
+        server,
+        proxy,
+        http,
+    } = One::start("pricing", spec, &[("CHAOS_ERROR_RATE", "1")]).await;
     let inbound = || {
         counter(
             server.addr("health"),
@@ -323,17 +372,13 @@ async fn a_slow_upstream_gets_504_at_the_request_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_breaker_opens_fails_fast_serves_the_fallback_and_closes_after_recovery() {
     let spec = "  circuitBreaker:\n    tripWhen: {consecutiveFailures: 5, failureRatio: \"0\"}\n    failureOn: [5xx]\n    open: {base: 1s, max: 1s, jitter: \"0\"}\n    halfOpenProbes: 1\n  fallback:\n    triggers: [circuit-open]\n    staticResponse: {status: 200, headers: {content-type: application/json}, body: '{\"price\":\"unknown\"}'}\n";
-    let mesh = Mesh::start(&[(
-        "pricing.yaml",
-        &(service("pricing") + &policy("pricing", spec)),
-    )]);
-    let app = mesh.shop("pricing", "pricing-1", &[("CHAOS_ERROR_RATE", "1")]);
-    let server = mesh.proxy(&ProxySpec {
-        log: Some("warn".into()),
-        ..ProxySpec::app("pricing-1", "pricing", app.addr("app"))
-    });
-    let proxy = client_proxy(&mesh, "pricing.shop", 1).await;
-    let http = client(proxy.addr("outbound"));
+    let One {
+        mesh: _mesh,
+        app,
+        server,
+        proxy,
+        http,
+    } = One::start("pricing", spec, &[("CHAOS_ERROR_RATE", "1")]).await;
     let inbound = || {
         counter(
             server.addr("health"),
@@ -441,26 +486,13 @@ async fn a_failing_replica_is_ejected_and_comes_back_once_healthy() {
         "catalog.yaml",
         &(service("catalog") + &policy("catalog", spec)),
     )]);
-    let apps: Vec<Spawned> = (1..=3)
-        .map(|i| {
-            let env: &[(&str, &str)] = if i == 2 {
-                &[("CHAOS_ERROR_RATE", "1")]
-            } else {
-                &[]
-            };
-            mesh.shop("catalog", &format!("catalog-{i}"), env)
-        })
-        .collect();
-    let _proxies: Vec<Spawned> = apps
-        .iter()
-        .enumerate()
-        .map(|(i, a)| {
-            mesh.proxy(&ProxySpec {
-                log: Some("warn".into()),
-                ..ProxySpec::app(&format!("catalog-{}", i + 1), "catalog", a.addr("app"))
-            })
-        })
-        .collect();
+    let (apps, _proxies) = replicas(&mesh, "catalog", 3, |i| {
+        if i == 2 {
+            vec![("CHAOS_ERROR_RATE", "1")]
+        } else {
+            vec![]
+        }
+    });
     let proxy = client_proxy(&mesh, "catalog.shop", 3).await;
     let http = client(proxy.addr("outbound"));
     let mut errors = 0;
@@ -514,19 +546,7 @@ async fn load_balancer_algorithms_round_robin_and_consistent_hash() {
     let rr = "  loadBalancer: {algorithm: RoundRobin}\n";
     let files = service("catalog") + &policy("catalog", rr);
     let mesh = Mesh::start(&[("catalog.yaml", &files)]);
-    let apps: Vec<Spawned> = (1..=3)
-        .map(|i| mesh.shop("catalog", &format!("catalog-{i}"), &[]))
-        .collect();
-    let _proxies: Vec<Spawned> = apps
-        .iter()
-        .enumerate()
-        .map(|(i, a)| {
-            mesh.proxy(&ProxySpec {
-                log: Some("warn".into()),
-                ..ProxySpec::app(&format!("catalog-{}", i + 1), "catalog", a.addr("app"))
-            })
-        })
-        .collect();
+    let (_apps, _proxies) = replicas(&mesh, "catalog", 3, |_| vec![]);
     let proxy = client_proxy(&mesh, "catalog.shop", 3).await;
     let http = client(proxy.addr("outbound"));
     let instance =
@@ -586,17 +606,13 @@ async fn load_balancer_algorithms_round_robin_and_consistent_hash() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ferrymesh_explain_tells_what_happened_to_a_request() {
     let spec = "  retry:\n    attempts: 2\n    retryOn: [5xx]\n    backoff: {strategy: Constant, base: 5ms, max: 5ms}\n  circuitBreaker: {tripWhen: {consecutiveFailures: 100}}\n";
-    let mesh = Mesh::start(&[(
-        "pricing.yaml",
-        &(service("pricing") + &policy("pricing", spec)),
-    )]);
-    let app = mesh.shop("pricing", "pricing-1", &[("CHAOS_ERROR_RATE", "1")]);
-    let _server = mesh.proxy(&ProxySpec {
-        log: Some("warn".into()),
-        ..ProxySpec::app("pricing-1", "pricing", app.addr("app"))
-    });
-    let proxy = client_proxy(&mesh, "pricing.shop", 1).await;
-    let http = client(proxy.addr("outbound"));
+    let One {
+        mesh: _mesh,
+        app: _app,
+        server: _server,
+        proxy: _proxy,
+        http,
+    } = One::start("pricing", spec, &[("CHAOS_ERROR_RATE", "1")]).await;
     let plain = http
         .get("http://pricing.shop/prices/1")
         .send()

@@ -51,6 +51,16 @@ fn request(method: Method, body: &'static str) -> Request<Full<Bytes>> {
         .unwrap()
 }
 
+/// Answers the next request with `code`.
+async fn answer(handle: &mut mock::Handle<Req, Response<String>>, code: u16) {
+    handle
+        .next_request()
+        .await
+        .unwrap()
+        .1
+        .send_response(status(code));
+}
+
 fn budget() -> RetryBudget {
     RetryBudget::new(0.2, 100, Duration::from_secs(10))
 }
@@ -100,12 +110,7 @@ async fn attempts_run_out_and_the_last_answer_is_returned() {
     let start = Instant::now();
     let call = tokio::spawn(retry.oneshot(request(Method::GET, "")));
     for _ in 0..3 {
-        handle
-            .next_request()
-            .await
-            .unwrap()
-            .1
-            .send_response(status(503));
+        answer(&mut handle, 503).await;
     }
     assert_eq!(call.await.unwrap().unwrap().status(), 503);
     assert_eq!(
@@ -134,12 +139,7 @@ async fn post_is_retried_only_with_an_idempotency_key() {
         observe,
     );
     let call = tokio::spawn(retry.clone().oneshot(request(Method::POST, "order")));
-    handle
-        .next_request()
-        .await
-        .unwrap()
-        .1
-        .send_response(status(503));
+    answer(&mut handle, 503).await;
     assert_eq!(call.await.unwrap().unwrap().status(), 503, "not retried");
     assert_eq!(
         events.lock().unwrap()[0],
@@ -154,18 +154,8 @@ async fn post_is_retried_only_with_an_idempotency_key() {
         .headers_mut()
         .insert("idempotency-key", HeaderValue::from_static("k-1"));
     let call = tokio::spawn(retry.oneshot(keyed));
-    handle
-        .next_request()
-        .await
-        .unwrap()
-        .1
-        .send_response(status(503));
-    handle
-        .next_request()
-        .await
-        .unwrap()
-        .1
-        .send_response(status(201));
+    answer(&mut handle, 503).await;
+    answer(&mut handle, 201).await;
     assert_eq!(call.await.unwrap().unwrap().status(), 201);
 }
 
@@ -182,12 +172,7 @@ async fn an_empty_budget_stops_retries() {
         observe,
     );
     let call = tokio::spawn(retry.oneshot(request(Method::GET, "")));
-    handle
-        .next_request()
-        .await
-        .unwrap()
-        .1
-        .send_response(status(503));
+    answer(&mut handle, 503).await;
     assert_eq!(call.await.unwrap().unwrap().status(), 503);
     assert_eq!(
         events.lock().unwrap()[0],
@@ -244,12 +229,7 @@ async fn no_retry_starts_that_cannot_finish_before_the_deadline() {
     req.extensions_mut()
         .insert(Deadline(Instant::now() + Duration::from_millis(20)));
     let call = tokio::spawn(retry.oneshot(req));
-    handle
-        .next_request()
-        .await
-        .unwrap()
-        .1
-        .send_response(status(503));
+    answer(&mut handle, 503).await;
     assert_eq!(call.await.unwrap().unwrap().status(), 503);
     assert_eq!(
         events.lock().unwrap()[0],
@@ -277,12 +257,7 @@ async fn retry_after_is_honoured() {
     busy.headers_mut()
         .insert(http::header::RETRY_AFTER, HeaderValue::from_static("2"));
     handle.next_request().await.unwrap().1.send_response(busy);
-    handle
-        .next_request()
-        .await
-        .unwrap()
-        .1
-        .send_response(status(200));
+    answer(&mut handle, 200).await;
     assert_eq!(call.await.unwrap().unwrap().status(), 200);
     assert_eq!(start.elapsed(), Duration::from_secs(2));
 }
