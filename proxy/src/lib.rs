@@ -17,6 +17,7 @@ pub mod detect;
 pub mod discovery;
 pub mod explain;
 pub mod fault;
+pub mod health;
 pub mod http;
 pub mod inbound;
 pub mod metrics;

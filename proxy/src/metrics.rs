@@ -61,6 +61,7 @@ pub struct Metrics {
     fallbacks: Family<ReasonLabels, Counter>,
     ejections: Family<ServiceOnly, Counter>,
     faults: Family<FaultLabels, Counter>,
+    health_checks: Family<ReasonLabels, Counter>,
     registry: Registry,
 }
 
@@ -142,6 +143,12 @@ impl Metrics {
             "Faults injected, by direction, service and kind (delay, abort)",
             faults.clone(),
         );
+        let health_checks = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "health_checks",
+            "Active health check probes, by service and result (pass, fail)",
+            health_checks.clone(),
+        );
         registry.register(
             "tcp_connections",
             "Opaque TCP connections forwarded",
@@ -157,6 +164,7 @@ impl Metrics {
             fallbacks,
             ejections,
             faults,
+            health_checks,
             registry,
         }
     }
@@ -239,6 +247,17 @@ impl Metrics {
                 direction,
                 service: service.to_owned(),
                 kind,
+            })
+            .inc();
+    }
+
+    /// One active health check probe of `service`.
+    pub fn health_check(&self, service: &str, passed: bool) {
+        let reason = if passed { "pass" } else { "fail" };
+        self.health_checks
+            .get_or_create(&ReasonLabels {
+                service: service.to_owned(),
+                reason,
             })
             .inc();
     }

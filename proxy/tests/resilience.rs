@@ -645,3 +645,67 @@ async fn ferrymesh_explain_tells_what_happened_to_a_request() {
     assert_eq!(parts[5], "no retry on 5xx: attempts-exhausted");
     assert_eq!(parts[6], "breaker closed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_health_checks_take_a_failing_endpoint_out_and_back() {
+    let spec = "  healthCheck:\n    http: {path: /healthz, expectedStatuses: [200]}\n    interval: 200ms\n    timeout: 1s\n    unhealthyThreshold: 2\n    healthyThreshold: 1\n    initialJitter: 0s\n  loadBalancer: {algorithm: RoundRobin}\n";
+    let mesh = Mesh::start(&[(
+        "catalog.yaml",
+        &(service("catalog") + &policy("catalog", spec)),
+    )]);
+    let (apps, _proxies) = replicas(&mesh, "catalog", 2, |i| {
+        if i == 2 {
+            vec![("CHAOS_LIVE", "false")]
+        } else {
+            vec![]
+        }
+    });
+    let proxy = client_proxy(&mesh, "catalog.shop", 2).await;
+    let http = client(proxy.addr("outbound"));
+    let only_one = || async {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..6 {
+            let rsp = http
+                .get("http://catalog.shop/products")
+                .send()
+                .await
+                .unwrap();
+            seen.insert(
+                rsp.headers()["x-ferry-instance"]
+                    .to_str()
+                    .unwrap()
+                    .to_owned(),
+            );
+        }
+        seen
+    };
+    // catalog-2 still answers business requests, but its liveness probe fails: out of rotation.
+    eventually(Duration::from_secs(5), || async {
+        only_one().await == std::collections::HashSet::from(["catalog-1".to_owned()])
+    })
+    .await
+    .expect("the failing endpoint left the rotation");
+    assert!(
+        counter(
+            proxy.addr("health"),
+            "ferrymesh_proxy_health_checks_total",
+            r#"reason="fail""#
+        )
+        .await
+            >= 2
+    );
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .put(format!("http://{}/chaos", apps[1].addr("app")))
+        .json(&serde_json::json!({"live": true}))
+        .send()
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), || async {
+        only_one().await.len() == 2
+    })
+    .await
+    .expect("back after passing again");
+}

@@ -29,6 +29,7 @@ use crate::app::Context;
 use crate::balance::{Lb, hash_key};
 use crate::deadline;
 use crate::explain::Explain;
+use crate::health::HealthChecker;
 use crate::http::{Body, FERRYMESH_ERROR, boxed, proxy_response};
 use crate::policy::resilience::{
     BackoffStrategy, FailureOn, FallbackTarget, FallbackTrigger, RetryOn,
@@ -58,6 +59,7 @@ pub struct Stack {
     retry: Option<RetryState>,
     breaker: Option<(Breaker, FailureClassifier<Response<Body>>)>,
     outlier: Option<Arc<Outlier<SocketAddr>>>,
+    health: Option<Arc<HealthChecker>>,
 }
 
 impl std::fmt::Debug for Stack {
@@ -75,7 +77,13 @@ impl std::fmt::Debug for Stack {
 pub struct StackCache(Mutex<Option<Stack>>);
 
 impl StackCache {
-    fn get(&self, policy: &Arc<ClientPolicy>, metrics: &Arc<Context>, service: &str) -> Stack {
+    fn get(
+        &self,
+        policy: &Arc<ClientPolicy>,
+        metrics: &Arc<Context>,
+        service: &str,
+        logical: &Arc<Logical>,
+    ) -> Stack {
         let mut cached = self.0.lock().expect("stack cache lock poisoned");
         if let Some(stack) = cached.as_ref()
             && Arc::ptr_eq(&stack.for_policy, policy)
@@ -89,6 +97,14 @@ impl StackCache {
                 .breaker
                 .as_ref()
                 .map(|b| breaker(b, metrics.clone(), service.to_owned())),
+            health: policy.health_check.as_ref().map(|h| {
+                Arc::new(HealthChecker::start(
+                    h.clone(),
+                    Arc::downgrade(logical),
+                    metrics.clone(),
+                    service.to_owned(),
+                ))
+            }),
             outlier: policy.outlier.as_ref().map(|o| {
                 Arc::new(Outlier::new(OutlierConfig {
                     consecutive_errors: o.consecutive_errors,
@@ -235,6 +251,7 @@ struct Attempter {
     timeouts: CallTimeouts,
     breaker: Option<(Breaker, FailureClassifier<Response<Body>>)>,
     outlier: Option<Arc<Outlier<SocketAddr>>>,
+    health: Option<Arc<HealthChecker>>,
     service: String,
     lb: LoadBalancer,
     /// Write the time left into each attempt.
@@ -338,11 +355,13 @@ impl tower::Service<Request<ReplayBody<Body>>> for Attempter {
                 .map(|t| t.lock().expect("tried lock poisoned").clone())
                 .unwrap_or_default();
             let outlier = this.outlier.as_deref();
+            let health = this.health.as_deref();
             let Some(pick) =
                 this.logical
                     .balancer
                     .pick_excluding(lb_for(&this.lb, &req), &avoid, |a| {
                         outlier.is_some_and(|o| o.is_ejected(a))
+                            || health.is_some_and(|h| h.is_unhealthy(a))
                     })
             else {
                 return Ok(proxy_response(
@@ -630,11 +649,12 @@ async fn call_inner(
     }
     let stack = policy
         .as_ref()
-        .map(|p| logical.stack.get(p, &ctx, &service));
+        .map(|p| logical.stack.get(p, &ctx, &service, &logical));
     let retry = stack.as_ref().and_then(|s| s.retry.clone());
     let attempter = Attempter {
         breaker: stack.as_ref().and_then(|s| s.breaker.clone()),
         outlier: stack.as_ref().and_then(|s| s.outlier.clone()),
+        health: stack.as_ref().and_then(|s| s.health.clone()),
         service: service.clone(),
         lb: policy
             .as_ref()
