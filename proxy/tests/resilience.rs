@@ -709,3 +709,72 @@ async fn active_health_checks_take_a_failing_endpoint_out_and_back() {
     .await
     .expect("back after passing again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_health_checks_follow_the_servers_health_service() {
+    use ferrymesh_test_support::echo_pb::EchoRequest;
+    use ferrymesh_test_support::echo_pb::echo_client::EchoClient;
+    use ferrymesh_test_support::upstream::GrpcServer;
+    let spec = "  healthCheck:\n    grpc: {}\n    interval: 200ms\n    timeout: 1s\n    unhealthyThreshold: 2\n    healthyThreshold: 1\n    initialJitter: 0s\n  loadBalancer: {algorithm: RoundRobin}\n";
+    let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: grpc, namespace: shop}\nspec: {ports: [{name: grpc, port: 80, appProtocol: grpc}]}\n---\n";
+    let mesh = Mesh::start(&[("grpc.yaml", &(svc.to_owned() + &policy("grpc", spec)))]);
+    let servers = [
+        GrpcServer::start("grpc-1").await,
+        GrpcServer::start("grpc-2").await,
+    ];
+    let _proxies: Vec<Spawned> = servers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            mesh.proxy(&ProxySpec {
+                log: Some("warn".into()),
+                ..ProxySpec::app(&format!("grpc-{}", i + 1), "grpc", s.addr)
+            })
+        })
+        .collect();
+    let proxy = mesh.proxy(&ProxySpec {
+        fixed: vec!["grpc.shop:80".into()],
+        log: Some("warn".into()),
+        ..ProxySpec::client("client")
+    });
+    let fixed: std::net::SocketAddr = proxy.listening["fixed"][0][0]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let answered_by = || async move {
+        let mut grpc = EchoClient::connect(format!("http://{fixed}"))
+            .await
+            .unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..6 {
+            if let Ok(r) = grpc
+                .unary(EchoRequest {
+                    message: "hi".into(),
+                    count: 0,
+                })
+                .await
+            {
+                seen.insert(r.into_inner().instance);
+            }
+        }
+        seen
+    };
+    eventually(Duration::from_secs(10), || async {
+        answered_by().await.len() == 2
+    })
+    .await
+    .expect("both serve");
+    servers[1].set_serving(false).await;
+    eventually(Duration::from_secs(5), || async {
+        answered_by().await == std::collections::HashSet::from(["grpc-1".to_owned()])
+    })
+    .await
+    .expect("grpc-2 left the rotation on NOT_SERVING");
+    servers[1].set_serving(true).await;
+    eventually(Duration::from_secs(5), || async {
+        answered_by().await.len() == 2
+    })
+    .await
+    .expect("grpc-2 is back");
+}

@@ -202,12 +202,20 @@ impl echo_pb::echo_server::Echo for GrpcEcho {
     }
 }
 
-/// A running gRPC echo server; stops when dropped.
-#[derive(Debug)]
+/// A running gRPC echo server with the standard health service; stops when dropped.
 pub struct GrpcServer {
     /// Where it listens.
     pub addr: SocketAddr,
+    health: tonic_health::server::HealthReporter,
     task: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for GrpcServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcServer")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
 }
 
 impl GrpcServer {
@@ -223,13 +231,25 @@ impl GrpcServer {
         let service = echo_pb::echo_server::EchoServer::new(GrpcEcho {
             instance: instance.to_owned(),
         });
+        let (health, health_service) = tonic_health::server::health_reporter();
         let task = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
+                .add_service(health_service)
                 .add_service(service)
                 .serve_with_incoming(TcpListenerStream::new(listener))
                 .await;
         });
-        GrpcServer { addr, task }
+        GrpcServer { addr, health, task }
+    }
+
+    /// Sets what `grpc.health.v1.Health/Check` answers for the whole server ("").
+    pub async fn set_serving(&self, serving: bool) {
+        let status = if serving {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        self.health.set_service_status("", status).await;
     }
 }
 
