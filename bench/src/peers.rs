@@ -17,6 +17,20 @@ pub struct Peer {
 
 impl Drop for Peer {
     fn drop(&mut self) {
+        // NOTE: SIGTERM first: nginx's master stops its workers on it, while a SIGKILL would
+        // leave them running.
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        for _ in 0..100 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
