@@ -62,6 +62,7 @@ pub struct Metrics {
     ejections: Family<ServiceOnly, Counter>,
     faults: Family<FaultLabels, Counter>,
     health_checks: Family<ReasonLabels, Counter>,
+    cache: Family<ReasonLabels, Counter>,
     registry: Registry,
 }
 
@@ -149,6 +150,12 @@ impl Metrics {
             "Active health check probes, by service and result (pass, fail)",
             health_checks.clone(),
         );
+        let cache = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "cache",
+            "Response cache outcomes by service (hit, miss, stale, revalidated)",
+            cache.clone(),
+        );
         registry.register(
             "tcp_connections",
             "Opaque TCP connections forwarded",
@@ -165,6 +172,7 @@ impl Metrics {
             ejections,
             faults,
             health_checks,
+            cache,
             registry,
         }
     }
@@ -258,6 +266,16 @@ impl Metrics {
             .get_or_create(&ReasonLabels {
                 service: service.to_owned(),
                 reason,
+            })
+            .inc();
+    }
+
+    /// A response cache outcome for `service`.
+    pub fn cache(&self, service: &str, outcome: &'static str) {
+        self.cache
+            .get_or_create(&ReasonLabels {
+                service: service.to_owned(),
+                reason: outcome,
             })
             .inc();
     }

@@ -5,6 +5,7 @@
 //! everything to one service. Each request resolves its authority to a [`logical::Logical`]
 //! target and goes to the endpoint the balancer picks; unknown hosts pass through or get 502.
 
+pub mod cache;
 pub mod concrete;
 pub mod logical;
 

@@ -778,3 +778,99 @@ async fn grpc_health_checks_follow_the_servers_health_service() {
     .await
     .expect("grpc-2 is back");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_response_cache_follows_rfc_9111() {
+    use ferrymesh_test_support::upstream::HttpEcho;
+    use std::sync::atomic::Ordering;
+    let spec = "  cache: {maxEntries: 100, serveStaleOnError: 30s}\n";
+    let mesh = Mesh::start(&[("echo.yaml", &(service("echo") + &policy("echo", spec)))]);
+    let echo = HttpEcho::start("echo-1").await;
+    let _server = mesh.proxy(&ProxySpec {
+        log: Some("warn".into()),
+        ..ProxySpec::app("echo-1", "echo", echo.addr)
+    });
+    let proxy = client_proxy(&mesh, "echo.shop", 1).await;
+    let http = client(proxy.addr("outbound"));
+    let hits = || echo.hits.load(Ordering::SeqCst);
+    let get = |path: &'static str, headers: &'static [(&'static str, &'static str)]| {
+        let http = http.clone();
+        async move {
+            let mut req = http.get(format!("http://echo.shop{path}"));
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            let rsp = req.send().await.unwrap();
+            (
+                rsp.status().as_u16(),
+                rsp.headers()
+                    .get("ferrymesh-cache")
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .unwrap_or_default(),
+            )
+        }
+    };
+    // max-age: the second answer comes from the cache.
+    let before = hits();
+    assert_eq!(get("/cc/max-age=10", &[]).await, (200, "miss".into()));
+    assert_eq!(get("/cc/max-age=10", &[]).await, (200, "hit".into()));
+    assert_eq!(hits() - before, 1, "one upstream call");
+    // private, no-store and requests with Authorization are not stored.
+    for (path, headers) in [
+        ("/cc/private,max-age=10", &[][..]),
+        ("/cc/no-store,max-age=10", &[][..]),
+        ("/cc/max-age=11", &[("authorization", "Bearer t")][..]),
+    ] {
+        let before = hits();
+        get(path, headers).await;
+        assert_eq!(get(path, headers).await.1, "miss", "{path}");
+        assert_eq!(hits() - before, 2, "{path} is never stored");
+    }
+    // Vary: another encoding is another entry.
+    let before = hits();
+    assert_eq!(
+        get("/vary/max-age=10", &[("accept-encoding", "gzip")])
+            .await
+            .1,
+        "miss"
+    );
+    assert_eq!(
+        get("/vary/max-age=10", &[("accept-encoding", "gzip")])
+            .await
+            .1,
+        "hit"
+    );
+    assert_eq!(
+        get("/vary/max-age=10", &[("accept-encoding", "br")])
+            .await
+            .1,
+        "miss"
+    );
+    assert_eq!(hits() - before, 2);
+    // Revalidation: a stale entry with an ETag gets a 304 and is served again.
+    assert_eq!(get("/etag/max-age=1", &[]).await.1, "miss");
+    tokio::time::sleep(Duration::from_millis(1100)).await; // max-age is in whole seconds
+    assert_eq!(
+        get("/etag/max-age=1", &[]).await,
+        (200, "revalidated".into())
+    );
+    // Stale on error: within serveStaleOnError a stale entry answers an upstream 503.
+    assert_eq!(get("/cc/max-age=1", &[]).await.1, "miss");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    echo.failing.store(true, Ordering::SeqCst);
+    assert_eq!(get("/cc/max-age=1", &[]).await, (200, "stale".into()));
+    assert_eq!(
+        get("/cc/other", &[]).await.0,
+        503,
+        "no stale copy: the error goes through"
+    );
+    assert!(
+        counter(
+            proxy.addr("health"),
+            "ferrymesh_proxy_cache_total",
+            r#"reason="hit""#
+        )
+        .await
+            >= 2
+    );
+}

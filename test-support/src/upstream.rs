@@ -33,6 +33,8 @@ pub struct HttpEcho {
     pub hits: Arc<AtomicUsize>,
     /// Connections accepted.
     pub conns: Arc<AtomicUsize>,
+    /// While true, every answer is 503.
+    pub failing: Arc<std::sync::atomic::AtomicBool>,
     task: JoinHandle<()>,
 }
 
@@ -58,18 +60,19 @@ impl HttpEcho {
         let conns = Arc::new(AtomicUsize::new(0));
         let accepted = conns.clone();
         let name: Arc<str> = instance.into();
-        let (h, n) = (hits.clone(), name.clone());
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (h, n, f) = (hits.clone(), name.clone(), failing.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 accepted.fetch_add(1, Ordering::SeqCst);
-                let (h, n) = (h.clone(), n.clone());
+                let (h, n, f) = (h.clone(), n.clone(), f.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
-                        let (h, n) = (h.clone(), n.clone());
-                        async move { Ok::<_, Infallible>(echo(req, &n, &h).await) }
+                        let (h, n, f) = (h.clone(), n.clone(), f.clone());
+                        async move { Ok::<_, Infallible>(echo(req, &n, &h, &f).await) }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)
@@ -82,6 +85,7 @@ impl HttpEcho {
             instance: instance.to_owned(),
             hits,
             conns,
+            failing,
             task,
         }
     }
@@ -93,7 +97,12 @@ impl Drop for HttpEcho {
     }
 }
 
-async fn echo(req: Request<Incoming>, instance: &str, hits: &AtomicUsize) -> Response<Full<Bytes>> {
+async fn echo(
+    req: Request<Incoming>,
+    instance: &str,
+    hits: &AtomicUsize,
+    failing: &std::sync::atomic::AtomicBool,
+) -> Response<Full<Bytes>> {
     hits.fetch_add(1, Ordering::SeqCst);
     let (parts, body) = req.into_parts();
     let body = body
@@ -132,11 +141,42 @@ async fn echo(req: Request<Incoming>, instance: &str, hits: &AtomicUsize) -> Res
         "body": String::from_utf8_lossy(&body),
         "headers": parts.headers.iter().map(|(k, v)| (k.as_str().to_owned(), serde_json::Value::from(v.to_str().unwrap_or("")))).collect::<serde_json::Map<_, _>>(),
     });
-    Response::builder()
+    let path = parts.uri.path();
+    let mut rsp = Response::builder()
         .status(status)
         .header("x-instance", instance)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(doc.to_string())))
+        .header("content-type", "application/json");
+    // Cache tests: `/cc/<cache-control>`, `/vary/<cache-control>` (Vary: accept-encoding) and
+    // `/etag/<cache-control>` (ETag "v1"; If-None-Match "v1" gets 304).
+    for (prefix, vary, etag) in [
+        ("/cc/", false, false),
+        ("/vary/", true, false),
+        ("/etag/", false, true),
+    ] {
+        if let Some(cc) = path.strip_prefix(prefix) {
+            rsp = rsp.header("cache-control", cc);
+            if vary {
+                rsp = rsp.header("vary", "accept-encoding");
+            }
+            if etag {
+                rsp = rsp.header("etag", "\"v1\"");
+                if parts
+                    .headers
+                    .get("if-none-match")
+                    .is_some_and(|v| v == "\"v1\"")
+                {
+                    return rsp
+                        .status(StatusCode::NOT_MODIFIED)
+                        .body(Full::new(Bytes::new()))
+                        .expect("a valid response");
+                }
+            }
+        }
+    }
+    if failing.load(Ordering::SeqCst) {
+        rsp = rsp.status(StatusCode::SERVICE_UNAVAILABLE);
+    }
+    rsp.body(Full::new(Bytes::from(doc.to_string())))
         .expect("a valid response")
 }
 

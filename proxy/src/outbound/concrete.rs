@@ -24,6 +24,7 @@ use http::{Request, Response, StatusCode};
 use tokio::time::Instant;
 use tower::{Layer as _, ServiceExt as _};
 
+use super::cache::{self, ResponseCache};
 use super::logical::{CallTimeouts, Logical, send};
 use crate::app::Context;
 use crate::balance::{Lb, hash_key};
@@ -60,6 +61,7 @@ pub struct Stack {
     breaker: Option<(Breaker, FailureClassifier<Response<Body>>)>,
     outlier: Option<Arc<Outlier<SocketAddr>>>,
     health: Option<Arc<HealthChecker>>,
+    cache: Option<Arc<ResponseCache>>,
 }
 
 impl std::fmt::Debug for Stack {
@@ -97,6 +99,10 @@ impl StackCache {
                 .breaker
                 .as_ref()
                 .map(|b| breaker(b, metrics.clone(), service.to_owned())),
+            cache: policy
+                .cache
+                .as_ref()
+                .map(|c| Arc::new(ResponseCache::new(c))),
             health: policy.health_check.as_ref().map(|h| {
                 Arc::new(HealthChecker::start(
                     h.clone(),
@@ -614,6 +620,31 @@ async fn call_with_fallback(
 }
 
 async fn call_inner(
+    ctx: Arc<Context>,
+    logical: Arc<Logical>,
+    authority: Authority,
+    req: Request<Body>,
+    policy: Option<Arc<ClientPolicy>>,
+    service: String,
+) -> Response<Body> {
+    // The cache stands before retries: a hit costs no attempt at all.
+    let cache = policy
+        .as_ref()
+        .and_then(|p| logical.stack.get(p, &ctx, &service, &logical).cache);
+    match cache {
+        Some(cache) => {
+            let (ctx2, service2) = (ctx.clone(), service.clone());
+            let key = authority.as_str().to_owned();
+            cache::through(&cache, &key, req, &ctx2.metrics, &service2, move |req| {
+                call_stack(ctx, logical, authority, req, policy, service)
+            })
+            .await
+        }
+        None => call_stack(ctx, logical, authority, req, policy, service).await,
+    }
+}
+
+async fn call_stack(
     ctx: Arc<Context>,
     logical: Arc<Logical>,
     authority: Authority,
