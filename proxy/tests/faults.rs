@@ -172,3 +172,41 @@ async fn faults_live_on_the_heartbeat_and_stop_at_their_ttl_without_a_controller
         "stopped {took:?} after the controller died"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_stops_by_itself_at_the_end_of_its_duration() {
+    // The shortest duration the API allows is one minute: this test waits for it.
+    let spec = "apiVersion: policy.ferrymesh.io/v1alpha1\nkind: FaultInjection\nmetadata: {name: chaos, namespace: shop}\n\
+                spec:\n  targetRefs: [{group: \"\", kind: Service, name: echo}]\n  duration: 1m\n  abort: {httpStatus: 503, percentage: 100}\n";
+    let mesh = Mesh::start(&[("echo.yaml", ECHO), ("fault.yaml", spec)]);
+    let echo = HttpEcho::start("echo-1").await;
+    let echo_proxy = mesh.proxy(&ProxySpec::app("echo-1", "echo", echo.addr));
+    let c = mesh.proxy(&ProxySpec::client("client"));
+    ready(&c).await;
+    let http = client(c.addr("outbound"));
+    let started = tokio::time::Instant::now();
+    eventually(Duration::from_secs(5), || async {
+        status(&http, false).await.0 == 503
+    })
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(75), || async {
+        status(&http, false).await.0 == 200
+    })
+    .await
+    .expect("the fault ended");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(55), "ended too early: {took:?}");
+    // The controller stopped serving it too: the workload's inbound policy has no fault left.
+    let admin = echo_proxy.addr("admin");
+    eventually(Duration::from_secs(5), || async move {
+        let dump = ferrymesh_test_support::mesh::get_json(admin, "/config_dump").await;
+        dump["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["type"] == "INBOUND_POLICY" && r["value"]["faults"] == serde_json::json!([]))
+    })
+    .await
+    .expect("the controller withdrew the fault");
+}
