@@ -146,15 +146,21 @@ async fn echo(
         .status(status)
         .header("x-instance", instance)
         .header("content-type", "application/json");
-    // Cache tests: `/cc/<cache-control>`, `/vary/<cache-control>` (Vary: accept-encoding) and
-    // `/etag/<cache-control>` (ETag "v1"; If-None-Match "v1" gets 304).
+    // Cache tests: `/cc/<cache-control>`, `/vary/<cache-control>` (Vary: accept-encoding),
+    // `/etag/<cache-control>` (ETag "v1"; If-None-Match "v1" gets 304) and `/aged/<cache-control>`;
+    // the last two answer with Age: 3600, so a max-age below it arrives already stale and no
+    // test has to wait for time to pass.
     for (prefix, vary, etag) in [
         ("/cc/", false, false),
         ("/vary/", true, false),
         ("/etag/", false, true),
+        ("/aged/", false, false),
     ] {
         if let Some(cc) = path.strip_prefix(prefix) {
             rsp = rsp.header("cache-control", cc);
+            if prefix == "/aged/" || prefix == "/etag/" {
+                rsp = rsp.header("age", "3600");
+            }
             if vary {
                 rsp = rsp.header("vary", "accept-encoding");
             }
