@@ -61,21 +61,31 @@ async fn answer(handle: &mut mock::Handle<Req, Response<String>>, code: u16) {
         .send_response(status(code));
 }
 
+type Events = Arc<Mutex<Vec<RetryEvent>>>;
+type MockRetry = Retry<mock::Mock<Req, Response<String>>, String>;
+type MockHandle = mock::Handle<Req, Response<String>>;
+
+/// A retry over a mock service, with the mock's handle and the decisions it reports.
+fn retry_over_mock(
+    policy: Arc<RetryPolicy>,
+    budget: RetryBudget,
+) -> (MockRetry, MockHandle, Events) {
+    let (service, handle) = mock::pair::<Req, Response<String>>();
+    let (observe, events) = recorder();
+    (
+        Retry::new(service, policy, budget, classify(), observe),
+        handle,
+        events,
+    )
+}
+
 fn budget() -> RetryBudget {
     RetryBudget::new(0.2, 100, Duration::from_secs(10))
 }
 
 #[tokio::test(start_paused = true)]
 async fn failures_are_retried_with_the_body_until_success() {
-    let (service, mut handle) = mock::pair::<Req, Response<String>>();
-    let (observe, events) = recorder();
-    let retry = Retry::new(
-        service,
-        policy(3, Strategy::Constant),
-        budget(),
-        classify(),
-        observe,
-    );
+    let (retry, mut handle, events) = retry_over_mock(policy(3, Strategy::Constant), budget());
     let call = tokio::spawn(retry.oneshot(request(Method::PUT, "payload")));
     for (i, code) in [503, 500, 200].into_iter().enumerate() {
         let (req, respond) = handle.next_request().await.unwrap();
@@ -98,15 +108,7 @@ async fn failures_are_retried_with_the_body_until_success() {
 
 #[tokio::test(start_paused = true)]
 async fn attempts_run_out_and_the_last_answer_is_returned() {
-    let (service, mut handle) = mock::pair::<Req, Response<String>>();
-    let (observe, events) = recorder();
-    let retry = Retry::new(
-        service,
-        policy(2, Strategy::Exponential),
-        budget(),
-        classify(),
-        observe,
-    );
+    let (retry, mut handle, events) = retry_over_mock(policy(2, Strategy::Exponential), budget());
     let start = Instant::now();
     let call = tokio::spawn(retry.oneshot(request(Method::GET, "")));
     for _ in 0..3 {
@@ -129,15 +131,7 @@ async fn attempts_run_out_and_the_last_answer_is_returned() {
 
 #[tokio::test(start_paused = true)]
 async fn post_is_retried_only_with_an_idempotency_key() {
-    let (service, mut handle) = mock::pair::<Req, Response<String>>();
-    let (observe, events) = recorder();
-    let retry = Retry::new(
-        service,
-        policy(2, Strategy::Constant),
-        budget(),
-        classify(),
-        observe,
-    );
+    let (retry, mut handle, events) = retry_over_mock(policy(2, Strategy::Constant), budget());
     let call = tokio::spawn(retry.clone().oneshot(request(Method::POST, "order")));
     answer(&mut handle, 503).await;
     assert_eq!(call.await.unwrap().unwrap().status(), 503, "not retried");
@@ -161,16 +155,8 @@ async fn post_is_retried_only_with_an_idempotency_key() {
 
 #[tokio::test(start_paused = true)]
 async fn an_empty_budget_stops_retries() {
-    let (service, mut handle) = mock::pair::<Req, Response<String>>();
-    let (observe, events) = recorder();
     let empty = RetryBudget::new(0.0, 0, Duration::from_secs(1));
-    let retry = Retry::new(
-        service,
-        policy(3, Strategy::Constant),
-        empty,
-        classify(),
-        observe,
-    );
+    let (retry, mut handle, events) = retry_over_mock(policy(3, Strategy::Constant), empty);
     let call = tokio::spawn(retry.oneshot(request(Method::GET, "")));
     answer(&mut handle, 503).await;
     assert_eq!(call.await.unwrap().unwrap().status(), 503);
@@ -185,15 +171,10 @@ async fn an_empty_budget_stops_retries() {
 
 #[tokio::test(start_paused = true)]
 async fn the_budget_allows_a_fraction_of_requests_plus_the_floor() {
-    let (service, mut handle) = mock::pair::<Req, Response<String>>();
-    let (observe, _events) = recorder();
     // 20% of requests, no floor: 50 failing requests may add about 10 retries.
-    let retry = Retry::new(
-        service,
+    let (retry, mut handle, _events) = retry_over_mock(
         policy(3, Strategy::Constant),
         RetryBudget::new(0.2, 0, Duration::from_secs(10)),
-        classify(),
-        observe,
     );
     let answer = tokio::spawn(async move {
         let mut upstream = 0;
@@ -216,15 +197,7 @@ async fn the_budget_allows_a_fraction_of_requests_plus_the_floor() {
 
 #[tokio::test(start_paused = true)]
 async fn no_retry_starts_that_cannot_finish_before_the_deadline() {
-    let (service, mut handle) = mock::pair::<Req, Response<String>>();
-    let (observe, events) = recorder();
-    let retry = Retry::new(
-        service,
-        policy(3, Strategy::Constant),
-        budget(),
-        classify(),
-        observe,
-    );
+    let (retry, mut handle, events) = retry_over_mock(policy(3, Strategy::Constant), budget());
     let mut req = request(Method::GET, "");
     req.extensions_mut()
         .insert(Deadline(Instant::now() + Duration::from_millis(20)));
@@ -242,15 +215,7 @@ async fn no_retry_starts_that_cannot_finish_before_the_deadline() {
 
 #[tokio::test(start_paused = true)]
 async fn retry_after_is_honoured() {
-    let (service, mut handle) = mock::pair::<Req, Response<String>>();
-    let (observe, _) = recorder();
-    let retry = Retry::new(
-        service,
-        policy(1, Strategy::Constant),
-        budget(),
-        classify(),
-        observe,
-    );
+    let (retry, mut handle, _) = retry_over_mock(policy(1, Strategy::Constant), budget());
     let start = Instant::now();
     let call = tokio::spawn(retry.oneshot(request(Method::GET, "")));
     let mut busy = status(503);
@@ -264,13 +229,11 @@ async fn retry_after_is_honoured() {
 
 #[tokio::test(start_paused = true)]
 async fn a_body_past_the_cap_is_not_retried() {
-    let (service, mut handle) = mock::pair::<Req, Response<String>>();
-    let (observe, events) = recorder();
     let small_cap = Arc::new(RetryPolicy {
         max_request_body_bytes: 4,
         ..(*policy(3, Strategy::Constant)).clone()
     });
-    let retry = Retry::new(service, small_cap, budget(), classify(), observe);
+    let (retry, mut handle, events) = retry_over_mock(small_cap, budget());
     let call = tokio::spawn(retry.oneshot(request(Method::PUT, "too long a body")));
     let (req, respond) = handle.next_request().await.unwrap();
     assert_eq!(
