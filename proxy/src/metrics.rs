@@ -2,7 +2,11 @@
 //! and status class, and opaque TCP connections. Labels are bounded: the service label is a
 //! mesh service (`namespace/name`) or `passthrough`, never a raw host or path.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
+
+use ferrymesh_resilience::budget::RetryBudget;
 
 use http::StatusCode;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
@@ -63,6 +67,9 @@ pub struct Metrics {
     faults: Family<FaultLabels, Counter>,
     health_checks: Family<ReasonLabels, Counter>,
     cache: Family<ReasonLabels, Counter>,
+    budget: Family<ServiceOnly, prometheus_client::metrics::gauge::Gauge>,
+    /// The live retry budget of each service, read at each scrape.
+    budgets: Mutex<HashMap<String, RetryBudget>>,
     registry: Registry,
 }
 
@@ -156,6 +163,12 @@ impl Metrics {
             "Response cache outcomes by service (hit, miss, stale, revalidated)",
             cache.clone(),
         );
+        let budget = Family::<ServiceOnly, prometheus_client::metrics::gauge::Gauge>::default();
+        registry.register(
+            "retry_budget_available",
+            "Retries the service's retry budget allows right now",
+            budget.clone(),
+        );
         registry.register(
             "tcp_connections",
             "Opaque TCP connections forwarded",
@@ -173,6 +186,8 @@ impl Metrics {
             faults,
             health_checks,
             cache,
+            budget,
+            budgets: Mutex::default(),
             registry,
         }
     }
@@ -290,8 +305,23 @@ impl Metrics {
             .inc();
     }
 
+    /// Reports `budget` as the retry budget of `service` (replacing an older one).
+    pub fn track_budget(&self, service: &str, budget: RetryBudget) {
+        self.budgets
+            .lock()
+            .expect("budgets lock poisoned")
+            .insert(service.to_owned(), budget);
+    }
+
     /// Prometheus text exposition.
     pub fn encode(&self) -> String {
+        for (service, budget) in self.budgets.lock().expect("budgets lock poisoned").iter() {
+            self.budget
+                .get_or_create(&ServiceOnly {
+                    service: service.clone(),
+                })
+                .set(i64::try_from(budget.available()).unwrap_or(i64::MAX));
+        }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");

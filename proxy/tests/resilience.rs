@@ -213,6 +213,13 @@ async fn with_every_endpoint_failing_the_budget_caps_the_load() {
     )
     .await;
     assert!(skipped > 0, "the budget said no, visibly");
+    let available = counter(
+        proxy.addr("health"),
+        "ferrymesh_proxy_retry_budget_available",
+        r#"service="shop/pricing""#,
+    )
+    .await;
+    assert_eq!(available, 0, "the budget is spent and the gauge says so");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -644,8 +651,11 @@ async fn ferrymesh_explain_tells_what_happened_to_a_request() {
         parts[0].starts_with("attempt 1 127.0.0.1:") && parts[0].contains(" 500 "),
         "{explain}"
     );
-    assert_eq!(parts[1], "retry on 5xx after 5ms");
+    // The default budget: a floor of 10/s over 10s plus 0.2 per request; the plain request above
+    // already took two retries.
+    assert_eq!(parts[1], "retry on 5xx after 5ms (budget: 97 left)");
     assert!(parts[2].starts_with("attempt 2 "), "{explain}");
+    assert_eq!(parts[3], "retry on 5xx after 5ms (budget: 96 left)");
     assert!(parts[4].starts_with("attempt 3 "), "{explain}");
     assert_eq!(parts[5], "no retry on 5xx: attempts-exhausted");
     assert_eq!(parts[6], "breaker closed");

@@ -5,6 +5,7 @@
 //! - [`timeout`]: a deadline on the whole call (the outbound request timeout).
 
 pub mod breaker;
+pub mod budget;
 pub mod cache;
 pub mod outlier;
 pub mod replay;

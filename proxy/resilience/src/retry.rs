@@ -19,9 +19,9 @@ use std::time::Duration;
 use http::{HeaderValue, Method, Request, Response};
 use rand::Rng as _;
 use tokio::time::Instant;
-use tower::retry::budget::{Budget as _, TpsBudget};
 use tower::{Service, ServiceExt as _};
 
+pub use crate::budget::RetryBudget;
 use crate::replay::ReplayBody;
 
 /// How long to wait between attempts.
@@ -156,21 +156,6 @@ pub struct Attempt {
     pub tried: Arc<Mutex<Vec<SocketAddr>>>,
 }
 
-/// A retry budget shared by every request to one service (tower's `TpsBudget`: retries may add
-/// `ratio` of the requests in `window`, plus `min_per_second`).
-#[derive(Debug, Clone)]
-pub struct RetryBudget(Arc<TpsBudget>);
-
-impl RetryBudget {
-    /// A budget; `window` is clamped to 1s..=60s.
-    pub fn new(ratio: f64, min_per_second: u32, window: Duration) -> Self {
-        let window = window.clamp(Duration::from_secs(1), Duration::from_mins(1));
-        #[allow(clippy::cast_possible_truncation)] // ratio is 0..=1
-        let ratio = ratio.clamp(0.0, 1.0) as f32;
-        Self(Arc::new(TpsBudget::new(window, min_per_second, ratio)))
-    }
-}
-
 /// The retry middleware; `RB` is the response body type the classifier reads.
 pub struct Retry<S, RB> {
     inner: S,
@@ -270,7 +255,7 @@ where
             self.observe.clone(),
         );
         Box::pin(async move {
-            budget.0.deposit();
+            budget.deposit();
             let (parts, body) = req.into_parts();
             let may_retry =
                 policy.attempts > 0 && idempotent(&policy, &parts.method, &parts.headers);
@@ -320,7 +305,7 @@ where
                         Some(Deadline(at)) if Instant::now() + delay + started.elapsed() >= at => {
                             Err(Skip::Deadline)
                         }
-                        _ if !budget.0.withdraw() => Err(Skip::BudgetExhausted),
+                        _ if !budget.withdraw() => Err(Skip::BudgetExhausted),
                         _ => Ok(delay),
                     }
                 };

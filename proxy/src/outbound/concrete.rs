@@ -94,7 +94,11 @@ impl StackCache {
         }
         let stack = Stack {
             for_policy: policy.clone(),
-            retry: policy.retry.as_ref().map(retry_state),
+            retry: policy.retry.as_ref().map(|r| {
+                let state = retry_state(r);
+                metrics.metrics.track_budget(service, state.budget.clone());
+                state
+            }),
             breaker: policy
                 .breaker
                 .as_ref()
@@ -702,11 +706,16 @@ async fn call_stack(
     let timeout = TimeoutLayer::new(request); // outermost: the whole call, retries and backoff included
     let result = if let Some(state) = retry {
         let explain = req.extensions().get::<Explain>().cloned();
+        let budget = state.budget.clone();
         let observe: retry::Observer = Arc::new(move |event: &RetryEvent| {
             if let Some(e) = &explain {
                 match event {
                     RetryEvent::Retry { reason, delay, .. } => {
-                        e.note(format!("retry on {reason} after {}ms", delay.as_millis()));
+                        e.note(format!(
+                            "retry on {reason} after {}ms (budget: {} left)",
+                            delay.as_millis(),
+                            budget.available()
+                        ));
                     }
                     RetryEvent::Skipped { reason, skip } => {
                         e.note(format!("no retry on {reason}: {}", skip.as_str()));
