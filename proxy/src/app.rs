@@ -33,7 +33,7 @@ pub struct Context {
     /// The control-plane cache.
     pub discovery: Discovery,
     /// Client connections.
-    pub pool: Pool,
+    pub pool: Arc<Pool>,
     /// Metrics.
     pub metrics: Metrics,
     /// Outbound targets.
@@ -134,7 +134,7 @@ impl App {
         let ctx = Arc::new(Context {
             config,
             discovery,
-            pool: Pool::default(),
+            pool: Arc::default(),
             metrics: Metrics::new(),
             outbound: Outbound::default(),
             service_label,
@@ -238,6 +238,7 @@ impl App {
         let (leave_tx, leave) = watch::channel(false);
 
         let _inbound_policy = ctx.discovery.watch(pb::ResourceType::InboundPolicy, "*");
+        ctx.pool.start_sweeping();
         let stream = tokio::spawn(client::run(ctx.discovery.clone(), commands, node, leave));
         let readiness = tokio::spawn(readiness(ctx.clone(), drain.clone()));
 
@@ -357,6 +358,7 @@ async fn readiness(ctx: Arc<Context>, drain: watch::Receiver<bool>) {
         let timeouts = crate::outbound::logical::CallTimeouts {
             request: Some(Duration::from_secs(1)),
             connect: inbound.connect_timeout,
+            idle: crate::pool::DEFAULT_IDLE,
         };
         let rsp =
             crate::outbound::logical::send(&ctx.pool, inbound.app, &authority, req, timeouts).await;

@@ -133,6 +133,7 @@ async fn probe(policy: &HealthCheckPolicy, pool: &Pool, addr: SocketAddr) -> boo
                 let timeouts = CallTimeouts {
                     request: None,
                     connect: policy.timeout,
+                    idle: crate::pool::DEFAULT_IDLE,
                 };
                 let rsp = send(pool, addr, &authority, req, timeouts).await;
                 let ok = if statuses.is_empty() {

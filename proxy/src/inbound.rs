@@ -107,6 +107,7 @@ async fn handle(ctx: &Context, inbound: &Inbound, req: Request<Incoming>) -> Res
     let timeouts = CallTimeouts {
         request: None,
         connect: inbound.connect_timeout,
+        idle: crate::pool::DEFAULT_IDLE,
     };
     let rsp = send(&ctx.pool, inbound.app, &authority, req.map(boxed), timeouts).await;
     ctx.metrics.request(

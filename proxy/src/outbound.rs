@@ -309,6 +309,7 @@ async fn handle(
             let timeouts = CallTimeouts {
                 request: Some(ctx.config.outbound.default_request_timeout),
                 connect: ctx.config.outbound.connect_timeout,
+                idle: crate::pool::DEFAULT_IDLE,
             };
             (
                 logical::send(&ctx.pool, addr, &authority, req, timeouts).await,

@@ -13,11 +13,21 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use crate::http::Body;
 
 /// Idle HTTP/1.1 connections kept per address.
 const MAX_IDLE_H1: usize = 64;
+
+/// How long an unused pooled connection is kept when no policy says (Istio, Kuma: 1h).
+pub const DEFAULT_IDLE: Duration = Duration::from_hours(1);
+
+/// `idle: 0s` ("no timeout"): ten years.
+pub const NO_IDLE_TIMEOUT: Duration = Duration::from_hours(24 * 365 * 10);
+
+/// How often idle connections are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// Which HTTP version to speak to an address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,11 +67,38 @@ pub enum PoolError {
     },
 }
 
+/// Connection timeouts of one call.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnTimeouts {
+    /// TCP connect.
+    pub connect: Duration,
+    /// A connection unused for this long is closed.
+    pub idle: Duration,
+}
+
+/// A pooled connection and when it expires unless used.
+#[derive(Debug)]
+struct Pooled<S> {
+    sender: S,
+    expires: Instant,
+    idle: Duration,
+}
+
+impl<S> Pooled<S> {
+    fn new(sender: S, idle: Duration) -> Self {
+        Self {
+            sender,
+            expires: Instant::now() + idle,
+            idle,
+        }
+    }
+}
+
 /// Pooled connections, by address.
 #[derive(Debug, Default)]
 pub struct Pool {
-    h1: Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<Body>>>>,
-    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<Body>>>,
+    h1: Mutex<HashMap<SocketAddr, Vec<Pooled<http1::SendRequest<Body>>>>>,
+    h2: Mutex<HashMap<SocketAddr, Pooled<http2::SendRequest<Body>>>>,
 }
 
 impl Pool {
@@ -75,11 +112,50 @@ impl Pool {
         addr: SocketAddr,
         version: Version,
         req: Request<Body>,
-        connect_timeout: Duration,
+        timeouts: ConnTimeouts,
     ) -> Result<Response<Incoming>, PoolError> {
         match version {
-            Version::Http1 => self.send_h1(addr, req, connect_timeout).await,
-            Version::Http2 => self.send_h2(addr, req, connect_timeout).await,
+            Version::Http1 => self.send_h1(addr, req, timeouts).await,
+            Version::Http2 => self.send_h2(addr, req, timeouts).await,
+        }
+    }
+
+    /// Keeps closing the connections left unused for longer than their idle timeout, for as
+    /// long as the pool lives.
+    pub fn start_sweeping(self: &std::sync::Arc<Self>) {
+        let pool = std::sync::Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(SWEEP_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let Some(pool) = pool.upgrade() else { return };
+                pool.sweep(Instant::now());
+            }
+        });
+    }
+
+    /// Drops (and so closes) the connections that expired by `now`. An HTTP/2 connection with
+    /// streams still open finishes them first.
+    fn sweep(&self, now: Instant) {
+        let mut closed = 0;
+        {
+            let mut pools = self.h1.lock().expect("pool lock poisoned");
+            for list in pools.values_mut() {
+                let before = list.len();
+                list.retain(|p| p.expires > now && !p.sender.is_closed());
+                closed += before - list.len();
+            }
+            pools.retain(|_, list| !list.is_empty());
+        }
+        {
+            let mut pools = self.h2.lock().expect("pool lock poisoned");
+            let before = pools.len();
+            pools.retain(|_, p| p.expires > now && !p.sender.is_closed());
+            closed += before - pools.len();
+        }
+        if closed > 0 {
+            tracing::debug!(closed, "idle pooled connections closed");
         }
     }
 
@@ -87,13 +163,13 @@ impl Pool {
         &self,
         addr: SocketAddr,
         req: Request<Body>,
-        timeout: Duration,
+        timeouts: ConnTimeouts,
     ) -> Result<Response<Incoming>, PoolError> {
         let mut req = req;
         if let Some(mut sender) = self.idle_h1(addr) {
             match sender.try_send_request(req).await {
                 Ok(rsp) => {
-                    self.put_h1(addr, sender);
+                    self.put_h1(addr, sender, timeouts.idle);
                     return Ok(rsp);
                 }
                 // NOTE: a pooled connection the server closed while idle fails before the
@@ -110,7 +186,7 @@ impl Pool {
                 },
             }
         }
-        let io = connect(addr, timeout).await?;
+        let io = connect(addr, timeouts.connect).await?;
         let (mut sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
@@ -124,23 +200,24 @@ impl Pool {
             .send_request(req)
             .await
             .map_err(|source| PoolError::Http { addr, source })?;
-        self.put_h1(addr, sender);
+        self.put_h1(addr, sender, timeouts.idle);
         Ok(rsp)
     }
 
     fn idle_h1(&self, addr: SocketAddr) -> Option<http1::SendRequest<Body>> {
+        let now = Instant::now();
         let mut pools = self.h1.lock().expect("pool lock poisoned");
         let list = pools.get_mut(&addr)?;
-        list.retain(|s| !s.is_closed());
-        let i = list.iter().position(http1::SendRequest::is_ready)?;
-        Some(list.swap_remove(i))
+        list.retain(|p| p.expires > now && !p.sender.is_closed());
+        let i = list.iter().position(|p| p.sender.is_ready())?;
+        Some(list.swap_remove(i).sender)
     }
 
-    fn put_h1(&self, addr: SocketAddr, sender: http1::SendRequest<Body>) {
+    fn put_h1(&self, addr: SocketAddr, sender: http1::SendRequest<Body>, idle: Duration) {
         let mut pools = self.h1.lock().expect("pool lock poisoned");
         let list = pools.entry(addr).or_default();
         if list.len() < MAX_IDLE_H1 {
-            list.push(sender);
+            list.push(Pooled::new(sender, idle));
         }
     }
 
@@ -148,17 +225,27 @@ impl Pool {
         &self,
         addr: SocketAddr,
         req: Request<Body>,
-        timeout: Duration,
+        timeouts: ConnTimeouts,
     ) -> Result<Response<Incoming>, PoolError> {
         let existing = {
-            let pools = self.h2.lock().expect("pool lock poisoned");
-            pools.get(&addr).filter(|s| !s.is_closed()).cloned()
+            let now = Instant::now();
+            let mut pools = self.h2.lock().expect("pool lock poisoned");
+            pools
+                .get_mut(&addr)
+                .filter(|p| p.expires > now && !p.sender.is_closed())
+                .map(|p| {
+                    // NOTE: an HTTP/2 connection counts as used when a stream starts on it;
+                    // the longest idle timeout asked for wins.
+                    p.idle = p.idle.max(timeouts.idle);
+                    p.expires = now + p.idle;
+                    p.sender.clone()
+                })
         };
         let mut sender = if let Some(s) = existing {
             s
         } else {
             {
-                let io = connect(addr, timeout).await?;
+                let io = connect(addr, timeouts.connect).await?;
                 let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                     .handshake(io)
                     .await
@@ -171,7 +258,7 @@ impl Pool {
                 self.h2
                     .lock()
                     .expect("pool lock poisoned")
-                    .insert(addr, sender.clone());
+                    .insert(addr, Pooled::new(sender.clone(), timeouts.idle));
                 sender
             }
         };

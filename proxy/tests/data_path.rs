@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use ferrymesh_test_support::echo_pb::EchoRequest;
 use ferrymesh_test_support::echo_pb::echo_client::EchoClient;
-use ferrymesh_test_support::mesh::{Mesh, ProxySpec, eventually, get, get_json};
+use ferrymesh_test_support::mesh::{Mesh, ProxySpec, eventually, get, get_json, proxied as client};
 use ferrymesh_test_support::process::Spawned;
 use ferrymesh_test_support::upstream::{GrpcServer, HttpEcho};
 use http_body_util::{BodyExt as _, Empty};
@@ -32,14 +32,6 @@ kind: Service
 metadata: {name: tcp, namespace: shop}
 spec: {ports: [{name: tcp, port: 80, appProtocol: tcp}]}
 ";
-
-fn client(outbound: SocketAddr) -> reqwest::Client {
-    reqwest::Client::builder()
-        .proxy(reqwest::Proxy::http(format!("http://{outbound}")).unwrap())
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap()
-}
 
 /// Waits until `proxy` holds `count` ready endpoints for `name`.
 async fn wait_endpoints(

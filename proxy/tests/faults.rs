@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use ferrymesh_test_support::mesh::{Mesh, ProxySpec, counter, eventually, get};
+use ferrymesh_test_support::mesh::{Mesh, ProxySpec, counter, eventually, get, proxied as client};
 use ferrymesh_test_support::process::Spawned;
 use ferrymesh_test_support::upstream::HttpEcho;
 
@@ -17,14 +17,6 @@ fn fault(spec: &str) -> String {
         "apiVersion: policy.ferrymesh.io/v1alpha1\nkind: FaultInjection\nmetadata: {{name: chaos, namespace: shop}}\n\
          spec:\n  targetRefs: [{{group: \"\", kind: Service, name: echo}}]\n  duration: 10m\n{spec}"
     )
-}
-
-fn client(outbound: std::net::SocketAddr) -> reqwest::Client {
-    reqwest::Client::builder()
-        .proxy(reqwest::Proxy::http(format!("http://{outbound}")).unwrap())
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap()
 }
 
 async fn ready(proxy: &Spawned) {

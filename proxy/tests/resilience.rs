@@ -4,32 +4,15 @@
 
 #![allow(clippy::unwrap_used)] // test helpers, not #[test] functions, unwrap too
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use ferrymesh_test_support::mesh::{Mesh, ProxySpec, counter, eventually, get};
+use ferrymesh_test_support::mesh::yaml::{self, policy, service};
+use ferrymesh_test_support::mesh::{
+    Mesh, ProxySpec, client_proxy, counter, eventually, get, proxied as client,
+};
 use ferrymesh_test_support::process::Spawned;
-
-fn service(name: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{ports: [{{name: http, port: 80}}]}}\n---\n"
-    )
-}
-
-fn policy(service: &str, spec: &str) -> String {
-    format!(
-        "apiVersion: policy.ferrymesh.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: {{name: {service}, namespace: shop}}\n\
-         spec:\n  targetRefs: [{{group: \"\", kind: Service, name: {service}}}]\n{spec}"
-    )
-}
-
-fn client(outbound: std::net::SocketAddr) -> reqwest::Client {
-    reqwest::Client::builder()
-        .proxy(reqwest::Proxy::http(format!("http://{outbound}")).unwrap())
-        .timeout(Duration::from_secs(10))
-        .pool_max_idle_per_host(64)
-        .build()
-        .unwrap()
-}
+use ferrymesh_test_support::upstream::HttpEcho;
 
 /// One service with a policy: a chaos instance behind its sidecar, and a client sidecar.
 struct One {
@@ -85,38 +68,6 @@ fn replicas(
         })
         .collect();
     (apps, proxies)
-}
-
-/// A client proxy that holds `count` ready endpoints of `host` (subscribing it first).
-async fn client_proxy(mesh: &Mesh, host: &str, count: usize) -> Spawned {
-    let proxy = mesh.proxy(&ProxySpec {
-        log: Some("warn".into()),
-        ..ProxySpec::client("client")
-    });
-    let http = client(proxy.addr("outbound"));
-    let _ = http.get(format!("http://{host}/healthz")).send().await;
-    let admin = proxy.addr("admin");
-    let name = format!("{host}.svc.cluster.local:80");
-    eventually(Duration::from_secs(10), || {
-        let name = name.clone();
-        async move {
-            let dump = ferrymesh_test_support::mesh::get_json(admin, "/config_dump").await;
-            dump["resources"].as_array().unwrap().iter().any(|r| {
-                r["type"] == "ENDPOINTS"
-                    && r["name"] == name.as_str()
-                    && r["value"]["endpoints"]
-                        .as_array()
-                        .is_some_and(|e| e.len() == count)
-            }) && dump["resources"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|r| r["type"] == "CLIENT_POLICY" && r["state"] == "found")
-        }
-    })
-    .await
-    .expect("the client proxy holds the endpoints and policy");
-    proxy
 }
 
 /// Sends `n` GETs, `concurrency` at a time; returns how many got a 2xx.
@@ -352,6 +303,83 @@ async fn a_per_try_timeout_moves_on_to_another_replica() {
     assert!(
         retried > 0,
         "some requests went to the slow replica first and were retried"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unused_pooled_connection_closes_after_the_idle_timeout() {
+    // An unmeshed backend, so the echo server sees the client proxy's own connections.
+    let legacy = HttpEcho::start("legacy").await;
+    let files = service("legacy")
+        + &yaml::unmeshed("legacy", legacy.addr)
+        + &policy("legacy", "  timeouts: {idle: 1s}\n");
+    let mesh = Mesh::start(&[("legacy.yaml", &files)]);
+    let proxy = client_proxy(&mesh, "legacy.shop", 1).await;
+    let http = client(proxy.addr("outbound"));
+    let (opened, closed) = (legacy.conns.clone(), legacy.closed.clone());
+    let baseline = opened.load(Ordering::SeqCst);
+    for _ in 0..5 {
+        let rsp = http.get("http://legacy.shop/x").send().await.unwrap();
+        assert_eq!(rsp.status(), 200);
+    }
+    assert_eq!(
+        opened.load(Ordering::SeqCst) - baseline,
+        usize::from(baseline == 0),
+        "back-to-back requests share one pooled connection"
+    );
+    let idle_closed = eventually(Duration::from_secs(5), || {
+        let (opened, closed) = (opened.clone(), closed.clone());
+        async move { closed.load(Ordering::SeqCst) == opened.load(Ordering::SeqCst) }
+    })
+    .await
+    .expect("the proxy closes its idle connection");
+    eprintln!("idle connection closed {idle_closed:?} after the last request");
+    let before = opened.load(Ordering::SeqCst);
+    let rsp = http.get("http://legacy.shop/x").send().await.unwrap();
+    assert_eq!(rsp.status(), 200);
+    assert_eq!(
+        opened.load(Ordering::SeqCst),
+        before + 1,
+        "a new connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_that_hangs_fails_at_the_connect_timeout() {
+    // A listener whose accept queue is full: the kernel drops further SYNs, so connects hang.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let stuck = socket.listen(0).unwrap();
+    let addr = stuck.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(c)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            fillers.push(c);
+        }
+    }
+    assert!(
+        !fillers.is_empty(),
+        "the queue took at least one connection"
+    );
+    let files = service("stuck")
+        + &yaml::unmeshed("stuck", addr)
+        + &policy("stuck", "  timeouts: {request: 5s, connect: 300ms}\n");
+    let mesh = Mesh::start(&[("stuck.yaml", &files)]);
+    let proxy = client_proxy(&mesh, "stuck.shop", 1).await;
+    let http = client(proxy.addr("outbound"));
+    let started = tokio::time::Instant::now();
+    let rsp = http.get("http://stuck.shop/").send().await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(rsp.status(), 502);
+    assert_eq!(rsp.headers()["ferrymesh-error"], "connect-failed");
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(2),
+        "failed after {took:?}, not at the 300ms connect timeout"
     );
 }
 
@@ -796,7 +824,6 @@ async fn grpc_health_checks_follow_the_servers_health_service() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_response_cache_follows_rfc_9111() {
-    use ferrymesh_test_support::upstream::HttpEcho;
     use std::sync::atomic::Ordering;
     let spec = "  cache: {maxEntries: 100, maxTTL: 2h, serveStaleOnError: 30s}\n";
     let mesh = Mesh::start(&[("echo.yaml", &(service("echo") + &policy("echo", spec)))]);

@@ -327,3 +327,81 @@ pub async fn counter(health: SocketAddr, name: &str, matching: &str) -> u64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
 }
+
+/// An HTTP client that sends everything through a proxy's `outbound` listener.
+///
+/// # Panics
+/// Never in practice (a fixed, valid configuration).
+pub fn proxied(outbound: SocketAddr) -> reqwest::Client {
+    reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(format!("http://{outbound}")).expect("a valid proxy URL"))
+        .timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(64)
+        .build()
+        .expect("a valid client")
+}
+
+/// A client proxy that holds `count` ready endpoints of `host` (`name.namespace`, port 80) and
+/// a client policy, subscribing it first.
+///
+/// # Panics
+/// When that does not happen within 10 s.
+pub async fn client_proxy(mesh: &Mesh, host: &str, count: usize) -> Spawned {
+    let proxy = mesh.proxy(&ProxySpec {
+        log: Some("warn".into()),
+        ..ProxySpec::client("client")
+    });
+    let http = proxied(proxy.addr("outbound"));
+    let _ = http.get(format!("http://{host}/healthz")).send().await;
+    let admin = proxy.addr("admin");
+    let name = format!("{host}.svc.cluster.local:80");
+    eventually(Duration::from_secs(10), || {
+        let name = name.clone();
+        async move {
+            let dump = get_json(admin, "/config_dump").await;
+            let resources = dump["resources"].as_array().cloned().unwrap_or_default();
+            resources.iter().any(|r| {
+                r["type"] == "ENDPOINTS"
+                    && r["name"] == name.as_str()
+                    && r["value"]["endpoints"]
+                        .as_array()
+                        .is_some_and(|e| e.len() == count)
+            }) && resources
+                .iter()
+                .any(|r| r["type"] == "CLIENT_POLICY" && r["state"] == "found")
+        }
+    })
+    .await
+    .expect("the client proxy holds the endpoints and policy");
+    proxy
+}
+
+/// YAML for the file source.
+pub mod yaml {
+    use std::net::SocketAddr;
+
+    /// A Service `name` in `shop` with one port, `http` 80, and the document separator.
+    pub fn service(name: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{ports: [{{name: http, port: 80}}]}}\n---\n"
+        )
+    }
+
+    /// A ResiliencePolicy for Service `service` in `shop`; `spec` is indented by two spaces.
+    pub fn policy(service: &str, spec: &str) -> String {
+        format!(
+            "apiVersion: policy.ferrymesh.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: {{name: {service}, namespace: shop}}\n\
+             spec:\n  targetRefs: [{{group: \"\", kind: Service, name: {service}}}]\n{spec}"
+        )
+    }
+
+    /// A static EndpointSlice for Service `service` (port `http`): an unmeshed backend at `addr`.
+    pub fn unmeshed(service: &str, addr: SocketAddr) -> String {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-static, namespace: shop, labels: {{kubernetes.io/service-name: {service}}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: {}}}]\nendpoints: [{{addresses: [\"{}\"]}}]\n---\n",
+            addr.port(),
+            addr.ip()
+        )
+    }
+}

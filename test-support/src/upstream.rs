@@ -33,6 +33,8 @@ pub struct HttpEcho {
     pub hits: Arc<AtomicUsize>,
     /// Connections accepted.
     pub conns: Arc<AtomicUsize>,
+    /// Connections the client closed.
+    pub closed: Arc<AtomicUsize>,
     /// While true, every answer is 503.
     pub failing: Arc<std::sync::atomic::AtomicBool>,
     task: JoinHandle<()>,
@@ -59,6 +61,8 @@ impl HttpEcho {
         let hits = Arc::new(AtomicUsize::new(0));
         let conns = Arc::new(AtomicUsize::new(0));
         let accepted = conns.clone();
+        let closed = Arc::new(AtomicUsize::new(0));
+        let ended = closed.clone();
         let name: Arc<str> = instance.into();
         let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (h, n, f) = (hits.clone(), name.clone(), failing.clone());
@@ -68,7 +72,7 @@ impl HttpEcho {
                     continue;
                 };
                 accepted.fetch_add(1, Ordering::SeqCst);
-                let (h, n, f) = (h.clone(), n.clone(), f.clone());
+                let (h, n, f, ended) = (h.clone(), n.clone(), f.clone(), ended.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let (h, n, f) = (h.clone(), n.clone(), f.clone());
@@ -77,6 +81,7 @@ impl HttpEcho {
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
+                    ended.fetch_add(1, Ordering::SeqCst);
                 });
             }
         });
@@ -85,6 +90,7 @@ impl HttpEcho {
             instance: instance.to_owned(),
             hits,
             conns,
+            closed,
             failing,
             task,
         }

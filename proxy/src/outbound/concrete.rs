@@ -648,6 +648,31 @@ async fn call_inner(
     }
 }
 
+/// The timeouts of each attempt: per-try, connect and idle.
+fn attempt_timeouts(
+    policy: Option<&ClientPolicy>,
+    defaults: &crate::config::Outbound,
+) -> CallTimeouts {
+    let idle = policy
+        .and_then(|p| p.idle_timeout)
+        .map_or(crate::pool::DEFAULT_IDLE, |d| {
+            if d.is_zero() {
+                crate::pool::NO_IDLE_TIMEOUT
+            } else {
+                d
+            }
+        });
+    CallTimeouts {
+        request: policy
+            .and_then(|p| p.per_try_timeout)
+            .filter(|d| !d.is_zero()),
+        connect: policy
+            .and_then(|p| p.connect_timeout)
+            .unwrap_or(defaults.connect_timeout),
+        idle,
+    }
+}
+
 async fn call_stack(
     ctx: Arc<Context>,
     logical: Arc<Logical>,
@@ -671,14 +696,6 @@ async fn call_stack(
         (Some(ours), Some(theirs)) => Some(ours.min(theirs)),
         (ours, theirs) => ours.or(theirs),
     };
-    let per_try = policy
-        .as_ref()
-        .and_then(|p| p.per_try_timeout)
-        .filter(|d| !d.is_zero());
-    let connect = policy
-        .as_ref()
-        .and_then(|p| p.connect_timeout)
-        .unwrap_or(defaults.connect_timeout);
     if let Some(t) = request {
         req.extensions_mut().insert(Deadline(Instant::now() + t));
     }
@@ -698,10 +715,7 @@ async fn call_stack(
         ctx: ctx.clone(),
         logical,
         authority,
-        timeouts: CallTimeouts {
-            request: per_try,
-            connect,
-        },
+        timeouts: attempt_timeouts(policy.as_deref(), defaults),
     };
     let timeout = TimeoutLayer::new(request); // outermost: the whole call, retries and backoff included
     let result = if let Some(state) = retry {

@@ -16,7 +16,7 @@ use crate::balance::Balancer;
 use crate::discovery::{Discovery, State, Value};
 use crate::http::{Body, boxed, proxy_response, strip_hop_by_hop};
 use crate::policy::{ClientPolicy, Endpoints};
-use crate::pool::{Pool, PoolError, Version};
+use crate::pool::{ConnTimeouts, Pool, PoolError, Version};
 
 /// How long a request waits for the controller's first answer on a new name.
 pub const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(3);
@@ -123,6 +123,8 @@ pub struct CallTimeouts {
     pub request: Option<Duration>,
     /// TCP connect.
     pub connect: Duration,
+    /// Pooled connections unused for this long are closed.
+    pub idle: Duration,
 }
 
 /// Sends `req` to `addr` keeping `authority` as the request's authority.
@@ -167,7 +169,10 @@ pub async fn send(
         pool,
         addr,
         version,
-        connect: timeouts.connect,
+        conn: ConnTimeouts {
+            connect: timeouts.connect,
+            idle: timeouts.idle,
+        },
     };
     // NOTE: boxed with a concrete lifetime: rustc cannot prove `Send` for the tower future
     // over the body's `dyn Error` for every lifetime otherwise (a known higher-ranked limit).
@@ -202,7 +207,7 @@ struct Endpoint<'a> {
     pool: &'a Pool,
     addr: std::net::SocketAddr,
     version: Version,
-    connect: Duration,
+    conn: ConnTimeouts,
 }
 
 impl<'a> tower::Service<Request<Body>> for Endpoint<'a> {
@@ -219,7 +224,7 @@ impl<'a> tower::Service<Request<Body>> for Endpoint<'a> {
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let (pool, addr, version, connect) = (self.pool, self.addr, self.version, self.connect);
-        Box::pin(async move { pool.send(addr, version, req, connect).await })
+        let (pool, addr, version, conn) = (self.pool, self.addr, self.version, self.conn);
+        Box::pin(async move { pool.send(addr, version, req, conn).await })
     }
 }
