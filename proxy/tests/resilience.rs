@@ -843,13 +843,15 @@ async fn the_response_cache_follows_rfc_9111() {
                 req = req.header(*k, *v);
             }
             let rsp = req.send().await.unwrap();
-            (
+            let answer = (
                 rsp.status().as_u16(),
                 rsp.headers()
                     .get("ferrymesh-cache")
                     .map(|v| v.to_str().unwrap().to_owned())
                     .unwrap_or_default(),
-            )
+            );
+            rsp.bytes().await.unwrap();
+            answer
         }
     };
     // max-age: the second answer comes from the cache.
@@ -896,6 +898,37 @@ async fn the_response_cache_follows_rfc_9111() {
         get("/etag/max-age=3599", &[]).await,
         (200, "revalidated".into())
     );
+    // Revalidation with Last-Modified: If-Modified-Since, a 304, the stored answer served again.
+    assert_eq!(get("/modified/max-age=3599", &[]).await.1, "miss");
+    let before = hits();
+    assert_eq!(
+        get("/modified/max-age=3599", &[]).await,
+        (200, "revalidated".into())
+    );
+    assert_eq!(hits() - before, 1, "one conditional request upstream");
+    // A chunked answer (no length) is stored once it has ended, with its whole body.
+    let fetch = || async {
+        let rsp = http
+            .get("http://echo.shop/chunked/max-age=10")
+            .send()
+            .await
+            .unwrap();
+        let outcome = rsp.headers()["ferrymesh-cache"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let length = rsp.headers().get("content-length").cloned();
+        let body: serde_json::Value = rsp.json().await.unwrap();
+        (outcome, body, length)
+    };
+    let (outcome, first, length) = fetch().await;
+    assert_eq!(outcome, "miss");
+    assert_eq!(length, None, "the miss came chunked");
+    let before = hits();
+    let (outcome, second, _) = fetch().await;
+    assert_eq!(outcome, "hit");
+    assert_eq!(hits(), before, "served from the cache");
+    assert_eq!(first, second, "the whole body was kept");
     // Stale on error: within serveStaleOnError a stale entry answers an upstream 503. The entry
     // arrives already 3600 s old with max-age=3599 (maxTTL 2h) and a 30 s grace: stale, usable.
     assert_eq!(get("/aged/max-age=3599", &[]).await.1, "miss");

@@ -76,7 +76,7 @@ impl HttpEcho {
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let (h, n, f) = (h.clone(), n.clone(), f.clone());
-                        async move { Ok::<_, Infallible>(echo(req, &n, &h, &f).await) }
+                        async move { Ok::<_, Infallible>(on_the_wire(echo(req, &n, &h, &f).await)) }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)
@@ -153,6 +153,8 @@ async fn echo(
         .header("x-instance", instance)
         .header("content-type", "application/json");
     // Cache tests: `/cc/<cache-control>`, `/vary/<cache-control>` (Vary: accept-encoding),
+    // `/modified/<cache-control>` (Last-Modified; a matching If-Modified-Since gets 304, Age: 3600),
+    // `/chunked/<cache-control>` (the body in chunks, no length),
     // `/etag/<cache-control>` (ETag "v1"; If-None-Match "v1" gets 304) and `/aged/<cache-control>`;
     // the last two answer with Age: 3600, so a max-age below it arrives already stale and no
     // test has to wait for time to pass.
@@ -161,11 +163,29 @@ async fn echo(
         ("/vary/", true, false),
         ("/etag/", false, true),
         ("/aged/", false, false),
+        ("/modified/", false, false),
+        ("/chunked/", false, false),
     ] {
         if let Some(cc) = path.strip_prefix(prefix) {
             rsp = rsp.header("cache-control", cc);
-            if prefix == "/aged/" || prefix == "/etag/" {
+            if prefix == "/aged/" || prefix == "/etag/" || prefix == "/modified/" {
                 rsp = rsp.header("age", "3600");
+            }
+            if prefix == "/chunked/" {
+                rsp = rsp.header(CHUNKED, "1");
+            }
+            if prefix == "/modified/" {
+                rsp = rsp.header("last-modified", LAST_MODIFIED);
+                if parts
+                    .headers
+                    .get("if-modified-since")
+                    .is_some_and(|v| v == LAST_MODIFIED)
+                {
+                    return rsp
+                        .status(StatusCode::NOT_MODIFIED)
+                        .body(Full::new(Bytes::new()))
+                        .expect("a valid response");
+                }
             }
             if vary {
                 rsp = rsp.header("vary", "accept-encoding");
@@ -190,6 +210,31 @@ async fn echo(
     }
     rsp.body(Full::new(Bytes::from(doc.to_string())))
         .expect("a valid response")
+}
+
+/// The `Last-Modified` of `/modified/` answers.
+const LAST_MODIFIED: &str = "Wed, 21 Oct 2015 07:28:00 GMT";
+
+/// An internal marker: send this answer's body in chunks, with no length.
+const CHUNKED: &str = "x-echo-chunked";
+
+type EchoBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// The answer as sent: in two chunks with no length when it carries the [`CHUNKED`] marker.
+fn on_the_wire(rsp: Response<Full<Bytes>>) -> Response<EchoBody> {
+    let (mut parts, body) = rsp.into_parts();
+    if parts.headers.remove(CHUNKED).is_none() {
+        return Response::from_parts(parts, body.boxed());
+    }
+    let whole = futures::executor::block_on(body.collect())
+        .map(http_body_util::Collected::to_bytes)
+        .unwrap_or_default();
+    let half = whole.len() / 2;
+    let frames = [whole.slice(..half), whole.slice(half..)]
+        .into_iter()
+        .map(|b| Ok::<_, Infallible>(hyper::body::Frame::data(b)));
+    let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
+    Response::from_parts(parts, body.boxed())
 }
 
 /// The test gRPC service, answering as `instance`.

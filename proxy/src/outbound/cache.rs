@@ -2,23 +2,25 @@
 //! retries: a fresh stored response answers without an upstream call; a stale one with a
 //! validator is revalidated (`If-None-Match` / `If-Modified-Since`, 304 refreshes it); within
 //! `serveStaleOnError` a stale one answers an upstream 5xx. The rules are RFC 9111's
-//! (`ferrymesh_resilience::cache`). Responses are stored only when their length is known and
-//! within `maxBodyBytes`. Every answer for a cached method says `ferrymesh-cache: hit | miss |
+//! (`ferrymesh_resilience::cache`). A miss streams to the caller and is stored once its body has
+//! ended within `maxBodyBytes` (known length or chunked). Every answer for a cached method says `ferrymesh-cache: hit | miss |
 //! stale | revalidated`.
 
 use std::future::Future;
-use std::sync::Mutex;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use ferrymesh_resilience::cache::{Entry, Rules, Store, age, freshness_lifetime, storable};
 use http::{HeaderValue, Request, Response, StatusCode, header};
-use http_body::Body as _;
-use http_body_util::{BodyExt as _, Full};
+use http_body::{Body as _, Frame};
+use http_body_util::Full;
 use tokio::time::Instant;
 
 use crate::explain::Explain;
-use crate::http::{Body, boxed};
+use crate::http::{Body, BodyError, boxed};
 use crate::metrics::Metrics;
 use crate::policy::CachePolicy;
 
@@ -66,7 +68,7 @@ fn answer(e: &Entry, outcome: &'static str) -> Response<Body> {
 
 /// Calls `call` through the cache.
 pub async fn through<F, Fut>(
-    cache: &ResponseCache,
+    cache: &Arc<ResponseCache>,
     authority: &str,
     mut req: Request<Body>,
     metrics: &Metrics,
@@ -144,12 +146,14 @@ where
         }
     }
     outcome("miss");
-    store_miss(cache, &method, authority, &path, &request_headers, rsp).await
+    store_miss(cache, &method, authority, &path, &request_headers, rsp)
 }
 
-/// Stores a miss when the rules allow it and its length is known, and answers it.
-async fn store_miss(
-    cache: &ResponseCache,
+/// Answers a miss, storing it when the rules allow: the body streams to the caller as it
+/// arrives and is kept aside up to `maxBodyBytes`; the entry is stored once the body has ended
+/// whole (no error, no trailers, within the cap), whatever its framing (length or chunked).
+fn store_miss(
+    cache: &Arc<ResponseCache>,
     method: &http::Method,
     authority: &str,
     path: &str,
@@ -161,51 +165,188 @@ async fn store_miss(
         .size_hint()
         .exact()
         .and_then(|n| usize::try_from(n).ok());
-    let storable_now = known_len.is_some_and(|len| {
-        storable(
-            &cache.rules,
-            method,
-            request_headers,
-            rsp.status(),
-            rsp.headers(),
-            len,
-        )
-        .is_ok()
-    });
-    let (parts, body) = rsp.into_parts();
-    if !storable_now {
-        let mut r = Response::from_parts(parts, body);
-        r.headers_mut()
-            .insert("ferrymesh-cache", HeaderValue::from_static("miss"));
-        return r;
-    }
-    let Ok(collected) = body.collect().await else {
-        return crate::http::proxy_response(
-            StatusCode::BAD_GATEWAY,
-            "upstream-reset",
-            "the response body failed",
-        );
-    };
-    let bytes: Bytes = collected.to_bytes();
-    let entry = Entry {
-        status: parts.status,
-        initial_age: age(&parts.headers),
-        lifetime: freshness_lifetime(&cache.rules, &parts.headers),
-        headers: parts.headers.clone(),
-        body: bytes.clone(),
-        stored: Instant::now(),
-        vary: std::collections::BTreeMap::new(),
-    };
-    cache.store.lock().expect("cache lock poisoned").put(
+    let storable_now = storable(
+        &cache.rules,
         method,
-        authority,
-        path,
         request_headers,
-        &cache.vary,
-        entry,
+        rsp.status(),
+        rsp.headers(),
+        known_len.unwrap_or(0),
+    )
+    .is_ok();
+    let (parts, body) = rsp.into_parts();
+    let pending = storable_now.then(|| Pending {
+        cache: cache.clone(),
+        method: method.clone(),
+        authority: authority.to_owned(),
+        path: path.to_owned(),
+        request_headers: request_headers.clone(),
+        entry: Entry {
+            status: parts.status,
+            initial_age: age(&parts.headers),
+            lifetime: freshness_lifetime(&cache.rules, &parts.headers),
+            headers: parts.headers.clone(),
+            body: Bytes::new(),
+            stored: Instant::now(),
+            vary: std::collections::BTreeMap::new(),
+        },
+        kept: BytesMut::new(),
+    });
+    let mut r = Response::from_parts(
+        parts,
+        match pending {
+            Some(pending) => boxed(Tee {
+                inner: body,
+                pending: Some(pending),
+            }),
+            None => body,
+        },
     );
-    let mut r = Response::from_parts(parts, boxed(Full::new(bytes)));
     r.headers_mut()
         .insert("ferrymesh-cache", HeaderValue::from_static("miss"));
     r
+}
+
+/// A response on its way into the cache.
+struct Pending {
+    cache: Arc<ResponseCache>,
+    method: http::Method,
+    authority: String,
+    path: String,
+    request_headers: http::HeaderMap,
+    entry: Entry,
+    kept: BytesMut,
+}
+
+impl Pending {
+    fn store(self) {
+        let Pending {
+            cache,
+            method,
+            authority,
+            path,
+            request_headers,
+            mut entry,
+            kept,
+        } = self;
+        entry.body = kept.freeze();
+        cache.store.lock().expect("cache lock poisoned").put(
+            &method,
+            &authority,
+            &path,
+            &request_headers,
+            &cache.vary,
+            entry,
+        );
+    }
+}
+
+/// Passes a body through, keeping a copy for the cache.
+struct Tee {
+    inner: Body,
+    pending: Option<Pending>,
+}
+
+impl http_body::Body for Tee {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(p) = &mut this.pending {
+                    match f.data_ref() {
+                        Some(data) if p.kept.len() + data.len() <= p.cache.rules.max_body_bytes => {
+                            p.kept.extend_from_slice(data);
+                        }
+                        // Too large, or trailers: not stored.
+                        _ => this.pending = None,
+                    }
+                }
+            }
+            Some(Err(_)) => this.pending = None,
+            None => {}
+        }
+        // NOTE: hyper stops polling once `is_end_stream` says so, so the end may never be seen
+        // as `None`.
+        if (frame.is_none() || this.inner.is_end_stream())
+            && let Some(p) = this.pending.take()
+        {
+            p.store();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt as _;
+
+    fn cache(max_body_bytes: u32) -> Arc<ResponseCache> {
+        Arc::new(ResponseCache::new(&CachePolicy {
+            methods: vec![http::Method::GET],
+            default_ttl: Duration::ZERO,
+            max_ttl: Duration::from_mins(5),
+            max_entries: 10,
+            max_body_bytes,
+            vary_headers: vec![],
+            serve_stale_on_error: Duration::ZERO,
+        }))
+    }
+
+    /// A chunked answer (two frames, no length) through `store_miss`, read to the end.
+    async fn chunked_miss(cache: &Arc<ResponseCache>) -> Bytes {
+        let frames =
+            ["abc", "def"].map(|s| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(s))));
+        let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
+        let rsp = Response::builder()
+            .header(header::CACHE_CONTROL, "max-age=60")
+            .body(boxed(body))
+            .unwrap();
+        let rsp = store_miss(
+            cache,
+            &http::Method::GET,
+            "a.shop",
+            "/x",
+            &http::HeaderMap::new(),
+            rsp,
+        );
+        rsp.into_body().collect().await.unwrap().to_bytes()
+    }
+
+    fn stored(cache: &ResponseCache) -> Option<Entry> {
+        cache
+            .store
+            .lock()
+            .unwrap()
+            .get(&http::Method::GET, "a.shop", "/x", &http::HeaderMap::new())
+    }
+
+    #[tokio::test]
+    async fn a_chunked_answer_is_stored_once_it_ends_within_the_cap() {
+        let roomy = cache(6);
+        assert_eq!(chunked_miss(&roomy).await, "abcdef");
+        assert_eq!(stored(&roomy).unwrap().body, "abcdef");
+        let tight = cache(5);
+        assert_eq!(
+            chunked_miss(&tight).await,
+            "abcdef",
+            "the caller gets it all"
+        );
+        assert!(stored(&tight).is_none(), "over the cap: not stored");
+    }
 }
