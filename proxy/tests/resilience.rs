@@ -690,6 +690,64 @@ async fn ferrymesh_explain_tells_what_happened_to_a_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_health_check_takes_a_closed_port_out_and_back() {
+    // Two unmeshed backends, so the check connects to the servers' own ports.
+    let a = HttpEcho::start("a").await;
+    let b = HttpEcho::start("b").await;
+    let b_addr = b.addr;
+    let spec = "  healthCheck:\n    tcp: {}\n    interval: 100ms\n    timeout: 500ms\n    unhealthyThreshold: 1\n    healthyThreshold: 1\n    initialJitter: 0s\n  loadBalancer: {algorithm: RoundRobin}\n";
+    let files = service("legacy")
+        + &yaml::unmeshed("legacy", a.addr)
+        + &yaml::unmeshed("legacy", b.addr)
+        + &policy("legacy", spec);
+    let mesh = Mesh::start(&[("legacy.yaml", &files)]);
+    let proxy = client_proxy(&mesh, "legacy.shop", 2).await;
+    let http = client(proxy.addr("outbound"));
+    let instances = || async {
+        let mut seen = Vec::new();
+        for _ in 0..10 {
+            let rsp = http.get("http://legacy.shop/x").send().await.unwrap();
+            seen.push(match rsp.headers().get("x-instance") {
+                Some(i) => i.to_str().unwrap().to_owned(),
+                None => rsp.status().to_string(),
+            });
+        }
+        seen.sort();
+        seen.dedup();
+        seen
+    };
+    eventually(Duration::from_secs(5), || async {
+        instances().await == ["a", "b"]
+    })
+    .await
+    .expect("both in rotation");
+    // b's listener closes (its open connections stay up): only the check can tell.
+    drop(b);
+    eventually(Duration::from_secs(5), || async {
+        counter(
+            proxy.addr("health"),
+            "ferrymesh_proxy_health_checks_total",
+            r#"reason="fail""#,
+        )
+        .await
+            > 0
+    })
+    .await
+    .expect("the check fails on the closed port");
+    assert_eq!(
+        instances().await,
+        ["a"],
+        "every request goes to a, none fails"
+    );
+    let _b = HttpEcho::start_on(b_addr, "b").await;
+    eventually(Duration::from_secs(5), || async {
+        instances().await == ["a", "b"]
+    })
+    .await
+    .expect("b is back once its port accepts again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn active_health_checks_take_a_failing_endpoint_out_and_back() {
     let spec = "  healthCheck:\n    http: {path: /healthz, expectedStatuses: [200]}\n    interval: 200ms\n    timeout: 1s\n    unhealthyThreshold: 2\n    healthyThreshold: 1\n    initialJitter: 0s\n  loadBalancer: {algorithm: RoundRobin}\n";
     let mesh = Mesh::start(&[(

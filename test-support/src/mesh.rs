@@ -397,11 +397,10 @@ pub mod yaml {
 
     /// A static EndpointSlice for Service `service` (port `http`): an unmeshed backend at `addr`.
     pub fn unmeshed(service: &str, addr: SocketAddr) -> String {
+        let (port, ip) = (addr.port(), addr.ip());
         format!(
-            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-static, namespace: shop, labels: {{kubernetes.io/service-name: {service}}}}}\n\
-             addressType: IPv4\nports: [{{name: http, port: {}}}]\nendpoints: [{{addresses: [\"{}\"]}}]\n---\n",
-            addr.port(),
-            addr.ip()
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-{port}, namespace: shop, labels: {{kubernetes.io/service-name: {service}}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: {port}}}]\nendpoints: [{{addresses: [\"{ip}\"]}}]\n---\n"
         )
     }
 }
