@@ -202,17 +202,18 @@ impl Balancer {
 
     /// Picks a ready endpoint, `None` when there is none.
     pub fn pick(&self) -> Option<Pick> {
-        self.pick_excluding(Lb::PeakEwma, &[], |_| false)
+        self.pick_excluding(Lb::PeakEwma, &[], None, |_| false)
     }
 
     /// Picks a ready endpoint that is not `ejected` (outlier detection) and not in `avoid` (a
     /// retry's earlier endpoints) when there is one; else a ready one not ejected; else any
-    /// ready one (as Envoy's panic threshold: better a suspect endpoint than none). `None` when
-    /// none is ready.
+    /// ready one (as Envoy's panic threshold: better a suspect endpoint than none). Among those,
+    /// one in `zone` when there is one. `None` when none is ready.
     pub fn pick_excluding(
         &self,
         lb: Lb,
         avoid: &[std::net::SocketAddr],
+        zone: Option<&str>,
         ejected: impl Fn(&std::net::SocketAddr) -> bool,
     ) -> Option<Pick> {
         let now = Instant::now();
@@ -238,6 +239,21 @@ impl Balancer {
                 .collect::<Vec<_>>();
             if !fresh.is_empty() {
                 ready = &fresh;
+            }
+        }
+        // Zone-aware: the candidates in our zone when there are any, else the others (failover
+        // when the local ones are all ejected, unhealthy or already tried).
+        let local;
+        if let Some(zone) = zone.filter(|z| !z.is_empty())
+            && ready.iter().any(|s| s.endpoint.zone != zone)
+        {
+            local = ready
+                .iter()
+                .filter(|s| s.endpoint.zone == zone)
+                .cloned()
+                .collect::<Vec<_>>();
+            if !local.is_empty() {
+                ready = &local;
             }
         }
         let n = ready.len();
@@ -309,6 +325,42 @@ mod tests {
             meshed: true,
             instance: format!("i{port}"),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn same_zone_endpoints_first_and_the_others_when_they_are_out() {
+        let b = Balancer::default();
+        let zoned = |port, zone: &str| Endpoint {
+            zone: zone.into(),
+            ..ep(port, true)
+        };
+        b.update(&[zoned(1, "a"), zoned(2, "a"), zoned(3, "b")]);
+        let pick = |avoid: &[std::net::SocketAddr], out: &[u16]| {
+            b.pick_excluding(Lb::RoundRobin, avoid, Some("a"), |a| {
+                out.contains(&a.port())
+            })
+            .unwrap()
+            .endpoint()
+            .addr
+            .port()
+        };
+        let ports: std::collections::BTreeSet<u16> = (0..20).map(|_| pick(&[], &[])).collect();
+        assert_eq!(ports, [1, 2].into(), "only zone a");
+        assert_eq!(pick(&[], &[1]), 2, "the other local one");
+        assert_eq!(pick(&[], &[1, 2]), 3, "failover to zone b");
+        let tried = [([127, 0, 0, 1], 1).into(), ([127, 0, 0, 1], 2).into()];
+        assert_eq!(pick(&tried, &[]), 3, "a retry tries zone b after zone a");
+        // No preference: every zone.
+        let any: std::collections::BTreeSet<u16> = (0..20)
+            .map(|_| {
+                b.pick_excluding(Lb::RoundRobin, &[], None, |_| false)
+                    .unwrap()
+                    .endpoint()
+                    .addr
+                    .port()
+            })
+            .collect();
+        assert_eq!(any, [1, 2, 3].into());
     }
 
     #[tokio::test(start_paused = true)]
@@ -400,7 +452,7 @@ mod tests {
         let tried = [ep(1, true).addr, ep(2, true).addr];
         for _ in 0..20 {
             assert_eq!(
-                b.pick_excluding(Lb::PeakEwma, &tried, |_| false)
+                b.pick_excluding(Lb::PeakEwma, &tried, None, |_| false)
                     .unwrap()
                     .endpoint()
                     .addr
@@ -410,7 +462,7 @@ mod tests {
         }
         let three = ep(3, true).addr;
         assert_eq!(
-            b.pick_excluding(Lb::PeakEwma, &[], |a| *a != three)
+            b.pick_excluding(Lb::PeakEwma, &[], None, |a| *a != three)
                 .unwrap()
                 .endpoint()
                 .addr
@@ -419,12 +471,14 @@ mod tests {
             "ejected endpoints are skipped"
         );
         assert!(
-            b.pick_excluding(Lb::PeakEwma, &[], |_| true).is_some(),
+            b.pick_excluding(Lb::PeakEwma, &[], None, |_| true)
+                .is_some(),
             "all ejected: any ready endpoint"
         );
         let all = [ep(1, true).addr, ep(2, true).addr, ep(3, true).addr];
         assert!(
-            b.pick_excluding(Lb::PeakEwma, &all, |_| false).is_some(),
+            b.pick_excluding(Lb::PeakEwma, &all, None, |_| false)
+                .is_some(),
             "all tried: any ready endpoint"
         );
     }
@@ -435,7 +489,7 @@ mod tests {
         b.update(&[ep(1, true), ep(2, true), ep(3, true)]);
         let turns: Vec<u16> = (0..6)
             .map(|_| {
-                b.pick_excluding(Lb::RoundRobin, &[], |_| false)
+                b.pick_excluding(Lb::RoundRobin, &[], None, |_| false)
                     .unwrap()
                     .endpoint()
                     .addr
@@ -451,12 +505,14 @@ mod tests {
         let busy: Vec<_> = [1, 2]
             .iter()
             .flat_map(|_| {
-                [1, 2].map(|port| b.pick_excluding(Lb::Random, &[], |a| a.port() != port))
+                [1, 2].map(|port| b.pick_excluding(Lb::Random, &[], None, |a| a.port() != port))
             })
             .collect();
         let mut idle = 0;
         for _ in 0..100 {
-            let p = b.pick_excluding(Lb::LeastRequest, &[], |_| false).unwrap();
+            let p = b
+                .pick_excluding(Lb::LeastRequest, &[], None, |_| false)
+                .unwrap();
             if p.endpoint().addr.port() == 3 {
                 idle += 1;
             }
@@ -470,7 +526,7 @@ mod tests {
         let b = Balancer::default();
         b.update(&[ep(1, true), ep(2, true), ep(3, true)]);
         let pick = |k: u64| {
-            b.pick_excluding(Lb::Hash(k), &[], |_| false)
+            b.pick_excluding(Lb::Hash(k), &[], None, |_| false)
                 .unwrap()
                 .endpoint()
                 .addr

@@ -156,6 +156,8 @@ pub struct ClientPolicy {
     pub cache: Option<CachePolicy>,
     /// Load balancer.
     pub lb: LoadBalancer,
+    /// Prefer endpoints in the proxy's own zone.
+    pub prefer_same_zone: bool,
     /// Section -> the policy object it came from (`Kind namespace/name@generation`).
     pub sections: BTreeMap<String, String>,
     /// A client-side fault (applied before retries).
@@ -243,6 +245,7 @@ impl TryFrom<cfg::ClientPolicy> for ClientPolicy {
             fallback: pb.fallback.map(resilience::fallback).transpose()?,
             cache: pb.cache.map(resilience::cache).transpose()?,
             lb,
+            prefer_same_zone: l.prefer_same_zone,
             sections,
             fault: pb.fault.map(resilience::fault).transpose()?,
         })

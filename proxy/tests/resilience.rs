@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use ferrymesh_test_support::mesh::yaml::{self, policy, service};
 use ferrymesh_test_support::mesh::{
-    Mesh, ProxySpec, client_proxy, counter, eventually, get, proxied as client,
+    Mesh, ProxySpec, client_proxy, client_proxy_with, counter, eventually, get, proxied as client,
 };
 use ferrymesh_test_support::process::Spawned;
 use ferrymesh_test_support::upstream::HttpEcho;
@@ -689,6 +689,47 @@ async fn ferrymesh_explain_tells_what_happened_to_a_request() {
     assert_eq!(parts[6], "breaker closed");
 }
 
+/// The instances (`x-instance`, or the status when there is none) that answer 10 GETs of `url`.
+async fn instances(http: &reqwest::Client, url: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        let rsp = http.get(url).send().await.unwrap();
+        seen.push(match rsp.headers().get("x-instance") {
+            Some(i) => i.to_str().unwrap().to_owned(),
+            None => rsp.status().to_string(),
+        });
+    }
+    seen.sort();
+    seen.dedup();
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zone_aware_balancing_stays_in_zone_and_fails_over() {
+    let near = HttpEcho::start("near").await;
+    let far = HttpEcho::start("far").await;
+    let spec = "  loadBalancer: {algorithm: RoundRobin, zoneAware: PreferSameZone}\n  healthCheck:\n    tcp: {}\n    interval: 100ms\n    unhealthyThreshold: 1\n    initialJitter: 0s\n";
+    let files = service("legacy")
+        + &yaml::unmeshed_in_zone("legacy", near.addr, "zone-a")
+        + &yaml::unmeshed_in_zone("legacy", far.addr, "zone-b")
+        + &policy("legacy", spec);
+    let mesh = Mesh::start(&[("legacy.yaml", &files)]);
+    let spec = ProxySpec {
+        zone: Some("zone-a".into()),
+        ..ProxySpec::client("client")
+    };
+    let proxy = client_proxy_with(&mesh, spec, "legacy.shop", 2).await;
+    let http = client(proxy.addr("outbound"));
+    let url = "http://legacy.shop/x";
+    assert_eq!(instances(&http, url).await, ["near"], "same zone only");
+    drop(near);
+    eventually(Duration::from_secs(5), || async {
+        instances(&http, url).await == ["far"]
+    })
+    .await
+    .expect("zone b takes over when zone a has no healthy endpoint");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tcp_health_check_takes_a_closed_port_out_and_back() {
     // Two unmeshed backends, so the check connects to the servers' own ports.
@@ -703,19 +744,7 @@ async fn a_tcp_health_check_takes_a_closed_port_out_and_back() {
     let mesh = Mesh::start(&[("legacy.yaml", &files)]);
     let proxy = client_proxy(&mesh, "legacy.shop", 2).await;
     let http = client(proxy.addr("outbound"));
-    let instances = || async {
-        let mut seen = Vec::new();
-        for _ in 0..10 {
-            let rsp = http.get("http://legacy.shop/x").send().await.unwrap();
-            seen.push(match rsp.headers().get("x-instance") {
-                Some(i) => i.to_str().unwrap().to_owned(),
-                None => rsp.status().to_string(),
-            });
-        }
-        seen.sort();
-        seen.dedup();
-        seen
-    };
+    let instances = || instances(&http, "http://legacy.shop/x");
     eventually(Duration::from_secs(5), || async {
         instances().await == ["a", "b"]
     })

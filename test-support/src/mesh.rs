@@ -49,6 +49,8 @@ pub struct ProxySpec {
     pub log: Option<String>,
     /// Workload labels.
     pub labels: Vec<(String, String)>,
+    /// The workload's zone.
+    pub zone: Option<String>,
 }
 
 impl ProxySpec {
@@ -75,7 +77,8 @@ impl ProxySpec {
         let n = &self.name;
         let mut s = format!(
             "apiVersion: config.ferrymesh.io/v1alpha1\nkind: ProxyConfig\nmetadata: {{name: {n}}}\nspec:\n  \
-             workload: {{name: {n}, namespace: shop, service: {service}, labels: {{{labels}}}}}\n",
+             workload: {{name: {n}, namespace: shop, service: {service}, zone: \"{zone}\", labels: {{{labels}}}}}\n",
+            zone = self.zone.as_deref().unwrap_or_default(),
             labels = self
                 .labels
                 .iter()
@@ -347,9 +350,17 @@ pub fn proxied(outbound: SocketAddr) -> reqwest::Client {
 /// # Panics
 /// When that does not happen within 10 s.
 pub async fn client_proxy(mesh: &Mesh, host: &str, count: usize) -> Spawned {
+    client_proxy_with(mesh, ProxySpec::client("client"), host, count).await
+}
+
+/// [`client_proxy`] from `spec`.
+///
+/// # Panics
+/// When that does not happen within 10 s.
+pub async fn client_proxy_with(mesh: &Mesh, spec: ProxySpec, host: &str, count: usize) -> Spawned {
     let proxy = mesh.proxy(&ProxySpec {
         log: Some("warn".into()),
-        ..ProxySpec::client("client")
+        ..spec
     });
     let http = proxied(proxy.addr("outbound"));
     let _ = http.get(format!("http://{host}/healthz")).send().await;
@@ -397,10 +408,15 @@ pub mod yaml {
 
     /// A static EndpointSlice for Service `service` (port `http`): an unmeshed backend at `addr`.
     pub fn unmeshed(service: &str, addr: SocketAddr) -> String {
+        unmeshed_in_zone(service, addr, "")
+    }
+
+    /// [`unmeshed`] with the endpoint in `zone`.
+    pub fn unmeshed_in_zone(service: &str, addr: SocketAddr, zone: &str) -> String {
         let (port, ip) = (addr.port(), addr.ip());
         format!(
             "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-{port}, namespace: shop, labels: {{kubernetes.io/service-name: {service}}}}}\n\
-             addressType: IPv4\nports: [{{name: http, port: {port}}}]\nendpoints: [{{addresses: [\"{ip}\"]}}]\n---\n"
+             addressType: IPv4\nports: [{{name: http, port: {port}}}]\nendpoints: [{{addresses: [\"{ip}\"], zone: \"{zone}\"}}]\n---\n"
         )
     }
 }

@@ -264,6 +264,8 @@ struct Attempter {
     health: Option<Arc<HealthChecker>>,
     service: String,
     lb: LoadBalancer,
+    /// Prefer endpoints in this zone (zone-aware balancing).
+    zone: Option<String>,
     /// Write the time left into each attempt.
     propagate: bool,
 }
@@ -366,14 +368,15 @@ impl tower::Service<Request<ReplayBody<Body>>> for Attempter {
                 .unwrap_or_default();
             let outlier = this.outlier.as_deref();
             let health = this.health.as_deref();
-            let Some(pick) =
-                this.logical
-                    .balancer
-                    .pick_excluding(lb_for(&this.lb, &req), &avoid, |a| {
-                        outlier.is_some_and(|o| o.is_ejected(a))
-                            || health.is_some_and(|h| h.is_unhealthy(a))
-                    })
-            else {
+            let Some(pick) = this.logical.balancer.pick_excluding(
+                lb_for(&this.lb, &req),
+                &avoid,
+                this.zone.as_deref(),
+                |a| {
+                    outlier.is_some_and(|o| o.is_ejected(a))
+                        || health.is_some_and(|h| h.is_unhealthy(a))
+                },
+            ) else {
                 return Ok(proxy_response(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "no-endpoints",
@@ -711,6 +714,10 @@ async fn call_stack(
         lb: policy
             .as_ref()
             .map_or(LoadBalancer::PeakEwma, |p| p.lb.clone()),
+        zone: policy
+            .as_ref()
+            .filter(|p| p.prefer_same_zone)
+            .map(|_| ctx.config.workload.zone.clone()),
         propagate,
         ctx: ctx.clone(),
         logical,
