@@ -5,7 +5,9 @@
 //! - [`status`]: what the controller knows. [`chaos`]: break an instance on purpose.
 //! - [`state`]: the state folder the commands share.
 
+pub mod breaker;
 pub mod chaos;
+pub mod check;
 pub mod state;
 pub mod status;
 pub mod up;

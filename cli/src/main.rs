@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use ferryctl::{chaos, status, up};
+use ferryctl::{breaker, chaos, check, status, up};
 
 #[derive(Debug, Parser)]
 #[command(name = "ferryctl", version, about = "Ferrymesh command line")]
@@ -32,6 +32,10 @@ enum Cmd {
     },
     /// Set chaos knobs on a service's instances.
     Chaos(chaos::ChaosArgs),
+    /// Validate a folder of mesh YAML offline and lint its resilience policies.
+    Check(check::CheckArgs),
+    /// Trip, isolate or reset the circuit breakers the proxies hold for a service (labs).
+    Breaker(breaker::BreakerArgs),
 }
 
 #[tokio::main]
@@ -48,5 +52,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Up(args) => up::run(&cli.state_dir, args).await,
         Cmd::Status { json } => status::run(&cli.state_dir, *json).await,
         Cmd::Chaos(args) => chaos::run(&cli.state_dir, args).await,
+        Cmd::Check(args) => check::run(args),
+        Cmd::Breaker(args) => breaker::run(&cli.state_dir, args).await,
     }
 }

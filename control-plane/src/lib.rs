@@ -6,6 +6,7 @@
 //! the resources it subscribed to, as deltas with ACK/NACK -> [`admin`] shows it all as JSON.
 
 pub mod admin;
+pub mod check;
 pub mod grpc;
 pub mod index;
 pub mod metrics;

@@ -1,6 +1,7 @@
 //! Admin and health endpoints. The health listener serves `/live`, `/ready` (only after the
 //! first discovery sync) and `/metrics`; the admin listener (loopback) adds `/config_dump`:
-//! every resource held with its version and sources, plus each target's balancer.
+//! every resource held with its version and sources, plus each target's balancer, and manual
+//! breaker control (`POST /breakers/{namespace}/{service}/{trip|isolate|reset}`).
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
@@ -54,6 +55,57 @@ pub fn handle(ctx: &Context, req: &Request<Incoming>, full: bool) -> Response<Bo
             let body = serde_json::to_string_pretty(&dump).unwrap_or_default();
             text(StatusCode::OK, "application/json", body + "\n")
         }
+        path if full && path.starts_with("/breakers/") => breaker_control(ctx, req, path),
         _ => text(StatusCode::NOT_FOUND, PLAIN, "not found\n".into()),
     }
+}
+
+/// `POST /breakers/{namespace}/{service}/{trip|isolate|reset}`: manual control of this proxy's
+/// breakers for a service (every port it has called), for labs; answers each target's new state.
+fn breaker_control(ctx: &Context, req: &Request<Incoming>, path: &str) -> Response<Body> {
+    const PLAIN: &str = "text/plain; charset=utf-8";
+    let parts: Vec<&str> = path.trim_start_matches("/breakers/").split('/').collect();
+    let [namespace, service, action] = parts.as_slice() else {
+        return text(
+            StatusCode::NOT_FOUND,
+            PLAIN,
+            "use POST /breakers/{namespace}/{service}/{trip|isolate|reset}\n".into(),
+        );
+    };
+    if req.method() != http::Method::POST {
+        return text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "POST only\n".into());
+    }
+    let act: fn(&ferrymesh_resilience::breaker::Breaker) = match *action {
+        "trip" => ferrymesh_resilience::breaker::Breaker::trip,
+        "isolate" => ferrymesh_resilience::breaker::Breaker::isolate,
+        "reset" => ferrymesh_resilience::breaker::Breaker::reset,
+        other => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                PLAIN,
+                format!("unknown action {other:?}: trip, isolate or reset\n"),
+            );
+        }
+    };
+    let breakers = ctx.outbound.breakers(namespace, service);
+    if breakers.is_empty() {
+        return text(
+            StatusCode::NOT_FOUND,
+            PLAIN,
+            format!(
+                "no breaker for {namespace}/{service} here: this proxy has not called it, or its \
+                 policy has no circuitBreaker section\n"
+            ),
+        );
+    }
+    let states: serde_json::Map<String, serde_json::Value> = breakers
+        .iter()
+        .map(|(target, b)| {
+            act(b);
+            tracing::info!(%target, action, "breaker changed by hand");
+            (target.clone(), b.state().as_str().into())
+        })
+        .collect();
+    let body = serde_json::json!({ "proxy": ctx.config.name, "breakers": states });
+    text(StatusCode::OK, "application/json", body.to_string() + "\n")
 }

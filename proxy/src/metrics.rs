@@ -130,7 +130,7 @@ impl Metrics {
         let breaker = Family::<BreakerLabels, prometheus_client::metrics::gauge::Gauge>::default();
         registry.register(
             "breaker_state",
-            "Circuit breaker state per service: 1 for the current state (closed, open, half-open), 0 for the others",
+            "Circuit breaker state per service: 1 for the current state (closed, open, half-open, isolated), 0 for the others",
             breaker.clone(),
         );
         let fallbacks = Family::<ReasonLabels, Counter>::default();
@@ -233,7 +233,7 @@ impl Metrics {
 
     /// The breaker of `service` is now in `state`.
     pub fn breaker_state(&self, service: &str, state: &'static str) {
-        for s in ["closed", "open", "half-open"] {
+        for s in ["closed", "open", "half-open", "isolated"] {
             let value = i64::from(s == state);
             self.breaker
                 .get_or_create(&BreakerLabels {

@@ -89,6 +89,23 @@ impl Outbound {
             .clone()
     }
 
+    /// The breakers of every port of Service `namespace/name` this proxy has called.
+    pub fn breakers(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Vec<(String, ferrymesh_resilience::breaker::Breaker)> {
+        let prefix = format!("{name}.{namespace}.svc.cluster.local:");
+        let targets = self.targets.lock().expect("targets lock poisoned");
+        let mut found: Vec<_> = targets
+            .iter()
+            .filter(|(target, _)| target.starts_with(&prefix))
+            .filter_map(|(target, l)| Some((target.clone(), l.stack.breaker()?)))
+            .collect();
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        found
+    }
+
     /// Every target with its balancer state, for `/config_dump`.
     pub fn dump(&self) -> serde_json::Value {
         let targets = self.targets.lock().expect("targets lock poisoned");

@@ -124,7 +124,7 @@ impl FileSource {
 }
 
 /// Config files below `dir`, sorted, hidden files and editor temporaries left out.
-fn list(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+pub fn list(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {

@@ -10,6 +10,9 @@
 //!   close the breaker, any failure opens it again for longer.
 //! - Bulkhead (always on): at most `max_requests` calls in flight; more fail at once with
 //!   [`BreakerError::Full`].
+//! - Manual control for labs (Polly's `ManualControl`): [`Breaker::trip`] opens it as a real
+//!   trip would, [`Breaker::isolate`] holds it open until [`Breaker::reset`], which closes it
+//!   and forgets its history.
 //!
 //! What counts as a failure is the caller's classifier over responses.
 
@@ -55,6 +58,8 @@ pub enum State {
     Open,
     /// Probes pass one at a time.
     HalfOpen,
+    /// Held open by hand until reset.
+    Isolated,
 }
 
 impl State {
@@ -64,6 +69,7 @@ impl State {
             State::Closed => "closed",
             State::Open => "open",
             State::HalfOpen => "half-open",
+            State::Isolated => "isolated",
         }
     }
 }
@@ -84,6 +90,7 @@ enum Mode {
     Closed,
     Open { until: Instant },
     HalfOpen { probing: bool, successes: u32 },
+    Isolated,
 }
 
 #[derive(Debug)]
@@ -150,7 +157,37 @@ impl Breaker {
             Mode::Closed => State::Closed,
             Mode::Open { until } if Instant::now() < until => State::Open,
             Mode::Open { .. } | Mode::HalfOpen { .. } => State::HalfOpen,
+            Mode::Isolated => State::Isolated,
         }
+    }
+
+    /// Opens the breaker now, as a trip would (the open time grows with trips in a row).
+    pub fn trip(&self) {
+        {
+            let mut inner = self.inner.lock().expect("breaker lock poisoned");
+            inner.trips += 1;
+            let until = Instant::now() + self.open_time(inner.trips);
+            inner.mode = Mode::Open { until };
+        }
+        self.changed(State::Open);
+    }
+
+    /// Holds the breaker open until [`Breaker::reset`].
+    pub fn isolate(&self) {
+        self.inner.lock().expect("breaker lock poisoned").mode = Mode::Isolated;
+        self.changed(State::Isolated);
+    }
+
+    /// Closes the breaker and forgets its trips and recent calls.
+    pub fn reset(&self) {
+        {
+            let mut inner = self.inner.lock().expect("breaker lock poisoned");
+            inner.mode = Mode::Closed;
+            inner.trips = 0;
+            inner.consecutive = 0;
+            inner.recent.clear();
+        }
+        self.changed(State::Closed);
     }
 
     fn changed(&self, state: State) {
@@ -192,6 +229,7 @@ impl Breaker {
                         Ok(true)
                     }
                 }
+                Mode::Isolated => Err(BreakerError::Open),
             };
             if probe.is_ok() {
                 inner.in_flight += 1;
@@ -276,7 +314,7 @@ impl Breaker {
                     }
                 }
                 // A call admitted before the breaker opened: its outcome no longer matters.
-                Mode::Open { .. } | Mode::HalfOpen { .. } => {}
+                Mode::Open { .. } | Mode::HalfOpen { .. } | Mode::Isolated => {}
             }
         }
         if let Some(s) = changed {

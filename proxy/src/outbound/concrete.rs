@@ -131,6 +131,12 @@ impl StackCache {
         stack
     }
 
+    /// The current policy's breaker, if it has one and the stack was built (first request).
+    pub fn breaker(&self) -> Option<Breaker> {
+        let cached = self.0.lock().expect("stack cache lock poisoned");
+        cached.as_ref()?.breaker.as_ref().map(|(b, _)| b.clone())
+    }
+
     /// The breaker's state, for `/config_dump`.
     pub fn breaker_state(&self) -> Option<&'static str> {
         let cached = self.0.lock().expect("stack cache lock poisoned");

@@ -117,3 +117,41 @@ fn open_time_grows_per_trip_with_jitter_in_bounds() {
         }
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn manual_trip_isolate_and_reset() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let heard = seen.clone();
+    let on_change: OnChange = Arc::new(move |s| heard.lock().unwrap().push(s));
+    let b = Breaker::new(config(), Some(on_change));
+    // A trip by hand behaves like a real one: open for the open time, then half-open probes.
+    b.trip();
+    assert_eq!(call(&b, false), Err(BreakerError::Open));
+    tokio::time::advance(Duration::from_secs(5)).await;
+    call(&b, false).unwrap();
+    call(&b, false).unwrap();
+    assert_eq!(b.state(), State::Closed);
+    // Isolated: open however long it waits, and calls' outcomes change nothing.
+    b.isolate();
+    tokio::time::advance(Duration::from_hours(1)).await;
+    assert_eq!(b.state(), State::Isolated);
+    assert_eq!(call(&b, false), Err(BreakerError::Open));
+    b.reset();
+    assert_eq!(b.state(), State::Closed);
+    call(&b, false).unwrap();
+    // Reset forgets the history: two failures do not add to earlier ones.
+    for _ in 0..2 {
+        call(&b, true).unwrap();
+    }
+    assert_eq!(b.state(), State::Closed);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [
+            State::Open,
+            State::HalfOpen,
+            State::Closed,
+            State::Isolated,
+            State::Closed
+        ]
+    );
+}
