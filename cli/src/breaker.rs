@@ -73,7 +73,10 @@ pub async fn run(state_dir: &Path, args: &BreakerArgs) -> anyhow::Result<()> {
                 }
             }
             404 => {} // this proxy has no breaker for the service
-            _ => bail!("{workload} refused: {}", rsp.text().await.unwrap_or_default()),
+            _ => bail!(
+                "{workload} refused: {}",
+                rsp.text().await.unwrap_or_default()
+            ),
         }
     }
     if changed == 0 {

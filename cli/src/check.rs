@@ -30,16 +30,17 @@ pub struct CheckArgs {
 /// # Errors
 /// The folder or a Deployment in it cannot be read.
 pub fn report(dir: &Path, rps: f64) -> anyhow::Result<Report> {
-    let replicas = crate::up::read_workloads(dir)?
-        .into_iter()
-        .fold(std::collections::BTreeMap::new(), |mut m, w| {
+    let replicas = crate::up::read_workloads(dir)?.into_iter().fold(
+        std::collections::BTreeMap::new(),
+        |mut m, w| {
             *m.entry(ServiceKey {
                 namespace: w.namespace,
                 name: w.service,
             })
             .or_insert(0) += w.replicas as usize;
             m
-        });
+        },
+    );
     check(dir, &Expect { rps, replicas })
 }
 

@@ -16,8 +16,8 @@ fn ferryctl(state: &std::path::Path, args: &[&str]) -> (bool, String) {
         .args(args)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }
 
@@ -42,7 +42,11 @@ async fn breakers_are_isolated_reset_and_tripped_by_hand() {
             .map(|v| v.to_str().unwrap().to_owned());
         (rsp.status().as_u16(), cause)
     };
-    assert_eq!(call().await, (200, None), "the first call builds the breaker");
+    assert_eq!(
+        call().await,
+        (200, None),
+        "the first call builds the breaker"
+    );
     // What `ferryctl up` would record for this mesh.
     let state = tempfile::tempdir().unwrap();
     let record = serde_json::json!({
@@ -81,5 +85,8 @@ async fn breakers_are_isolated_reset_and_tripped_by_hand() {
 
     let (ok, out) = ferryctl(state.path(), &["breaker", "catalog", "--trip"]);
     assert!(!ok, "no proxy holds a breaker for catalog");
-    assert!(out.contains("no proxy holds a breaker for shop/catalog"), "{out}");
+    assert!(
+        out.contains("no proxy holds a breaker for shop/catalog"),
+        "{out}"
+    );
 }

@@ -15,8 +15,8 @@ fn check(dir: &std::path::Path, extra: &[&str]) -> (bool, String) {
         .args(extra)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }
 
@@ -54,11 +54,44 @@ fn mistakes_are_named_and_errors_fail_the_check() {
     std::fs::write(dir.path().join("b.yaml"), service("catalog") + &bad).unwrap();
     let (ok, out) = check(dir.path(), &["--json"]);
     assert!(!ok, "an invalid file fails the check");
-    let json: serde_json::Value =
-        serde_json::from_str(&out[..=out.rfind('}').unwrap()]).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&out[..=out.rfind('}').unwrap()]).unwrap();
     let error = &json["errors"][0];
-    assert!(error["file"].as_str().unwrap().ends_with("b.yaml"), "{json}");
+    assert!(
+        error["file"].as_str().unwrap().ends_with("b.yaml"),
+        "{json}"
+    );
     assert_eq!(error["object"], "ResiliencePolicy shop/catalog");
     assert_eq!(error["field"], "spec.retry.attempts");
-    assert_eq!(json["lints"].as_array().unwrap().len(), 3, "a.yaml still linted");
+    assert_eq!(
+        json["lints"].as_array().unwrap().len(),
+        3,
+        "a.yaml still linted"
+    );
+}
+
+#[test]
+fn every_example_policy_passes_a_strict_check_beside_the_demo_folder() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut examples: Vec<_> = std::fs::read_dir(root.join("demo-apps/policies"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    examples.sort();
+    assert!(examples.len() >= 10, "{examples:?}");
+    for example in examples {
+        let dir = tempfile::tempdir().unwrap();
+        for f in std::fs::read_dir(root.join("demo-apps/mesh")).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+        }
+        std::fs::copy(&example, dir.path().join(example.file_name().unwrap())).unwrap();
+        let (ok, out) = check(dir.path(), &["--strict"]);
+        assert!(ok, "{}: {out}", example.display());
+        assert!(
+            out.contains("0 error(s), 0 warning(s)"),
+            "{}: {out}",
+            example.display()
+        );
+    }
 }

@@ -143,41 +143,37 @@ fn lint_object(object: &Object, out: &mut BTreeSet<Lint>) {
             "POST" => "POST is retried only when the request carries an Idempotency-Key header; \
                        make sure the service deduplicates on it"
                 .to_owned(),
-            "PATCH" | "CONNECT" => format!(
-                "{method} is not idempotent: a retried {method} can take effect twice"
-            ),
+            "PATCH" | "CONNECT" => {
+                format!("{method} is not idempotent: a retried {method} can take effect twice")
+            }
             _ => continue,
         };
         out.insert(lint("spec.retry.methods", "retry-non-idempotent", message));
     }
     if retry.attempts > 0 {
-        let budget = policy.spec.pointer("/retry/budget");
-        match budget {
-            None => {
+        if policy.spec.pointer("/retry/budget").is_none() {
+            out.insert(lint(
+                "spec.retry.budget",
+                "retry-without-budget",
+                "retries without a budget of their own: the default (ratio 0.2, 10/s over \
+                 10s) caps them; say so explicitly so readers know the ceiling"
+                    .to_owned(),
+            ));
+        } else {
+            let ratio = policy
+                .resilience
+                .as_ref()
+                .and_then(|r| r.budget)
+                .map_or(0.0, |b| b.ratio);
+            if ratio >= 1.0 {
                 out.insert(lint(
-                    "spec.retry.budget",
-                    "retry-without-budget",
-                    "retries without a budget of their own: the default (ratio 0.2, 10/s over \
-                     10s) caps them; say so explicitly so readers know the ceiling"
-                        .to_owned(),
+                    "spec.retry.budget.ratio",
+                    "retry-budget-unbounded",
+                    format!(
+                        "a budget ratio of {ratio} lets retries at least double the load on a \
+                         failing service; 0.2 is the usual ceiling"
+                    ),
                 ));
-            }
-            Some(_) => {
-                let ratio = policy
-                    .resilience
-                    .as_ref()
-                    .and_then(|r| r.budget)
-                    .map_or(0.0, |b| b.ratio);
-                if ratio >= 1.0 {
-                    out.insert(lint(
-                        "spec.retry.budget.ratio",
-                        "retry-budget-unbounded",
-                        format!(
-                            "a budget ratio of {ratio} lets retries at least double the load on \
-                             a failing service; 0.2 is the usual ceiling"
-                        ),
-                    ));
-                }
             }
         }
     }
@@ -195,7 +191,12 @@ fn lint_merged(policy: &cfg::ClientPolicy, endpoints: usize, rps: f64, out: &mut
     let source = |section: &str| {
         policy.section_sources.get(section).map_or_else(
             || (String::new(), String::new()),
-            |r| (r.file.clone(), format!("{} {}/{}", r.kind, r.namespace, r.name)),
+            |r| {
+                (
+                    r.file.clone(),
+                    format!("{} {}/{}", r.kind, r.namespace, r.name),
+                )
+            },
         )
     };
     let lint = |section: &str, field: &str, rule, message: String| {
@@ -215,7 +216,8 @@ fn lint_merged(policy: &cfg::ClientPolicy, endpoints: usize, rps: f64, out: &mut
         .unwrap_or_default();
     if let Some(retry) = policy.retry.as_ref().filter(|r| r.attempts > 0) {
         let timeouts = policy.timeouts.as_ref();
-        let request = duration(timeouts.and_then(|t| t.request.as_ref())).unwrap_or(DEFAULT_REQUEST);
+        let request =
+            duration(timeouts.and_then(|t| t.request.as_ref())).unwrap_or(DEFAULT_REQUEST);
         let per_try = duration(timeouts.and_then(|t| t.per_try.as_ref())).filter(|d| !d.is_zero());
         let tries = retry.attempts + 1;
         match per_try {
@@ -255,7 +257,7 @@ fn lint_merged(policy: &cfg::ClientPolicy, endpoints: usize, rps: f64, out: &mut
                 "for {service}: outlier detection over {endpoints} endpoint(s): ejecting one \
                  removes {}% of the capacity and leaves little to compare against; it needs 3 \
                  or more",
-                if endpoints == 0 { 100 } else { 100 / endpoints }
+                100_usize.checked_div(endpoints).unwrap_or(100)
             ),
         ));
     }

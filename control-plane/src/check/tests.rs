@@ -128,7 +128,9 @@ spec:
         .find(|l| l.rule == "retry-exceeds-timeout")
         .unwrap();
     assert!(
-        exceeds.message.contains("4 attempts x perTry 400ms = 1.6s exceeds the request timeout 1s"),
+        exceeds
+            .message
+            .contains("4 attempts x perTry 400ms = 1.6s exceeds the request timeout 1s"),
         "{exceeds}"
     );
     assert!(exceeds.file.ends_with("policy.yaml"), "{exceeds}");
