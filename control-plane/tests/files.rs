@@ -43,10 +43,15 @@ async fn edits_reach_proxies_and_invalid_files_keep_the_last_good_config() {
         .proxy(reqwest::Proxy::http(format!("http://{}", client.addr("outbound"))).unwrap())
         .build()
         .unwrap();
-    assert_eq!(
-        http.get("http://echo.shop/").send().await.unwrap().status(),
-        200
-    );
+    // The echo's sidecar registers on its own schedule: poll until it serves.
+    eventually(Duration::from_secs(5), || async {
+        http.get("http://echo.shop/")
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await
+    .expect("echo is served through both sidecars");
     eventually(Duration::from_secs(5), || async move {
         held_policy(admin).await.is_some_and(|(_, t)| t == 5)
     })
