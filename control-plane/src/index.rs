@@ -4,6 +4,7 @@
 //! see a consistent view and push only what changed.
 
 mod faults;
+mod routes;
 mod translate;
 
 use std::collections::BTreeMap;

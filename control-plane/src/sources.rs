@@ -45,6 +45,8 @@ pub enum Object {
     EndpointSlice(EndpointSlice),
     /// One of our policy kinds, checked for shape and kept for translation.
     Policy(Box<Policy>),
+    /// A Gateway API HTTPRoute or GRPCRoute.
+    Route(Box<Route>),
 }
 
 impl Object {
@@ -54,6 +56,7 @@ impl Object {
             Object::Service(s) => &s.meta,
             Object::EndpointSlice(e) => &e.meta,
             Object::Policy(p) => &p.meta,
+            Object::Route(r) => &r.meta,
         }
     }
 
@@ -63,6 +66,7 @@ impl Object {
             Object::Service(_) => "Service",
             Object::EndpointSlice(_) => "EndpointSlice",
             Object::Policy(p) => p.kind.as_str(),
+            Object::Route(r) => r.kind.as_str(),
         }
     }
 
@@ -138,6 +142,50 @@ pub struct SliceEndpoint {
     pub terminating: bool,
     /// `zone`.
     pub zone: String,
+}
+
+/// A Gateway API `HTTPRoute` or `GRPCRoute`, validated. The mesh serves the routes whose parent
+/// is a Service (GAMMA); Gateway parents wait for the gateway mode.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Route {
+    /// Metadata.
+    pub meta: Meta,
+    /// `HTTPRoute` or `GRPCRoute`.
+    pub kind: String,
+    /// The Services it attaches to (other parents are kept out).
+    pub parents: Vec<RouteParent>,
+    /// True when some parent is a Gateway.
+    pub gateway_parents: bool,
+    /// Rules, in order.
+    pub rules: Vec<RouteRule>,
+}
+
+/// A Service parent of a route.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteParent {
+    /// Service name.
+    pub name: String,
+    /// Its namespace (the route's when unset).
+    pub namespace: String,
+    /// Only this service port, when set.
+    pub port: Option<u16>,
+    /// Only the service port of this name, when set.
+    pub section_name: Option<String>,
+}
+
+/// One rule of a route.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouteRule {
+    /// `rules[].name`, when set (policies target it as `sectionName`).
+    pub name: Option<String>,
+    /// Any one matches; at least one (a rule without matches matches every request).
+    pub matches: Vec<cfg::RouteMatch>,
+    /// Weighted backends; empty means the parent Service itself.
+    pub backends: Vec<cfg::WeightedBackend>,
+    /// HTTPRoute `timeouts` (request, backendRequest as perTry).
+    pub timeouts: Option<cfg::Timeouts>,
+    /// HTTPRoute `retry` and the budget it gets.
+    pub retry: Option<(cfg::Retry, cfg::RetryBudget)>,
 }
 
 /// A reference from a policy to what it applies to (GEP-713).

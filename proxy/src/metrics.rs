@@ -67,9 +67,9 @@ pub struct Metrics {
     faults: Family<FaultLabels, Counter>,
     health_checks: Family<ReasonLabels, Counter>,
     cache: Family<ReasonLabels, Counter>,
-    budget: Family<ServiceOnly, prometheus_client::metrics::gauge::Gauge>,
-    /// The live retry budget of each service, read at each scrape.
-    budgets: Mutex<HashMap<String, RetryBudget>>,
+    budget: Family<RouteLabels, prometheus_client::metrics::gauge::Gauge>,
+    /// The live retry budget of each service and route, read at each scrape.
+    budgets: Mutex<HashMap<(String, String), RetryBudget>>,
     registry: Registry,
 }
 
@@ -78,6 +78,12 @@ struct FaultLabels {
     direction: Direction,
     service: String,
     kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    service: String,
+    route: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -163,10 +169,10 @@ impl Metrics {
             "Response cache outcomes by service (hit, miss, stale, revalidated)",
             cache.clone(),
         );
-        let budget = Family::<ServiceOnly, prometheus_client::metrics::gauge::Gauge>::default();
+        let budget = Family::<RouteLabels, prometheus_client::metrics::gauge::Gauge>::default();
         registry.register(
             "retry_budget_available",
-            "Retries the service's retry budget allows right now",
+            "Retries the retry budget of a service (per route, default without routes) allows right now",
             budget.clone(),
         );
         registry.register(
@@ -305,20 +311,22 @@ impl Metrics {
             .inc();
     }
 
-    /// Reports `budget` as the retry budget of `service` (replacing an older one).
-    pub fn track_budget(&self, service: &str, budget: RetryBudget) {
+    /// Reports `budget` as the retry budget of `service` on `route` (replacing an older one).
+    pub fn track_budget(&self, service: &str, route: &str, budget: RetryBudget) {
         self.budgets
             .lock()
             .expect("budgets lock poisoned")
-            .insert(service.to_owned(), budget);
+            .insert((service.to_owned(), route.to_owned()), budget);
     }
 
     /// Prometheus text exposition.
     pub fn encode(&self) -> String {
-        for (service, budget) in self.budgets.lock().expect("budgets lock poisoned").iter() {
+        for ((service, route), budget) in self.budgets.lock().expect("budgets lock poisoned").iter()
+        {
             self.budget
-                .get_or_create(&ServiceOnly {
+                .get_or_create(&RouteLabels {
                     service: service.clone(),
+                    route: route.clone(),
                 })
                 .set(i64::try_from(budget.available()).unwrap_or(i64::MAX));
         }

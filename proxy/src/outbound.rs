@@ -8,6 +8,7 @@
 pub mod cache;
 pub mod concrete;
 pub mod logical;
+pub mod routing;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -311,16 +312,25 @@ async fn handle(
     let (rsp, service) = match route(&ctx, &target).await {
         Route::Service(logical, endpoints, policy) => {
             let service = endpoints.service.clone();
-            let rsp = concrete::call(
-                ctx.clone(),
-                logical,
-                authority,
-                req,
-                policy,
-                service.clone(),
-            )
-            .await;
-            (rsp, service)
+            match routing::route(&ctx, logical, service.clone(), policy, &req).await {
+                routing::Routed::Call {
+                    logical,
+                    policy,
+                    service,
+                } => {
+                    let rsp = concrete::call(
+                        ctx.clone(),
+                        logical,
+                        authority,
+                        req,
+                        policy,
+                        service.clone(),
+                    )
+                    .await;
+                    (rsp, service)
+                }
+                routing::Routed::Answer(rsp) => (rsp, service),
+            }
         }
         Route::Passthrough(addr) => {
             let timeouts = CallTimeouts {

@@ -32,6 +32,7 @@ pub enum InvalidPolicy {
 }
 
 pub mod resilience;
+pub mod routes;
 
 use resilience::duration;
 pub use resilience::{
@@ -162,6 +163,14 @@ pub struct ClientPolicy {
     pub sections: BTreeMap<String, String>,
     /// A client-side fault (applied before retries).
     pub fault: Option<FaultPolicy>,
+    /// HTTPRoute / GRPCRoute rules attached to the service (none: every request goes to it).
+    pub routes: routes::Routes,
+    /// For a route's merged policy: the backend's own policy (its breaker, outlier detection
+    /// and health checks are the backend's, whatever the route).
+    #[serde(skip)]
+    pub base: Option<std::sync::Arc<ClientPolicy>>,
+    /// For a route's merged policy: the rule's name.
+    pub route: Option<String>,
 }
 
 /// Load-balancing algorithm.
@@ -248,6 +257,9 @@ impl TryFrom<cfg::ClientPolicy> for ClientPolicy {
             prefer_same_zone: l.prefer_same_zone,
             sections,
             fault: pb.fault.map(resilience::fault).transpose()?,
+            routes: routes::Routes::from_pb(pb.routes)?,
+            base: None,
+            route: None,
         })
     }
 }

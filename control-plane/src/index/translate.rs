@@ -177,7 +177,7 @@ fn protocol(p: PortProtocol) -> cfg::Protocol {
     }
 }
 
-fn object_ref(
+pub(super) fn object_ref(
     group: &str,
     kind: &str,
     meta: &crate::sources::Meta,
@@ -390,10 +390,7 @@ fn client_policy(
             namespace: key.namespace.clone(),
         }),
         port: u32::from(port.port),
-        routes: vec![cfg::Route {
-            name: "default".into(),
-            source: None,
-        }],
+        routes: super::routes::for_port(key, port, objects),
         timeouts,
         retry,
         budget,

@@ -83,6 +83,9 @@ pub fn parse_documents(file: &Path, text: &str) -> Result<Parsed, ParseError> {
         let object = match (group, head.kind.as_str()) {
             ("", "Service") => service(meta, &json),
             ("discovery.k8s.io", "EndpointSlice") => endpoint_slice(meta, &json),
+            ("gateway.networking.k8s.io", k @ ("HTTPRoute" | "GRPCRoute")) => {
+                route::route(meta, k, &json)
+            }
             (g, k) if POLICY_KINDS.contains(&(g, k)) => policy(meta, g, k, &json),
             ("apps", "Deployment" | "StatefulSet" | "DaemonSet")
             | ("", "Namespace" | "ConfigMap" | "ServiceAccount") => {
@@ -417,6 +420,27 @@ fn policy(
     if group == "policy.ferrymesh.io" {
         check_target_refs(&meta, &target_refs)?;
     }
+    if let Some(r) = &resilience
+        && target_refs
+            .iter()
+            .any(|t| matches!(t.kind.as_str(), "HTTPRoute" | "GRPCRoute"))
+    {
+        for (set, field) in [
+            (r.breaker.is_some(), "circuitBreaker"),
+            (r.outlier.is_some(), "outlierDetection"),
+            (r.health_check.is_some(), "healthCheck"),
+            (r.lb.is_some(), "loadBalancer"),
+        ] {
+            if set {
+                return Err(field_err(
+                    format!("spec.{field}"),
+                    format!(
+                        "{field} is per backend Service: target the Service, not a route (routes take timeouts, retry, cache and fallback)"
+                    ),
+                ));
+            }
+        }
+    }
     if resilience
         .as_ref()
         .is_some_and(ResilienceSections::is_empty)
@@ -466,6 +490,7 @@ fn check_target_refs(meta: &Meta, refs: &[TargetRef]) -> Result<(), FieldError> 
 
 mod fault;
 mod resilience;
+mod route;
 
 #[cfg(test)]
 mod tests;

@@ -3,6 +3,7 @@
 //! idempotency guard, replayable body) -> per-try timeout -> balanced endpoint (each attempt
 //! picks again, avoiding endpoints already tried).
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -56,7 +57,6 @@ impl std::fmt::Debug for RetryState {
 /// What one client policy's stack keeps across requests (the retry budget, the breaker).
 #[derive(Clone)]
 pub struct Stack {
-    for_policy: Arc<ClientPolicy>,
     retry: Option<RetryState>,
     breaker: Option<(Breaker, FailureClassifier<Response<Body>>)>,
     outlier: Option<Arc<Outlier<SocketAddr>>>,
@@ -74,11 +74,79 @@ impl std::fmt::Debug for Stack {
     }
 }
 
-/// The cache of a logical target's stack, rebuilt when its policy changes.
+/// The stack state of a logical target, kept across requests: the per-backend parts (breaker,
+/// outlier detection, health checks) built from the service's own policy, and per route the
+/// retry (with its budget) and cache of the policy in force for that route. Each part is
+/// rebuilt when the policy it came from changes.
 #[derive(Debug, Default)]
-pub struct StackCache(Mutex<Option<Stack>>);
+pub struct StackCache {
+    service: Mutex<Option<ServiceParts>>,
+    routes: Mutex<HashMap<String, RouteParts>>,
+    merged: Mutex<HashMap<String, Merged>>,
+}
+
+#[derive(Clone)]
+struct ServiceParts {
+    for_policy: Arc<ClientPolicy>,
+    breaker: Option<(Breaker, FailureClassifier<Response<Body>>)>,
+    outlier: Option<Arc<Outlier<SocketAddr>>>,
+    health: Option<Arc<HealthChecker>>,
+}
+
+impl std::fmt::Debug for ServiceParts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceParts")
+            .field("breaker", &self.breaker.as_ref().map(|(b, _)| b))
+            .field("outlier", &self.outlier)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct RouteParts {
+    for_policy: Arc<ClientPolicy>,
+    retry: Option<RetryState>,
+    cache: Option<Arc<ResponseCache>>,
+}
+
+/// A route's sections merged over a backend's policy, remembered while both stay the same.
+#[derive(Debug)]
+struct Merged {
+    parent: Arc<ClientPolicy>,
+    base: Arc<ClientPolicy>,
+    policy: Arc<ClientPolicy>,
+}
 
 impl StackCache {
+    /// The policy in force for rule `rule` of `parent`'s routes when it sends to this target
+    /// (whose own policy is `base`): the same `Arc` while neither changes, so the route's
+    /// retry budget and cache live on.
+    pub fn effective(
+        &self,
+        parent: &Arc<ClientPolicy>,
+        rule: usize,
+        base: &Arc<ClientPolicy>,
+    ) -> Arc<ClientPolicy> {
+        let route = &parent.routes.rules[rule];
+        let mut merged = self.merged.lock().expect("stack cache lock poisoned");
+        if let Some(m) = merged.get(&route.name)
+            && Arc::ptr_eq(&m.parent, parent)
+            && Arc::ptr_eq(&m.base, base)
+        {
+            return m.policy.clone();
+        }
+        let policy = Arc::new(ClientPolicy::with_route(base, route));
+        merged.insert(
+            route.name.clone(),
+            Merged {
+                parent: parent.clone(),
+                base: base.clone(),
+                policy: policy.clone(),
+            },
+        );
+        policy
+    }
+
     fn get(
         &self,
         policy: &Arc<ClientPolicy>,
@@ -86,65 +154,95 @@ impl StackCache {
         service: &str,
         logical: &Arc<Logical>,
     ) -> Stack {
-        let mut cached = self.0.lock().expect("stack cache lock poisoned");
-        if let Some(stack) = cached.as_ref()
-            && Arc::ptr_eq(&stack.for_policy, policy)
-        {
-            return stack.clone();
-        }
-        let stack = Stack {
-            for_policy: policy.clone(),
-            retry: policy.retry.as_ref().map(|r| {
-                let state = retry_state(r);
-                metrics.metrics.track_budget(service, state.budget.clone());
-                state
-            }),
-            breaker: policy
-                .breaker
-                .as_ref()
-                .map(|b| breaker(b, metrics.clone(), service.to_owned())),
-            cache: policy
-                .cache
-                .as_ref()
-                .map(|c| Arc::new(ResponseCache::new(c))),
-            health: policy.health_check.as_ref().map(|h| {
-                Arc::new(HealthChecker::start(
-                    h.clone(),
-                    Arc::downgrade(logical),
-                    metrics.clone(),
-                    service.to_owned(),
-                ))
-            }),
-            outlier: policy.outlier.as_ref().map(|o| {
-                Arc::new(Outlier::new(OutlierConfig {
-                    consecutive_errors: o.consecutive_errors,
-                    consecutive_gateway_errors: o.consecutive_gateway_errors,
-                    interval: o.interval,
-                    base_ejection_time: o.base_ejection_time,
-                    max_ejection_time: o.max_ejection_time,
-                    max_ejection_percent: o.max_ejection_percent,
-                    min_ready_endpoints: o.min_ready_endpoints,
-                }))
-            }),
+        let base = policy.base.clone().unwrap_or_else(|| policy.clone());
+        let route = policy.route.clone().unwrap_or_else(|| "default".to_owned());
+        let service_parts = {
+            let mut cached = self.service.lock().expect("stack cache lock poisoned");
+            match cached.as_ref() {
+                Some(parts) if Arc::ptr_eq(&parts.for_policy, &base) => parts.clone(),
+                _ => {
+                    let parts = service_parts(&base, metrics, service, logical);
+                    *cached = Some(parts.clone());
+                    parts
+                }
+            }
         };
-        *cached = Some(stack.clone());
-        stack
+        let route_parts = {
+            let mut cached = self.routes.lock().expect("stack cache lock poisoned");
+            match cached.get(&route) {
+                Some(parts) if Arc::ptr_eq(&parts.for_policy, policy) => parts.clone(),
+                _ => {
+                    let parts = RouteParts {
+                        for_policy: policy.clone(),
+                        retry: policy.retry.as_ref().map(|r| {
+                            let state = retry_state(r);
+                            metrics
+                                .metrics
+                                .track_budget(service, &route, state.budget.clone());
+                            state
+                        }),
+                        cache: policy
+                            .cache
+                            .as_ref()
+                            .map(|c| Arc::new(ResponseCache::new(c))),
+                    };
+                    cached.insert(route, parts.clone());
+                    parts
+                }
+            }
+        };
+        Stack {
+            retry: route_parts.retry,
+            cache: route_parts.cache,
+            breaker: service_parts.breaker,
+            outlier: service_parts.outlier,
+            health: service_parts.health,
+        }
     }
 
     /// The current policy's breaker, if it has one and the stack was built (first request).
     pub fn breaker(&self) -> Option<Breaker> {
-        let cached = self.0.lock().expect("stack cache lock poisoned");
+        let cached = self.service.lock().expect("stack cache lock poisoned");
         cached.as_ref()?.breaker.as_ref().map(|(b, _)| b.clone())
     }
 
     /// The breaker's state, for `/config_dump`.
     pub fn breaker_state(&self) -> Option<&'static str> {
-        let cached = self.0.lock().expect("stack cache lock poisoned");
-        cached
-            .as_ref()?
+        self.breaker().map(|b| b.state().as_str())
+    }
+}
+
+fn service_parts(
+    policy: &Arc<ClientPolicy>,
+    metrics: &Arc<Context>,
+    service: &str,
+    logical: &Arc<Logical>,
+) -> ServiceParts {
+    ServiceParts {
+        for_policy: policy.clone(),
+        breaker: policy
             .breaker
             .as_ref()
-            .map(|(b, _)| b.state().as_str())
+            .map(|b| breaker(b, metrics.clone(), service.to_owned())),
+        health: policy.health_check.as_ref().map(|h| {
+            Arc::new(HealthChecker::start(
+                h.clone(),
+                Arc::downgrade(logical),
+                metrics.clone(),
+                service.to_owned(),
+            ))
+        }),
+        outlier: policy.outlier.as_ref().map(|o| {
+            Arc::new(Outlier::new(OutlierConfig {
+                consecutive_errors: o.consecutive_errors,
+                consecutive_gateway_errors: o.consecutive_gateway_errors,
+                interval: o.interval,
+                base_ejection_time: o.base_ejection_time,
+                max_ejection_time: o.max_ejection_time,
+                max_ejection_percent: o.max_ejection_percent,
+                min_ready_endpoints: o.min_ready_endpoints,
+            }))
+        }),
     }
 }
 
