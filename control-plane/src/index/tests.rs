@@ -288,3 +288,91 @@ fn faults_end_after_their_duration_and_carry_a_ttl_until_then() {
 fn node_of(instance: &str, service: &str) -> pb::Node {
     node(instance, service, 7002, true)
 }
+
+#[test]
+fn route_sections_come_from_the_route_then_its_rule_then_the_whole_route() {
+    let index = IndexHandle::new();
+    let route = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: pricing, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: pricing}]
+  rules:
+  - name: own
+    matches: [{path: {type: Exact, value: /a}}]
+    timeouts: {request: 1s}
+  - name: ruled
+    matches: [{path: {type: Exact, value: /b}}]
+  - name: plain
+---
+apiVersion: policy.ferrymesh.io/v1alpha1
+kind: ResiliencePolicy
+metadata: {name: on-rule, namespace: shop}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: pricing, sectionName: ruled}]
+  timeouts: {request: 2s}
+---
+apiVersion: policy.ferrymesh.io/v1alpha1
+kind: ResiliencePolicy
+metadata: {name: on-route, namespace: shop}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: pricing}]
+  timeouts: {request: 3s}
+  cache: {maxEntries: 5}
+"#;
+    load(&index, "shop.yaml", SHOP);
+    load(&index, "route.yaml", route);
+    let Lookup::Found(r) = index.snapshot().lookup(
+        pb::ResourceType::ClientPolicy,
+        "pricing.shop.svc.cluster.local:80",
+        None,
+    ) else {
+        panic!("no policy")
+    };
+    let Some(pb::resource::Body::ClientPolicy(p)) = r.body else {
+        panic!("not a client policy")
+    };
+    let names: Vec<&str> = p.routes.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["pricing/own", "pricing/ruled", "pricing/plain"]);
+    let request = |i: usize| p.routes[i].timeouts.unwrap().request.unwrap().seconds;
+    let source = |i: usize, s: &str| p.routes[i].section_sources[s].name.clone();
+    assert_eq!(
+        (request(0), source(0, "timeouts")),
+        (1, "pricing".into()),
+        "the route's own"
+    );
+    assert_eq!((request(1), source(1, "timeouts")), (2, "on-rule".into()));
+    assert_eq!((request(2), source(2, "timeouts")), (3, "on-route".into()));
+    for i in 0..3 {
+        assert_eq!(source(i, "cache"), "on-route", "sections merge one by one");
+    }
+    assert_eq!(
+        p.timeouts.unwrap().request.unwrap().seconds,
+        2,
+        "the service's own sections stay as they were"
+    );
+}
+
+#[test]
+fn a_route_naming_unknown_services_is_reported() {
+    let index = IndexHandle::new();
+    load(&index, "shop.yaml", SHOP);
+    load(
+        &index,
+        "route.yaml",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\n\
+         spec:\n  parentRefs: [{group: \"\", kind: Service, name: ghost}]\n  rules: [{backendRefs: [{name: pricing-v9, port: 80}]}]\n",
+    );
+    let warnings = index.snapshot().warnings.clone();
+    assert!(
+        warnings.contains(&"HTTPRoute shop/r: parent Service shop/ghost does not exist".to_owned()),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings.contains(
+            &"HTTPRoute shop/r: backend Service shop/pricing-v9 does not exist".to_owned()
+        ),
+        "{warnings:?}"
+    );
+}

@@ -117,6 +117,7 @@ pub(super) fn build<'a>(
         });
     }
 
+    unknown_route_services(&objects, &services, warnings);
     let mut resources = Resources::default();
     for (key, (info, declared)) in &services {
         if let Some(ip) = info.cluster_ip {
@@ -166,6 +167,37 @@ pub(super) fn build<'a>(
         .map(|(k, (info, _))| (k, info))
         .collect();
     (resources, services)
+}
+
+/// A route that names services the mesh does not know is valid but does nothing: says so.
+fn unknown_route_services<V>(
+    objects: &[&Object],
+    services: &BTreeMap<ServiceKey, V>,
+    warnings: &mut Vec<String>,
+) {
+    for o in objects {
+        let Object::Route(r) = o else { continue };
+        let backends = r.rules.iter().flat_map(|rule| &rule.backends);
+        let named = r
+            .parents
+            .iter()
+            .map(|p| ("parent", p.namespace.clone(), p.name.clone()))
+            .chain(backends.filter_map(|b| {
+                let s = b.service.as_ref()?;
+                Some(("backend", s.namespace.clone(), s.name.clone()))
+            }));
+        for (role, namespace, name) in named {
+            if !services.contains_key(&ServiceKey {
+                namespace: namespace.clone(),
+                name: name.clone(),
+            }) {
+                warnings.push(format!(
+                    "{} {}/{}: {role} Service {namespace}/{name} does not exist",
+                    r.kind, r.meta.namespace, r.meta.name
+                ));
+            }
+        }
+    }
 }
 
 fn protocol(p: PortProtocol) -> cfg::Protocol {

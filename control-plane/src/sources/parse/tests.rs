@@ -510,3 +510,183 @@ fn fault_injection_rules_are_enforced() {
         assert!(err.message.contains(rule), "{spec}: {err}");
     }
 }
+
+const ROUTE: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: pricing, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: pricing, port: 80}]
+  rules:
+  - name: canary
+    matches: [{path: {type: PathPrefix, value: /prices}, method: GET, headers: [{name: X-Canary, value: "1"}], queryParams: [{name: v, value: "2"}]}]
+    backendRefs: [{name: pricing-v2, port: 80, weight: 10}]
+    timeouts: {request: 2s, backendRequest: 500ms}
+    retry: {attempts: 2, codes: [503], backoff: 50ms}
+  - {}
+"#;
+
+#[test]
+fn http_routes_with_service_parents_are_read_whole() {
+    let parsed = parse(ROUTE).unwrap();
+    let Object::Route(r) = &parsed.objects[0] else {
+        panic!("not a route")
+    };
+    assert_eq!(r.kind, "HTTPRoute");
+    assert_eq!(r.parents[0].name, "pricing");
+    assert_eq!(r.parents[0].namespace, "shop");
+    assert_eq!(r.parents[0].port, Some(80));
+    assert!(!r.gateway_parents);
+    let canary = &r.rules[0];
+    assert_eq!(canary.name.as_deref(), Some("canary"));
+    let m = &canary.matches[0];
+    assert_eq!(m.path.as_ref().unwrap().value, "/prices");
+    assert_eq!(m.method, "GET");
+    assert_eq!(
+        m.headers[0].name, "x-canary",
+        "header names are lower-cased"
+    );
+    assert_eq!(m.query_params[0].value, "2");
+    assert_eq!(canary.backends[0].weight, 10);
+    assert_eq!(
+        canary.backends[0].service.as_ref().unwrap().namespace,
+        "shop"
+    );
+    let t = canary.timeouts.unwrap();
+    assert_eq!(t.request.unwrap().seconds, 2);
+    assert_eq!(
+        t.per_try.unwrap().nanos,
+        500_000_000,
+        "backendRequest is the per-try timeout"
+    );
+    let (retry, _) = canary.retry.as_ref().unwrap();
+    assert_eq!(
+        (retry.attempts, retry.retry_on_status.clone()),
+        (2, vec![503])
+    );
+    let all = &r.rules[1];
+    assert_eq!(
+        all.matches[0].path.as_ref().unwrap().value,
+        "/",
+        "no match: every request"
+    );
+    assert!(all.backends.is_empty(), "no backend: the parent itself");
+}
+
+#[test]
+fn what_mesh_routes_cannot_do_is_refused_by_field() {
+    for (from, to, field, rule) in [
+        (
+            "type: PathPrefix, value: /prices",
+            "type: RegularExpression, value: /p.*",
+            "spec.rules[0].matches[0].path.type",
+            "RegularExpression",
+        ),
+        (
+            "value: /prices}",
+            "value: prices}",
+            "spec.rules[0].matches[0].path.value",
+            "starts with /",
+        ),
+        (
+            "method: GET",
+            "method: FETCH",
+            "spec.rules[0].matches[0].method",
+            "method is one of",
+        ),
+        (
+            "{name: pricing-v2, port: 80, weight: 10}",
+            "{name: pricing-v2}",
+            "spec.rules[0].backendRefs[0].port",
+            "names its port",
+        ),
+        (
+            "backendRequest: 500ms",
+            "backendRequest: 5s",
+            "spec.rules[0].timeouts.backendRequest",
+            "backendRequest <= request",
+        ),
+        (
+            "codes: [503]",
+            "codes: [200]",
+            "spec.rules[0].retry.codes[0]",
+            "400..599",
+        ),
+        (
+            "- {}",
+            "- {filters: [{type: RequestHeaderModifier}]}",
+            "spec.rules[1].filters",
+            "not supported",
+        ),
+        (
+            "kind: Service, name: pricing, port",
+            "kind: Pod, name: pricing, port",
+            "spec.parentRefs[0]",
+            "a parent is a Service",
+        ),
+        (
+            "- name: canary",
+            "- name: canary\n  - name: canary",
+            "spec.rules[1].name",
+            "unique",
+        ),
+    ] {
+        assert!(ROUTE.contains(from), "{from}");
+        let e = parse(&ROUTE.replacen(from, to, 1)).unwrap_err();
+        assert_eq!(e.field, field, "{e}");
+        assert!(e.message.contains(rule), "{e}");
+        assert_eq!(e.object, "HTTPRoute shop/pricing");
+    }
+}
+
+#[test]
+fn a_policy_on_a_route_takes_only_per_request_sections() {
+    let policy = |section: &str| {
+        format!(
+            "apiVersion: policy.ferrymesh.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: {{name: p, namespace: shop}}\n\
+             spec:\n  targetRefs: [{{group: gateway.networking.k8s.io, kind: HTTPRoute, name: pricing}}]\n  {section}\n"
+        )
+    };
+    assert!(parse(&policy("timeouts: {request: 1s}")).is_ok());
+    assert!(parse(&policy("cache: {maxEntries: 10}")).is_ok());
+    let e = parse(&policy(
+        "circuitBreaker: {tripWhen: {consecutiveFailures: 3}}",
+    ))
+    .unwrap_err();
+    assert_eq!(e.field, "spec.circuitBreaker");
+    assert!(e.message.contains("per backend Service"), "{e}");
+    let e = parse(&policy("loadBalancer: {algorithm: RoundRobin}")).unwrap_err();
+    assert_eq!(e.field, "spec.loadBalancer");
+}
+
+#[test]
+fn grpc_routes_match_services_and_methods_as_paths() {
+    let parsed = parse(
+        r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: echo, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo}]
+  rules:
+  - matches: [{method: {service: echo.Echo, method: Unary}}]
+  - matches: [{method: {service: echo.Echo}, headers: [{name: x-v, value: "2"}]}]
+"#,
+    )
+    .unwrap();
+    let Object::Route(r) = &parsed.objects[0] else {
+        panic!("not a route")
+    };
+    let path = |i: usize| r.rules[i].matches[0].path.clone().unwrap();
+    assert_eq!(path(0).value, "/echo.Echo/Unary");
+    assert_eq!(
+        path(0).kind,
+        i32::from(ferrymesh_proto::config::v1::path_match::Kind::Exact)
+    );
+    assert_eq!(path(1).value, "/echo.Echo/");
+    assert_eq!(
+        path(1).kind,
+        i32::from(ferrymesh_proto::config::v1::path_match::Kind::Prefix)
+    );
+    assert_eq!(r.rules[1].matches[0].headers[0].name, "x-v");
+}
