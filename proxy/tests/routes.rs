@@ -175,3 +175,33 @@ async fn route_level_timeouts_replace_the_services() {
     assert_eq!(sections("pricing/own"), "HTTPRoute shop/pricing@1");
     assert!(sections("pricing/rest").is_null(), "{policy}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_on_a_route_rule_hits_only_that_rules_requests() {
+    let echo = HttpEcho::start("v1").await;
+    let rules = "  - name: checkout\n    matches: [{path: {type: PathPrefix, value: /checkout}}]\n\
+                 \x20 - name: rest\n";
+    let fault = "apiVersion: policy.ferrymesh.io/v1alpha1\nkind: FaultInjection\nmetadata: {name: checkout-down, namespace: shop}\n\
+                 spec:\n  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: shop, sectionName: checkout}]\n\
+                 \x20 side: Client\n  abort: {httpStatus: 503, percentage: 100}\n  duration: 10m\n";
+    let files =
+        service("shop") + &unmeshed("shop", echo.addr) + &http_route("shop", "shop", rules) + fault;
+    let mesh = Mesh::start(&[("shop.yaml", &files)]);
+    let proxy = client_proxy(&mesh, "shop.shop", 1).await;
+    let http = proxied(proxy.addr("outbound"));
+    let before = echo.hits.load(Ordering::SeqCst);
+    assert_eq!(
+        instance(&http, "http://shop.shop/checkout/1", &[]).await,
+        (503, "fault-injected".into())
+    );
+    assert_eq!(
+        instance(&http, "http://shop.shop/cart", &[]).await,
+        (200, "v1".into()),
+        "other rules are untouched"
+    );
+    assert_eq!(
+        echo.hits.load(Ordering::SeqCst) - before,
+        1,
+        "the fault never left the caller"
+    );
+}

@@ -22,6 +22,8 @@ pub struct ActiveFault {
     pub side: FaultSide,
     /// Workload labels it selects (server side).
     pub selector: BTreeMap<String, String>,
+    /// A route target (kind, name, rule name): the fault applies to that route's requests.
+    pub route: Option<(String, String, Option<String>)>,
     /// What the proxies get.
     pub fault: cfg::Fault,
     /// When it ends.
@@ -77,18 +79,25 @@ pub(super) fn active<'a>(
             }),
         };
         for t in &p.target_refs {
-            if t.kind == "Service" {
-                out.push(ActiveFault {
-                    service: ServiceKey {
-                        namespace: p.meta.namespace.clone(),
-                        name: t.name.clone(),
-                    },
-                    side: spec.side,
-                    selector: spec.selector.clone(),
-                    fault: fault.clone(),
-                    expires_at,
-                });
-            }
+            let (service, route) = if t.kind == "Service" {
+                (t.name.clone(), None)
+            } else {
+                (
+                    String::new(),
+                    Some((t.kind.clone(), t.name.clone(), t.section_name.clone())),
+                )
+            };
+            out.push(ActiveFault {
+                service: ServiceKey {
+                    namespace: p.meta.namespace.clone(),
+                    name: service,
+                },
+                side: spec.side,
+                selector: spec.selector.clone(),
+                route,
+                fault: fault.clone(),
+                expires_at,
+            });
         }
     }
     out

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use ferrymesh_proto::config::v1 as cfg;
 
+use super::faults::ActiveFault;
 use super::translate::{ServiceKey, object_ref};
 use crate::sources::{Object, Policy, Route, RouteRule, ServicePort};
 
@@ -19,6 +20,7 @@ pub(super) fn for_port(
     key: &ServiceKey,
     port: &ServicePort,
     objects: &[&Object],
+    faults: &[ActiveFault],
 ) -> Vec<cfg::Route> {
     let mut attached: Vec<&Route> = objects
         .iter()
@@ -56,10 +58,34 @@ pub(super) fn for_port(
     let mut out = Vec::new();
     for route in attached {
         for (i, rule) in route.rules.iter().enumerate() {
-            out.push(rule_route(route, i, rule, &policies));
+            let mut r = rule_route(route, i, rule, &policies);
+            r.fault = fault_for(route, rule.name.as_deref(), faults);
+            out.push(r);
         }
     }
     out
+}
+
+/// The client-side fault for a rule: one targeting the rule wins over one targeting the route.
+fn fault_for(route: &Route, rule: Option<&str>, faults: &[ActiveFault]) -> Option<cfg::Fault> {
+    faults
+        .iter()
+        .filter_map(|f| {
+            let (kind, name, section) = f.route.as_ref()?;
+            if *kind != route.kind
+                || *name != route.meta.name
+                || f.service.namespace != route.meta.namespace
+            {
+                return None;
+            }
+            match (section, rule) {
+                (None, _) => Some((1, f)),
+                (Some(s), Some(r)) if s == r => Some((2, f)),
+                _ => None,
+            }
+        })
+        .max_by_key(|(level, _)| *level)
+        .map(|(_, f)| f.fault.clone())
 }
 
 /// Specificity of a policy target for this rule: 2 for the rule, 1 for the whole route.
@@ -134,6 +160,7 @@ fn rule_route(route: &Route, index: usize, rule: &RouteRule, policies: &[&Policy
         Some(f)
     });
     cfg::Route {
+        fault: None,
         name: format!("{}/{rule_name}", route.meta.name),
         matches: rule.matches.clone(),
         backends: rule.backends.clone(),

@@ -134,13 +134,8 @@ pub(super) fn build<'a>(
                 Arc::new(resource(body, ep_sources)),
             );
 
-            let (mut policy, sources) = client_policy(key, port, &objects);
-            let client_faults: Vec<&super::faults::ActiveFault> = faults
-                .iter()
-                .filter(|f| f.side == crate::sources::FaultSide::Client && f.service == *key)
-                .collect();
-            policy.fault = client_faults.first().map(|f| f.fault.clone());
-            let ttl = super::faults::ttl(client_faults.iter().copied().take(1), fault_ttl, now);
+            let (mut policy, sources) = client_policy(key, port, &objects, faults);
+            let ttl = client_faults(&mut policy, key, faults, fault_ttl, now);
             let mut all_sources: Vec<cfg::ResourceRef> = service_source.into_iter().collect();
             all_sources.extend(sources);
             let body = pb::resource::Body::ClientPolicy(policy);
@@ -198,6 +193,35 @@ fn unknown_route_services<V>(
             }
         }
     }
+}
+
+/// Puts the service's client-side fault into its policy; the TTL the resource needs for it and
+/// for the route faults in its routes.
+fn client_faults(
+    policy: &mut cfg::ClientPolicy,
+    key: &ServiceKey,
+    faults: &[super::faults::ActiveFault],
+    fault_ttl: std::time::Duration,
+    now: std::time::SystemTime,
+) -> Option<prost_types::Duration> {
+    let client_faults: Vec<&super::faults::ActiveFault> = faults
+        .iter()
+        .filter(|f| f.side == crate::sources::FaultSide::Client && f.service == *key)
+        .collect();
+    policy.fault = client_faults.first().map(|f| f.fault.clone());
+    // Route faults travel in the routes; their TTLs bound the resource's too.
+    let route_faults = faults.iter().filter(|f| {
+        f.route.is_some()
+            && policy
+                .routes
+                .iter()
+                .any(|r| r.fault.as_ref().map(|x| &x.source) == Some(&f.fault.source))
+    });
+    super::faults::ttl(
+        client_faults.iter().copied().take(1).chain(route_faults),
+        fault_ttl,
+        now,
+    )
 }
 
 fn protocol(p: PortProtocol) -> cfg::Protocol {
@@ -348,6 +372,7 @@ fn client_policy(
     key: &ServiceKey,
     port: &ServicePort,
     objects: &[&Object],
+    faults: &[super::faults::ActiveFault],
 ) -> (cfg::ClientPolicy, Vec<cfg::ResourceRef>) {
     // Every ResiliencePolicy that applies, most specific first; at the same level the first
     // by name wins (objects from files have no creationTimestamp to order by).
@@ -422,7 +447,7 @@ fn client_policy(
             namespace: key.namespace.clone(),
         }),
         port: u32::from(port.port),
-        routes: super::routes::for_port(key, port, objects),
+        routes: super::routes::for_port(key, port, objects, faults),
         timeouts,
         retry,
         budget,

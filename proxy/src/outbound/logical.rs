@@ -52,6 +52,8 @@ pub struct Logical {
     /// The stack state of the current policy (retry budget, breaker), kept across requests.
     pub stack: super::concrete::StackCache,
     applied: Mutex<Option<String>>,
+    /// A policy whose faults expired, and its copy without them.
+    stale: Mutex<Option<(Arc<ClientPolicy>, Arc<ClientPolicy>)>>,
 }
 
 impl Logical {
@@ -64,6 +66,7 @@ impl Logical {
             balancer: Balancer::default(),
             stack: super::concrete::StackCache::default(),
             applied: Mutex::new(None),
+            stale: Mutex::new(None),
         }
     }
 
@@ -99,10 +102,17 @@ impl Logical {
         let policy = match p {
             Ok(State::Found(held)) => match &held.value {
                 // A client-side fault whose TTL lapsed (a dead controller) no longer applies.
-                Value::ClientPolicy(p) if p.fault.is_some() && !held.fresh() => {
-                    let mut stale = ClientPolicy::clone(p);
-                    stale.fault = None;
-                    Some(Arc::new(stale))
+                // The copy without it is kept, so the stack built on it lives on.
+                Value::ClientPolicy(p) if p.has_faults() && !held.fresh() => {
+                    let mut stale = self.stale.lock().expect("logical lock poisoned");
+                    match stale.as_ref() {
+                        Some((of, copy)) if Arc::ptr_eq(of, p) => Some(copy.clone()),
+                        _ => {
+                            let copy = Arc::new(p.without_faults());
+                            *stale = Some((p.clone(), copy.clone()));
+                            Some(copy)
+                        }
+                    }
                 }
                 Value::ClientPolicy(p) => Some(p.clone()),
                 _ => None,

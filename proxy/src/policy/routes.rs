@@ -40,6 +40,8 @@ pub struct RouteOverrides {
     pub cache: Option<CachePolicy>,
     /// `fallback`.
     pub fallback: Option<FallbackPolicy>,
+    /// A client-side fault on the route (replaces the service's).
+    pub fault: Option<super::FaultPolicy>,
     /// Section -> source object.
     pub sections: BTreeMap<String, String>,
 }
@@ -270,6 +272,7 @@ fn rule(r: cfg::Route) -> Result<RoutePolicy, InvalidPolicy> {
                 .transpose()?,
             cache: r.cache.map(resilience::cache).transpose()?,
             fallback: r.fallback.map(resilience::fallback).transpose()?,
+            fault: r.fault.map(resilience::fault).transpose()?,
             sections,
         },
         source: r
@@ -280,6 +283,27 @@ fn rule(r: cfg::Route) -> Result<RoutePolicy, InvalidPolicy> {
 }
 
 impl ClientPolicy {
+    /// True when a client-side fault is in it (the service's or a route's).
+    pub fn has_faults(&self) -> bool {
+        self.fault.is_some()
+            || self
+                .routes
+                .rules
+                .iter()
+                .any(|r| r.overrides.fault.is_some())
+    }
+
+    /// The same policy without its client-side faults (their TTL lapsed).
+    #[must_use]
+    pub fn without_faults(&self) -> ClientPolicy {
+        let mut p = self.clone();
+        p.fault = None;
+        for r in &mut p.routes.rules {
+            r.overrides.fault = None;
+        }
+        p
+    }
+
     /// No section at all, for a service the controller sent no policy for.
     pub fn empty(service: &str) -> ClientPolicy {
         let (namespace, name) = service.split_once('/').unwrap_or(("", service));
@@ -312,6 +336,9 @@ impl ClientPolicy {
         }
         if o.fallback.is_some() {
             p.fallback.clone_from(&o.fallback);
+        }
+        if o.fault.is_some() {
+            p.fault.clone_from(&o.fault);
         }
         for (section, source) in &o.sections {
             p.sections.insert(section.clone(), source.clone());

@@ -153,14 +153,25 @@ pub(super) fn spec(json: &serde_json::Value) -> Result<(Vec<TargetRef>, FaultSpe
         ));
     }
     for (i, t) in s.target_refs.iter().enumerate() {
-        if !matches!(
-            (t.group.as_str(), t.kind.as_str()),
-            ("", "Service") | ("gateway.networking.k8s.io", "HTTPRoute" | "GRPCRoute")
-        ) {
-            return Err(field_err(
-                format!("spec.targetRefs[{i}]"),
-                "FaultInjection targets a Service, HTTPRoute or GRPCRoute",
-            ));
+        match (t.group.as_str(), t.kind.as_str()) {
+            ("", "Service") => {}
+            ("gateway.networking.k8s.io", "HTTPRoute" | "GRPCRoute") => {
+                // Routes are chosen by the caller's proxy: only it can inject per route.
+                if side != FaultSide::Client {
+                    return Err(field_err(
+                        "spec.side",
+                        format!(
+                            "a FaultInjection on a route (targetRefs[{i}]) injects on the client side: set side: Client"
+                        ),
+                    ));
+                }
+            }
+            _ => {
+                return Err(field_err(
+                    format!("spec.targetRefs[{i}]"),
+                    "FaultInjection targets a Service, HTTPRoute or GRPCRoute",
+                ));
+            }
         }
     }
     let headers = s

@@ -690,3 +690,17 @@ spec:
     );
     assert_eq!(r.rules[1].matches[0].headers[0].name, "x-v");
 }
+
+#[test]
+fn a_fault_on_a_route_must_be_client_side() {
+    let fault = |side: &str| {
+        format!(
+            "apiVersion: policy.ferrymesh.io/v1alpha1\nkind: FaultInjection\nmetadata: {{name: f, namespace: shop}}\n\
+             spec:\n  targetRefs: [{{group: gateway.networking.k8s.io, kind: HTTPRoute, name: r}}]\n{side}  abort: {{httpStatus: 503, percentage: 10}}\n  duration: 5m\n"
+        )
+    };
+    let e = parse(&fault("")).unwrap_err();
+    assert_eq!(e.field, "spec.side");
+    assert!(e.message.contains("set side: Client"), "{e}");
+    assert!(parse(&fault("  side: Client\n")).is_ok());
+}
