@@ -312,7 +312,17 @@ async fn handle(
     let (rsp, service) = match route(&ctx, &target).await {
         Route::Service(logical, endpoints, policy) => {
             let service = endpoints.service.clone();
-            match routing::route(&ctx, logical, service.clone(), policy, &req).await {
+            // Most services have no routes: no copy of the request head for them.
+            let routed = if policy.as_ref().is_some_and(|p| !p.routes.is_empty()) {
+                routing::route(&ctx, logical, service.clone(), policy, &req).await
+            } else {
+                routing::Routed::Call {
+                    logical,
+                    policy,
+                    service: service.clone(),
+                }
+            };
+            match routed {
                 routing::Routed::Call {
                     logical,
                     policy,
