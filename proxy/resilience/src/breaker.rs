@@ -16,7 +16,6 @@
 //!
 //! What counts as a failure is the caller's classifier over responses.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -25,6 +24,8 @@ use std::time::Duration;
 
 use rand::Rng as _;
 use tokio::time::Instant;
+
+use crate::window::Window;
 
 /// Breaker settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -99,8 +100,8 @@ struct Inner {
     /// Trips in a row (reset when the breaker closes).
     trips: u32,
     consecutive: u32,
-    /// (time, failed) of recent calls in the window.
-    recent: VecDeque<(Instant, bool)>,
+    /// (calls, failures) in the sliding window.
+    recent: Window,
     in_flight: usize,
 }
 
@@ -140,7 +141,7 @@ impl Breaker {
             mode: Mode::Closed,
             trips: 0,
             consecutive: 0,
-            recent: VecDeque::new(),
+            recent: Window::new(config.window),
             in_flight: 0,
         };
         Self {
@@ -290,22 +291,13 @@ impl Breaker {
                 }
                 Mode::Closed => {
                     inner.consecutive = if failed { inner.consecutive + 1 } else { 0 };
-                    inner.recent.push_back((now, failed));
-                    while inner
-                        .recent
-                        .front()
-                        .is_some_and(|(t, _)| now.duration_since(*t) > c.window)
-                    {
-                        inner.recent.pop_front();
-                    }
-                    let calls = inner.recent.len();
-                    let failures = inner.recent.iter().filter(|(_, f)| *f).count();
+                    inner.recent.add(now, 1, u32::from(failed));
+                    let (calls, failures) = inner.recent.totals(now);
                     let by_count =
                         c.consecutive_failures > 0 && inner.consecutive >= c.consecutive_failures;
-                    #[allow(clippy::cast_precision_loss)] // call counts are far below 2^52
                     let by_ratio = c.failure_ratio > 0.0
-                        && calls >= c.minimum_requests as usize
-                        && failures as f64 / calls as f64 >= c.failure_ratio;
+                        && calls >= c.minimum_requests
+                        && f64::from(failures) / f64::from(calls) >= c.failure_ratio;
                     if by_count || by_ratio {
                         inner.trips += 1;
                         let until = now + self.open_time(inner.trips);

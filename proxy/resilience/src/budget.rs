@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Slots the window is cut into: the window slides by a tenth at a time.
-const SLOTS: usize = 10;
+use crate::window::Window;
 
 /// A cheap handle on one budget (clones share it).
 #[derive(Debug, Clone)]
@@ -20,40 +19,8 @@ struct Inner {
     ratio: f64,
     /// The floor's share of one window: `min_per_second x window`.
     reserve: f64,
-    slot: Duration,
-    start: Instant,
-    counts: Mutex<Counts>,
-}
-
-#[derive(Debug, Default)]
-struct Counts {
-    /// Index (since `start`) of the newest slot.
-    newest: u64,
-    requests: [u32; SLOTS],
-    retries: [u32; SLOTS],
-}
-
-impl Counts {
-    /// Forgets the slots that fell out of the window by `now_slot`.
-    fn slide(&mut self, now_slot: u64) {
-        if now_slot <= self.newest {
-            return;
-        }
-        let stale = (now_slot - self.newest).min(SLOTS as u64);
-        for i in 1..=stale {
-            #[allow(clippy::cast_possible_truncation)] // modulo SLOTS
-            let at = ((self.newest + i) % SLOTS as u64) as usize;
-            self.requests[at] = 0;
-            self.retries[at] = 0;
-        }
-        self.newest = now_slot;
-    }
-
-    fn index(&self) -> usize {
-        #[allow(clippy::cast_possible_truncation)] // modulo SLOTS
-        let at = (self.newest % SLOTS as u64) as usize;
-        at
-    }
+    /// (requests, retries).
+    counts: Mutex<Window>,
 }
 
 impl RetryBudget {
@@ -63,48 +30,41 @@ impl RetryBudget {
         Self(Arc::new(Inner {
             ratio: ratio.clamp(0.0, 1.0),
             reserve: f64::from(min_per_second) * window.as_secs_f64(),
-            slot: window / u32::try_from(SLOTS).expect("few slots"),
-            start: Instant::now(),
-            counts: Mutex::new(Counts::default()),
+            counts: Mutex::new(Window::new(window)),
         }))
     }
 
-    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
-        let mut counts = self.0.counts.lock().expect("budget lock poisoned");
-        let elapsed = self.0.start.elapsed().as_nanos();
-        let slot = u64::try_from(elapsed / self.0.slot.as_nanos().max(1)).unwrap_or(u64::MAX);
-        counts.slide(slot);
-        counts
-    }
-
-    fn balance(&self, counts: &Counts) -> f64 {
-        let requests: u32 = counts.requests.iter().sum();
-        let retries: u32 = counts.retries.iter().sum();
+    fn balance(&self, requests: u32, retries: u32) -> f64 {
         self.0.reserve + self.0.ratio * f64::from(requests) - f64::from(retries)
     }
 
     /// Counts one request (its first attempt).
     pub fn deposit(&self) {
-        let mut counts = self.counts();
-        let at = counts.index();
-        counts.requests[at] = counts.requests[at].saturating_add(1);
+        let mut w = self.0.counts.lock().expect("budget lock poisoned");
+        w.add(Instant::now(), 1, 0);
     }
 
     /// Takes one retry from the budget; `false` when it is spent.
     pub fn withdraw(&self) -> bool {
-        let mut counts = self.counts();
-        if self.balance(&counts) < 1.0 {
+        let now = Instant::now();
+        let mut w = self.0.counts.lock().expect("budget lock poisoned");
+        let (requests, retries) = w.totals(now);
+        if self.balance(requests, retries) < 1.0 {
             return false;
         }
-        let at = counts.index();
-        counts.retries[at] = counts.retries[at].saturating_add(1);
+        w.add(now, 0, 1);
         true
     }
 
     /// Retries that may be sent now (whole ones).
     pub fn available(&self) -> u64 {
-        let counts = self.counts();
-        let balance = self.balance(&counts).max(0.0).floor();
+        let (requests, retries) = self
+            .0
+            .counts
+            .lock()
+            .expect("budget lock poisoned")
+            .totals(Instant::now());
+        let balance = self.balance(requests, retries).max(0.0).floor();
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // >= 0, small
         let whole = balance as u64;
         whole

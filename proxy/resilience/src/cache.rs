@@ -9,7 +9,7 @@
 //! - [`Store`]: entries keyed by method, authority, path and the request headers the response
 //!   varies on; bounded by entries and bytes, least recently used first out.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -256,9 +256,13 @@ pub struct Store {
     max_entries: usize,
     max_bytes: usize,
     bytes: usize,
-    /// Primary key (method, authority, path) -> variants.
-    entries: HashMap<String, Vec<Entry>>,
-    lru: VecDeque<String>,
+    /// Stored responses (all variants).
+    count: usize,
+    /// Primary key (method, authority, path) -> (last use, variants).
+    entries: HashMap<String, (u64, Vec<Entry>)>,
+    /// Last use -> primary key: the first is the least recently used.
+    lru: BTreeMap<u64, String>,
+    clock: u64,
 }
 
 impl Store {
@@ -268,8 +272,10 @@ impl Store {
             max_entries,
             max_bytes,
             bytes: 0,
+            count: 0,
             entries: HashMap::new(),
-            lru: VecDeque::new(),
+            lru: BTreeMap::new(),
+            clock: 0,
         }
     }
 
@@ -286,7 +292,7 @@ impl Store {
         req: &HeaderMap,
     ) -> Option<Entry> {
         let key = Self::key(method, authority, path);
-        let variants = self.entries.get(&key)?;
+        let (_, variants) = self.entries.get(&key)?;
         let hit = variants
             .iter()
             .find(|e| e.vary == vary_values(&e.vary.keys().cloned().collect::<Vec<_>>(), req))?
@@ -311,37 +317,46 @@ impl Store {
         if size > self.max_bytes {
             return;
         }
-        let variants = self.entries.entry(key.clone()).or_default();
+        let (_, variants) = self.entries.entry(key.clone()).or_insert((0, Vec::new()));
         if let Some(i) = variants.iter().position(|e| e.vary == entry.vary) {
             let old = variants.remove(i);
             self.bytes -= old.size();
+            self.count -= 1;
         }
         variants.push(entry);
         self.bytes += size;
+        self.count += 1;
         self.touch(&key);
-        while self.bytes > self.max_bytes || self.len() > self.max_entries {
-            let Some(oldest) = self.lru.pop_front() else {
+        while self.bytes > self.max_bytes || self.count > self.max_entries {
+            let Some((_, oldest)) = self.lru.pop_first() else {
                 break;
             };
-            if let Some(vs) = self.entries.remove(&oldest) {
+            if let Some((_, vs)) = self.entries.remove(&oldest) {
                 self.bytes -= vs.iter().map(Entry::size).sum::<usize>();
+                self.count -= vs.len();
             }
         }
     }
 
+    /// Marks `key` as the most recently used.
     fn touch(&mut self, key: &str) {
-        self.lru.retain(|k| k != key);
-        self.lru.push_back(key.to_owned());
+        let Some((used, _)) = self.entries.get_mut(key) else {
+            return;
+        };
+        self.lru.remove(used);
+        self.clock += 1;
+        *used = self.clock;
+        self.lru.insert(self.clock, key.to_owned());
     }
 
     /// Stored responses.
     pub fn len(&self) -> usize {
-        self.entries.values().map(Vec::len).sum()
+        self.count
     }
 
     /// True when nothing is stored.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.count == 0
     }
 }
 

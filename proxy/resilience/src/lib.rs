@@ -11,3 +11,4 @@ pub mod outlier;
 pub mod replay;
 pub mod retry;
 pub mod timeout;
+mod window;
