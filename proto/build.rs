@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "proto/ferrymesh/config/v1/client.proto",
     "proto/ferrymesh/config/v1/inbound.proto",
     "proto/ferrymesh/discovery/v1/discovery.proto",
+    "proto/ferrymesh/identity/v1/identity.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

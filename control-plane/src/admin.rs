@@ -31,6 +31,9 @@ pub struct Addresses {
     pub discovery: SocketAddr,
     /// This admin server.
     pub admin: SocketAddr,
+    /// The Identity (CA) gRPC server, when identity is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<SocketAddr>,
 }
 
 /// The admin router.

@@ -74,6 +74,40 @@ pub struct Snapshot {
     pub next_expiry: Option<std::time::SystemTime>,
     /// TTL of resources that carry faults.
     pub fault_ttl: std::time::Duration,
+    /// mTLS modes set by AuthenticationPolicies.
+    pub mtls: Vec<MtlsRule>,
+}
+
+/// An AuthenticationPolicy's `mtls.mode` for a Namespace or a Service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MtlsRule {
+    /// Namespace.
+    pub namespace: String,
+    /// The Service; `None`: the whole namespace.
+    pub service: Option<String>,
+    /// Strict (else Permissive).
+    pub strict: bool,
+    /// The policy's name (ties: the first by name wins).
+    pub policy: String,
+}
+
+impl MtlsRule {
+    /// The mode for workloads of `namespace/service`: the most specific rule, Permissive when
+    /// none applies (the course default).
+    pub fn mode_for(rules: &[MtlsRule], namespace: &str, service: &str) -> bool {
+        rules
+            .iter()
+            .filter(|r| {
+                r.namespace == namespace && r.service.as_deref().is_none_or(|s| s == service)
+            })
+            .min_by(|a, b| {
+                b.service
+                    .is_some()
+                    .cmp(&a.service.is_some())
+                    .then_with(|| a.policy.cmp(&b.policy))
+            })
+            .is_some_and(|r| r.strict)
+    }
 }
 
 impl Snapshot {
@@ -248,6 +282,22 @@ impl Index {
             self.first_seen.entry(k).or_insert(now);
         }
         let faults = faults::active(objects.values().copied(), &self.first_seen, now);
+        let mtls = objects
+            .values()
+            .filter_map(|o| match o {
+                Object::Policy(p) => Some(p),
+                _ => None,
+            })
+            .filter_map(|p| Some((p, p.mtls_strict?)))
+            .flat_map(|(p, strict)| {
+                p.target_refs.iter().map(move |t| MtlsRule {
+                    namespace: p.meta.namespace.clone(),
+                    service: (t.kind == "Service").then(|| t.name.clone()),
+                    strict,
+                    policy: p.meta.name.clone(),
+                })
+            })
+            .collect();
         let workloads: Vec<Registered> = self.workloads.values().cloned().collect();
         let (resources, services) = translate::build(
             objects.values().copied(),
@@ -267,6 +317,7 @@ impl Index {
             next_expiry: faults.iter().map(|f| f.expires_at).min(),
             faults,
             fault_ttl: self.fault_ttl,
+            mtls,
         }
     }
 }

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod check;
 pub mod grpc;
+pub mod identity;
 pub mod index;
 pub mod metrics;
 pub mod run;

@@ -12,6 +12,8 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::admin::{self, Addresses};
 use crate::grpc::DiscoveryService;
+use crate::identity::tokens::Tokens;
+use crate::identity::{Ca, IdentityService};
 use crate::index::IndexHandle;
 use crate::metrics::Metrics;
 use crate::sources::files::FileSource;
@@ -50,6 +52,26 @@ pub struct RunArgs {
     /// controller refreshes every third of it), so chaos stops when the controller is gone.
     #[arg(long, default_value = "60s", value_parser = parse_duration, env = "FERRYMESH_CONTROLLER_FAULT_TTL")]
     pub fault_ttl: Duration,
+    /// The CA's folder (`ca.pem`, `ca.key.pem`; created on first start). Without it the mesh
+    /// has no identity: proxies talk plaintext.
+    #[arg(long, env = "FERRYMESH_CONTROLLER_CA_DIR")]
+    pub ca_dir: Option<PathBuf>,
+    /// Bootstrap tokens (local mode): `<dir>/<namespace>/<service account>`.
+    #[arg(long, env = "FERRYMESH_CONTROLLER_TOKEN_DIR")]
+    pub token_dir: Option<PathBuf>,
+    /// Identity (Certify, TLS) address.
+    #[arg(
+        long,
+        default_value = "127.0.0.1:9090",
+        env = "FERRYMESH_CONTROLLER_IDENTITY_LISTEN"
+    )]
+    pub identity_listen: SocketAddr,
+    /// The SPIFFE trust domain.
+    #[arg(long, default_value = "cluster.local", env = "FERRYMESH_TRUST_DOMAIN")]
+    pub trust_domain: String,
+    /// Lifetime of workload certificates.
+    #[arg(long, default_value = "24h", value_parser = parse_duration, env = "FERRYMESH_CONTROLLER_CERT_LIFETIME")]
+    pub cert_lifetime: Duration,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -87,9 +109,11 @@ pub async fn run(args: RunArgs, shutdown: watch::Receiver<bool>) -> anyhow::Resu
     let admin_listener = TcpListener::bind(args.admin_listen)
         .await
         .with_context(|| format!("binding the admin listener on {}", args.admin_listen))?;
+    let identity = bind_identity(&args).await?;
     let addrs = Addresses {
         discovery: discovery.local_addr()?,
         admin: admin_listener.local_addr()?,
+        identity: identity.as_ref().map(|(_, l)| l.local_addr()).transpose()?,
     };
     println!("{LISTENING_PREFIX}{}", serde_json::to_string(&addrs)?);
     tracing::info!(discovery = %addrs.discovery, admin = %addrs.admin, "controller listening");
@@ -116,6 +140,22 @@ pub async fn run(args: RunArgs, shutdown: watch::Receiver<bool>) -> anyhow::Resu
             })
             .await
     });
+    let identity_task = match identity {
+        Some((ca, listener)) => {
+            let tokens = args
+                .token_dir
+                .clone()
+                .map(Tokens::in_dir)
+                .unwrap_or_default();
+            Some(tokio::spawn(serve_identity(
+                ca,
+                tokens,
+                listener,
+                shutdown.clone(),
+            )))
+        }
+        None => None,
+    };
     let service = DiscoveryService::new(index, metrics, shutdown.clone());
     let mut grpc_shutdown = shutdown.clone();
     tonic::transport::Server::builder()
@@ -131,7 +171,47 @@ pub async fn run(args: RunArgs, shutdown: watch::Receiver<bool>) -> anyhow::Resu
         .await
         .context("admin task")?
         .context("serving admin")?;
+    if let Some(task) = identity_task {
+        task.await.context("identity task")??;
+    }
     watch_task.await.context("watch task")??;
     expiry_task.await.context("fault expiry task")?;
     Ok(())
+}
+
+/// The CA and the Identity listener, when `--ca-dir` turns identity on.
+async fn bind_identity(args: &RunArgs) -> anyhow::Result<Option<(Arc<Ca>, TcpListener)>> {
+    let Some(dir) = &args.ca_dir else {
+        return Ok(None);
+    };
+    let ca = Arc::new(Ca::load_or_create(
+        dir,
+        &args.trust_domain,
+        args.cert_lifetime,
+    )?);
+    let listener = TcpListener::bind(args.identity_listen)
+        .await
+        .with_context(|| format!("binding the Identity listener on {}", args.identity_listen))?;
+    Ok(Some((ca, listener)))
+}
+
+/// Serves `Identity.Certify` over TLS with a server certificate from `ca` itself.
+async fn serve_identity(
+    ca: Arc<Ca>,
+    tokens: Tokens,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let (cert, key) = ca.server_identity()?;
+    let tls = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(cert, key));
+    tonic::transport::Server::builder()
+        .tls_config(tls)
+        .context("the Identity server's TLS")?
+        .add_service(IdentityService::new(ca, tokens).into_server())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        })
+        .await
+        .context("serving Identity")
 }

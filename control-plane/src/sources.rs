@@ -222,6 +222,8 @@ pub struct Policy {
     pub resilience: Option<ResilienceSections>,
     /// FaultInjection only: the fault, validated.
     pub fault: Option<FaultSpec>,
+    /// AuthenticationPolicy only: `mtls.mode` (`Some(true)`: Strict), when set.
+    pub mtls_strict: Option<bool>,
     /// The spec as written.
     pub spec: serde_json::Value,
 }

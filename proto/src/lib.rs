@@ -2,6 +2,7 @@
 //!
 //! - [`discovery::v1`]: the Discovery service (one delta stream per proxy, ACK/NACK by nonce).
 //! - [`config::v1`]: the resources it carries (endpoints, client and inbound policy).
+//! - [`identity::v1`]: the certificate authority (`Certify`).
 #![allow(
     clippy::pedantic,
     unreachable_pub,
@@ -47,8 +48,15 @@ pub mod ferrymesh {
             include!(concat!(env!("OUT_DIR"), "/ferrymesh.discovery.v1.rs"));
         }
     }
+    /// `ferrymesh.identity.*`.
+    pub mod identity {
+        /// `ferrymesh.identity.v1`.
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/ferrymesh.identity.v1.rs"));
+        }
+    }
 }
 
-pub use ferrymesh::{config, discovery};
+pub use ferrymesh::{config, discovery, identity};
 
 pub mod duration;

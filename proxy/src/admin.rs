@@ -27,7 +27,14 @@ pub fn handle(ctx: &Context, req: &Request<Incoming>, full: bool) -> Response<Bo
     match req.uri().path() {
         "/live" => text(StatusCode::OK, PLAIN, "live\n".into()),
         "/ready" => {
-            if *ctx.discovery.synced().borrow() {
+            let certified = ctx.identity.as_ref().is_none_or(|i| i.held().is_some());
+            if !certified {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    PLAIN,
+                    "not ready: waiting for a certificate\n".into(),
+                )
+            } else if *ctx.discovery.synced().borrow() {
                 text(StatusCode::OK, PLAIN, "ready\n".into())
             } else {
                 text(

@@ -42,6 +42,8 @@ pub struct Context {
     pub service_label: String,
     /// This workload's inbound policy (server-side faults).
     pub inbound_policy: watch::Receiver<crate::discovery::State>,
+    /// The workload identity (mTLS), when on.
+    pub identity: Option<Arc<crate::identity::Identity>>,
 }
 
 /// The bound addresses, printed at start and announced to the controller.
@@ -131,7 +133,13 @@ impl App {
         let (discovery, commands) = Discovery::new(config.control_plane.discovery.clone());
         let service_label = format!("{}/{}", config.workload.namespace, config.workload.service);
         let inbound_policy = discovery.watch(pb::ResourceType::InboundPolicy, "*");
+        let identity = config
+            .identity
+            .as_ref()
+            .map(|i| crate::identity::Identity::new(&config.workload, i).map(Arc::new))
+            .transpose()?;
         let ctx = Arc::new(Context {
+            identity,
             config,
             discovery,
             pool: Arc::default(),
@@ -182,6 +190,12 @@ impl App {
                 ready: false,
                 listeners: None,
                 labels: c.workload.labels.clone(),
+                identity: self
+                    .ctx
+                    .identity
+                    .as_ref()
+                    .map(|i| i.spiffe().to_owned())
+                    .unwrap_or_default(),
             }
         });
         let listeners = pb::ProxyListeners {
@@ -239,6 +253,9 @@ impl App {
 
         let _inbound_policy = ctx.discovery.watch(pb::ResourceType::InboundPolicy, "*");
         ctx.pool.start_sweeping();
+        if let Some(identity) = &ctx.identity {
+            tokio::spawn(identity.clone().run(shutdown.clone()));
+        }
         let stream = tokio::spawn(client::run(ctx.discovery.clone(), commands, node, leave));
         let readiness = tokio::spawn(readiness(ctx.clone(), drain.clone()));
 
@@ -339,6 +356,15 @@ async fn readiness(ctx: Arc<Context>, drain: watch::Receiver<bool>) {
     let Some(inbound) = ctx.config.inbound.clone() else {
         return;
     };
+    // With mTLS on, peers cannot reach the workload before it holds a certificate.
+    if let Some(identity) = &ctx.identity {
+        let mut held = identity.watch();
+        let mut drain = drain.clone();
+        tokio::select! {
+            _ = held.wait_for(Option::is_some) => {}
+            _ = drain.wait_for(|d| *d) => return,
+        }
+    }
     let Some(path) = inbound.readiness_path.clone() else {
         ctx.discovery.set_ready(true);
         return;
@@ -361,7 +387,8 @@ async fn readiness(ctx: Arc<Context>, drain: watch::Receiver<bool>) {
             idle: crate::pool::DEFAULT_IDLE,
         };
         let rsp =
-            crate::outbound::logical::send(&ctx.pool, inbound.app, &authority, req, timeouts).await;
+            crate::outbound::logical::send(&ctx.pool, inbound.app, &authority, req, timeouts, None)
+                .await;
         let ready = rsp.status().is_success();
         if ready != ctx.discovery.ready() {
             tracing::info!(ready, status = %rsp.status(), "app readiness changed");

@@ -324,6 +324,7 @@ mod tests {
             zone: String::new(),
             meshed: true,
             instance: format!("i{port}"),
+            identity: None,
         }
     }
 

@@ -28,6 +28,8 @@ pub struct Config {
     pub admin: Admin,
     /// The controller.
     pub control_plane: ControlPlane,
+    /// Workload identity and mTLS; `None`: plaintext (`identity.mode: Disabled`).
+    pub identity: Option<IdentityConfig>,
     /// How long in-flight requests may finish after SIGTERM. Default 10s.
     pub drain_timeout: Duration,
     /// Runtime worker threads. Default 1: a sidecar shares its pod's CPU, and one thread
@@ -128,6 +130,23 @@ pub struct ControlPlane {
     pub discovery: String,
 }
 
+/// `identity.mode: ControlPlane`: the proxy gets its certificate from the controller's CA.
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    /// The Identity (Certify) address, `host:port`.
+    pub address: String,
+    /// The name the controller's TLS certificate is checked against. Default `localhost`.
+    pub server_name: String,
+    /// The token that proves the workload's service account.
+    pub token_file: std::path::PathBuf,
+    /// PEM trust anchors: the controller's server certificate and every peer chain end here.
+    pub trust_anchors: std::path::PathBuf,
+    /// SPIFFE trust domain. Default `cluster.local`.
+    pub trust_domain: String,
+    /// Certificate lifetime to ask for; the controller may give less. Default: its own.
+    pub lifetime: Option<Duration>,
+}
+
 // === raw YAML ===
 
 #[derive(Deserialize)]
@@ -214,12 +233,18 @@ struct RawAdmin {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawIdentity {
     mode: Option<String>,
+    token_file: Option<String>,
+    trust_anchors: Option<String>,
+    trust_domain: Option<String>,
+    server_name: Option<String>,
+    lifetime: Option<String>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawControlPlane {
     discovery: String,
+    identity: Option<String>,
 }
 
 /// Collects problems while converting.
@@ -277,13 +302,7 @@ impl Config {
             ));
         }
         let s = raw.spec;
-        if let Some(mode) = s.identity.mode.as_deref()
-            && mode != "Disabled"
-        {
-            p.0.push(format!(
-                "identity.mode: {mode:?} is not available yet; use Disabled (plaintext)"
-            ));
-        }
+        let identity = identity(&mut p, &s.identity, s.control_plane.identity.as_deref());
         let service = s
             .workload
             .service
@@ -349,9 +368,49 @@ impl Config {
             outbound,
             admin,
             control_plane: ControlPlane { discovery },
+            identity,
             drain_timeout,
             workers,
         })
+    }
+}
+
+fn identity(p: &mut Problems, i: &RawIdentity, address: Option<&str>) -> Option<IdentityConfig> {
+    match i.mode.as_deref() {
+        None | Some("Disabled") => None,
+        Some("ControlPlane") => {
+            let mut need = |field: &str, v: Option<&str>| {
+                v.map_or_else(
+                    || {
+                        p.0.push(format!("{field}: required with identity.mode ControlPlane"));
+                        String::new()
+                    },
+                    str::to_owned,
+                )
+            };
+            let address = need("controlPlane.identity", address);
+            let token_file = need("identity.tokenFile", i.token_file.as_deref());
+            let trust_anchors = need("identity.trustAnchors", i.trust_anchors.as_deref());
+            let lifetime = i
+                .lifetime
+                .as_deref()
+                .map(|l| p.duration("identity.lifetime", Some(l), Duration::ZERO));
+            Some(IdentityConfig {
+                address,
+                server_name: i.server_name.clone().unwrap_or_else(|| "localhost".into()),
+                token_file: token_file.into(),
+                trust_anchors: trust_anchors.into(),
+                trust_domain: i
+                    .trust_domain
+                    .clone()
+                    .unwrap_or_else(|| "cluster.local".into()),
+                lifetime,
+            })
+        }
+        Some(other) => {
+            p.0.push(format!("identity.mode: {other:?}: ControlPlane | Disabled"));
+            None
+        }
     }
 }
 
@@ -461,7 +520,37 @@ spec:
             .replace("mode: Disabled", "mode: ControlPlane")
             .replace("payments.shop:80", "payments");
         let err = Config::parse(&bad, |_| None).unwrap_err();
-        assert_eq!(err.0.len(), 3, "{err}");
+        // The bad address, the listener target, and the three things ControlPlane needs.
+        assert_eq!(err.0.len(), 5, "{err}");
+        for field in [
+            "controlPlane.identity",
+            "identity.tokenFile",
+            "identity.trustAnchors",
+        ] {
+            assert!(
+                err.0
+                    .iter()
+                    .any(|p| p.starts_with(field) && p.contains("required")),
+                "{field}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn control_plane_identity_names_its_files_and_the_ca() {
+        let doc = DOC
+            .replace(
+                "identity: {mode: Disabled}",
+                "identity: {mode: ControlPlane, tokenFile: /t/shop/catalog, trustAnchors: /ca.pem, lifetime: 1m}",
+            )
+            .replace("controlPlane: {", "controlPlane: {identity: \"127.0.0.1:9090\", ");
+        let c = Config::parse(&doc, |_| None).unwrap();
+        let i = c.identity.unwrap();
+        assert_eq!(i.address, "127.0.0.1:9090");
+        assert_eq!(i.token_file, std::path::Path::new("/t/shop/catalog"));
+        assert_eq!(i.trust_domain, "cluster.local");
+        assert_eq!(i.server_name, "localhost");
+        assert_eq!(i.lifetime, Some(Duration::from_mins(1)));
     }
 
     #[test]

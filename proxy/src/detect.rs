@@ -48,6 +48,20 @@ pub async fn sniff<I: AsyncRead + Unpin>(
     }
 }
 
+/// Reads the first bytes of `io` (within `timeout`) and says whether they open a TLS
+/// handshake (a handshake record, 0x16). Returns the bytes read.
+///
+/// # Errors
+/// Reading fails.
+pub async fn tls<I: AsyncRead + Unpin>(io: &mut I, timeout: Duration) -> io::Result<(bool, Bytes)> {
+    let mut buf = BytesMut::with_capacity(64);
+    match tokio::time::timeout(timeout, io.read_buf(&mut buf)).await {
+        Err(_) | Ok(Ok(0)) => Ok((false, buf.freeze())),
+        Ok(Ok(_)) => Ok((buf[0] == 0x16, buf.freeze())),
+        Ok(Err(e)) => Err(e),
+    }
+}
+
 /// Decides from the bytes so far, `None` when more are needed.
 fn decide(buf: &[u8]) -> Option<Detected> {
     if buf.is_empty() {

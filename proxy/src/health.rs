@@ -135,7 +135,7 @@ async fn probe(policy: &HealthCheckPolicy, pool: &Pool, addr: SocketAddr) -> boo
                     connect: policy.timeout,
                     idle: crate::pool::DEFAULT_IDLE,
                 };
-                let rsp = send(pool, addr, &authority, req, timeouts).await;
+                let rsp = send(pool, addr, &authority, req, timeouts, None).await;
                 let ok = if statuses.is_empty() {
                     rsp.status() == StatusCode::OK
                 } else {

@@ -19,14 +19,83 @@ use crate::fault;
 use crate::http::{Body, boxed};
 use crate::metrics::Direction;
 use crate::outbound::logical::{CallTimeouts, send};
+use crate::policy::MtlsMode;
 use crate::server::{HttpVersion, serve_http};
 
 /// Protocol detection timeout (Linkerd's default): past it, the connection is opaque.
 const DETECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Handles one accepted inbound connection.
+/// How long a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The header that tells the app who called: set by this proxy only (from the peer's
+/// certificate), removed from whatever arrives.
+pub static PEER_IDENTITY: http::HeaderName =
+    http::HeaderName::from_static("x-ferrymesh-peer-identity");
+
+/// Handles one accepted inbound connection: with identity on, mTLS (detected on the first
+/// bytes) or, on a Permissive port only, plaintext.
 pub async fn serve<I>(ctx: Arc<Context>, inbound: Arc<Inbound>, io: I, drain: watch::Receiver<bool>)
 where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Some(identity) = ctx.identity.clone() else {
+        return serve_plain(ctx, inbound, io, drain, None).await;
+    };
+    let mut io = io;
+    let Ok((tls, prefix)) = crate::detect::tls(&mut io, DETECT_TIMEOUT).await else {
+        return;
+    };
+    let io = PrefixedIo::new(prefix, io);
+    if !tls {
+        if mtls_mode(&ctx) == MtlsMode::Strict {
+            ctx.metrics.tls_refused("plaintext");
+            tracing::debug!("plaintext connection to a Strict port closed");
+            return;
+        }
+        return serve_plain(ctx, inbound, io, drain, None).await;
+    }
+    let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config());
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            ctx.metrics.tls_refused("handshake");
+            tracing::info!(error = %e, "mTLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            ctx.metrics.tls_refused("timeout");
+            return;
+        }
+    };
+    let peer = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|leaf| crate::identity::spiffe_ids(leaf).into_iter().next())
+        .map(Arc::<str>::from);
+    serve_plain(ctx, inbound, stream, drain, peer).await;
+}
+
+fn mtls_mode(ctx: &Context) -> MtlsMode {
+    match &*ctx.inbound_policy.borrow() {
+        State::Found(held) => match &held.value {
+            Value::InboundPolicy(p) => p.mtls,
+            _ => MtlsMode::default(),
+        },
+        _ => MtlsMode::default(),
+    }
+}
+
+/// Serves a connection's bytes (plaintext, or what TLS decrypted) for `peer`.
+async fn serve_plain<I>(
+    ctx: Arc<Context>,
+    inbound: Arc<Inbound>,
+    io: I,
+    drain: watch::Receiver<bool>,
+    peer: Option<Arc<str>>,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut io = io;
@@ -49,7 +118,8 @@ where
         move |req| {
             let ctx = ctx.clone();
             let inbound = inbound.clone();
-            async move { handle(&ctx, &inbound, req).await }
+            let peer = peer.clone();
+            async move { handle(&ctx, &inbound, req, peer).await }
         },
         drain,
     )
@@ -67,8 +137,20 @@ async fn opaque<I: AsyncRead + AsyncWrite + Unpin>(ctx: &Context, inbound: &Inbo
     }
 }
 
-async fn handle(ctx: &Context, inbound: &Inbound, req: Request<Incoming>) -> Response<Body> {
+async fn handle(
+    ctx: &Context,
+    inbound: &Inbound,
+    mut req: Request<Incoming>,
+    peer: Option<Arc<str>>,
+) -> Response<Body> {
     let start = Instant::now();
+    // Identity headers are ours to set: whatever the caller sent is dropped.
+    req.headers_mut().remove(&PEER_IDENTITY);
+    if let Some(peer) = &peer
+        && let Ok(v) = http::HeaderValue::from_str(peer)
+    {
+        req.headers_mut().insert(&PEER_IDENTITY, v);
+    }
     let authority = req
         .uri()
         .authority()
@@ -109,7 +191,15 @@ async fn handle(ctx: &Context, inbound: &Inbound, req: Request<Incoming>) -> Res
         connect: inbound.connect_timeout,
         idle: crate::pool::DEFAULT_IDLE,
     };
-    let rsp = send(&ctx.pool, inbound.app, &authority, req.map(boxed), timeouts).await;
+    let rsp = send(
+        &ctx.pool,
+        inbound.app,
+        &authority,
+        req.map(boxed),
+        timeouts,
+        None,
+    )
+    .await;
     ctx.metrics.request(
         Direction::inbound,
         &ctx.service_label,

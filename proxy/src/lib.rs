@@ -19,6 +19,7 @@ pub mod explain;
 pub mod fault;
 pub mod health;
 pub mod http;
+pub mod identity;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;

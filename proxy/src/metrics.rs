@@ -68,6 +68,7 @@ pub struct Metrics {
     health_checks: Family<ReasonLabels, Counter>,
     cache: Family<ReasonLabels, Counter>,
     budget: Family<RouteLabels, prometheus_client::metrics::gauge::Gauge>,
+    tls_refused: Family<ReasonOnly, Counter>,
     /// The live retry budget of each service and route, read at each scrape.
     budgets: Mutex<HashMap<(String, String), RetryBudget>>,
     registry: Registry,
@@ -78,6 +79,11 @@ struct FaultLabels {
     direction: Direction,
     service: String,
     kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonOnly {
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -175,6 +181,12 @@ impl Metrics {
             "Retries the retry budget of a service (per route, default without routes) allows right now",
             budget.clone(),
         );
+        let tls_refused = Family::<ReasonOnly, Counter>::default();
+        registry.register(
+            "inbound_connections_refused",
+            "Inbound connections closed before reaching the app, by reason (plaintext on a Strict port, handshake refused, timeout)",
+            tls_refused.clone(),
+        );
         registry.register(
             "tcp_connections",
             "Opaque TCP connections forwarded",
@@ -193,6 +205,7 @@ impl Metrics {
             health_checks,
             cache,
             budget,
+            tls_refused,
             budgets: Mutex::default(),
             registry,
         }
@@ -299,6 +312,11 @@ impl Metrics {
                 reason: outcome,
             })
             .inc();
+    }
+
+    /// An inbound connection closed before reaching the app, because of `reason`.
+    pub fn tls_refused(&self, reason: &'static str) {
+        self.tls_refused.get_or_create(&ReasonOnly { reason }).inc();
     }
 
     /// One opaque TCP connection forwarded.

@@ -349,7 +349,7 @@ async fn handle(
                 idle: crate::pool::DEFAULT_IDLE,
             };
             (
-                logical::send(&ctx.pool, addr, &authority, req, timeouts).await,
+                logical::send(&ctx.pool, addr, &authority, req, timeouts, None).await,
                 PASSTHROUGH.to_owned(),
             )
         }

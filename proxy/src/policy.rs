@@ -92,6 +92,8 @@ pub struct Endpoint {
     pub meshed: bool,
     /// The instance (local mode), for metrics and explain.
     pub instance: String,
+    /// The SPIFFE id it must present (mTLS); `None`: plaintext.
+    pub identity: Option<std::sync::Arc<str>>,
 }
 
 impl TryFrom<cfg::ServiceEndpoints> for Endpoints {
@@ -116,6 +118,7 @@ impl TryFrom<cfg::ServiceEndpoints> for Endpoints {
                     zone: e.zone,
                     meshed: e.proxy_inbound_port != 0,
                     instance: e.metric_labels.get("instance").cloned().unwrap_or_default(),
+                    identity: (!e.identity.is_empty()).then(|| e.identity.as_str().into()),
                 })
             })
             .collect::<Result<_, InvalidPolicy>>()?;
@@ -271,6 +274,18 @@ pub struct InboundPolicy {
     pub port: u16,
     /// Server-side faults selecting this workload.
     pub faults: Vec<FaultPolicy>,
+    /// Whether plaintext connections are still accepted (with identity on).
+    pub mtls: MtlsMode,
+}
+
+/// The inbound side's mTLS mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+pub enum MtlsMode {
+    /// mTLS and plaintext (detected on the first bytes).
+    #[default]
+    Permissive,
+    /// mTLS only: plaintext connections are closed before any byte reaches the app.
+    Strict,
 }
 
 impl TryFrom<cfg::InboundPolicy> for InboundPolicy {
@@ -284,6 +299,11 @@ impl TryFrom<cfg::InboundPolicy> for InboundPolicy {
                 .into_iter()
                 .map(resilience::fault)
                 .collect::<Result<_, _>>()?,
+            mtls: match cfg::MtlsMode::try_from(pb.mtls) {
+                Ok(cfg::MtlsMode::Strict) => MtlsMode::Strict,
+                Ok(cfg::MtlsMode::Permissive | cfg::MtlsMode::Unspecified) => MtlsMode::Permissive,
+                Err(_) => return Err(InvalidPolicy::Enum("mtls", pb.mtls)),
+            },
         })
     }
 }

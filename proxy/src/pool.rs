@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -57,6 +57,14 @@ pub enum PoolError {
         /// The timeout.
         timeout: Duration,
     },
+    /// The TLS handshake failed (the peer's certificate, or ours, was refused).
+    #[error("TLS with {addr}: {source}")]
+    Tls {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// The HTTP exchange failed (reset, protocol error, closed mid-response).
     #[error("HTTP exchange with {addr}: {source}")]
     Http {
@@ -97,8 +105,21 @@ impl<S> Pooled<S> {
 /// Pooled connections, by address.
 #[derive(Debug, Default)]
 pub struct Pool {
-    h1: Mutex<HashMap<SocketAddr, Vec<Pooled<http1::SendRequest<Body>>>>>,
-    h2: Mutex<HashMap<SocketAddr, Pooled<http2::SendRequest<Body>>>>,
+    h1: Mutex<HashMap<Key, Vec<Pooled<http1::SendRequest<Body>>>>>,
+    h2: Mutex<HashMap<Key, Pooled<http2::SendRequest<Body>>>>,
+}
+
+/// Connections are pooled by address and by the peer identity they were verified for (none:
+/// plaintext), so a TLS connection is never reused for another identity or for plaintext.
+type Key = (SocketAddr, Option<Arc<str>>);
+
+/// TLS to a meshed peer: the client config (our certificate, the peer's expected SPIFFE id).
+#[derive(Debug, Clone)]
+pub struct Tls {
+    /// The config to connect with.
+    pub config: Arc<rustls::ClientConfig>,
+    /// The SPIFFE id the peer must present.
+    pub identity: Arc<str>,
 }
 
 impl Pool {
@@ -113,10 +134,11 @@ impl Pool {
         version: Version,
         req: Request<Body>,
         timeouts: ConnTimeouts,
+        tls: Option<Tls>,
     ) -> Result<Response<Incoming>, PoolError> {
         match version {
-            Version::Http1 => self.send_h1(addr, req, timeouts).await,
-            Version::Http2 => self.send_h2(addr, req, timeouts).await,
+            Version::Http1 => self.send_h1(addr, req, timeouts, tls).await,
+            Version::Http2 => self.send_h2(addr, req, timeouts, tls).await,
         }
     }
 
@@ -164,12 +186,14 @@ impl Pool {
         addr: SocketAddr,
         req: Request<Body>,
         timeouts: ConnTimeouts,
+        tls: Option<Tls>,
     ) -> Result<Response<Incoming>, PoolError> {
         let mut req = req;
-        if let Some(mut sender) = self.idle_h1(addr) {
+        let key: Key = (addr, tls.as_ref().map(|t| t.identity.clone()));
+        if let Some(mut sender) = self.idle_h1(&key) {
             match sender.try_send_request(req).await {
                 Ok(rsp) => {
-                    self.put_h1(addr, sender, timeouts.idle);
+                    self.put_h1(key, sender, timeouts.idle);
                     return Ok(rsp);
                 }
                 // NOTE: a pooled connection the server closed while idle fails before the
@@ -186,7 +210,7 @@ impl Pool {
                 },
             }
         }
-        let io = connect(addr, timeouts.connect).await?;
+        let io = connect_tls(addr, timeouts.connect, tls.as_ref()).await?;
         let (mut sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
@@ -200,22 +224,22 @@ impl Pool {
             .send_request(req)
             .await
             .map_err(|source| PoolError::Http { addr, source })?;
-        self.put_h1(addr, sender, timeouts.idle);
+        self.put_h1(key, sender, timeouts.idle);
         Ok(rsp)
     }
 
-    fn idle_h1(&self, addr: SocketAddr) -> Option<http1::SendRequest<Body>> {
+    fn idle_h1(&self, key: &Key) -> Option<http1::SendRequest<Body>> {
         let now = Instant::now();
         let mut pools = self.h1.lock().expect("pool lock poisoned");
-        let list = pools.get_mut(&addr)?;
+        let list = pools.get_mut(key)?;
         list.retain(|p| p.expires > now && !p.sender.is_closed());
         let i = list.iter().position(|p| p.sender.is_ready())?;
         Some(list.swap_remove(i).sender)
     }
 
-    fn put_h1(&self, addr: SocketAddr, sender: http1::SendRequest<Body>, idle: Duration) {
+    fn put_h1(&self, key: Key, sender: http1::SendRequest<Body>, idle: Duration) {
         let mut pools = self.h1.lock().expect("pool lock poisoned");
-        let list = pools.entry(addr).or_default();
+        let list = pools.entry(key).or_default();
         if list.len() < MAX_IDLE_H1 {
             list.push(Pooled::new(sender, idle));
         }
@@ -226,12 +250,14 @@ impl Pool {
         addr: SocketAddr,
         req: Request<Body>,
         timeouts: ConnTimeouts,
+        tls: Option<Tls>,
     ) -> Result<Response<Incoming>, PoolError> {
+        let key: Key = (addr, tls.as_ref().map(|t| t.identity.clone()));
         let existing = {
             let now = Instant::now();
             let mut pools = self.h2.lock().expect("pool lock poisoned");
             pools
-                .get_mut(&addr)
+                .get_mut(&key)
                 .filter(|p| p.expires > now && !p.sender.is_closed())
                 .map(|p| {
                     // NOTE: an HTTP/2 connection counts as used when a stream starts on it;
@@ -245,7 +271,7 @@ impl Pool {
             s
         } else {
             {
-                let io = connect(addr, timeouts.connect).await?;
+                let io = connect_tls(addr, timeouts.connect, tls.as_ref()).await?;
                 let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                     .handshake(io)
                     .await
@@ -258,7 +284,7 @@ impl Pool {
                 self.h2
                     .lock()
                     .expect("pool lock poisoned")
-                    .insert(addr, Pooled::new(sender.clone(), timeouts.idle));
+                    .insert(key, Pooled::new(sender.clone(), timeouts.idle));
                 sender
             }
         };
@@ -271,6 +297,38 @@ impl Pool {
             .await
             .map_err(|source| PoolError::Http { addr, source })
     }
+}
+
+/// A connection to an endpoint: plaintext, or TLS to a meshed peer.
+pub type EndpointIo =
+    tokio_util::either::Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// Connects, with TLS when `tls` is set; the handshake counts in the connect timeout.
+///
+/// # Errors
+/// [`PoolError::Connect`], [`PoolError::ConnectTimeout`] or [`PoolError::Tls`].
+pub async fn connect_tls(
+    addr: SocketAddr,
+    timeout: Duration,
+    tls: Option<&Tls>,
+) -> Result<TokioIo<EndpointIo>, PoolError> {
+    let started = Instant::now();
+    let tcp = connect(addr, timeout).await?.into_inner();
+    let Some(tls) = tls else {
+        return Ok(TokioIo::new(tokio_util::either::Either::Left(tcp)));
+    };
+    // NOTE: the peer is checked by its SPIFFE id; the name below is neither sent (no SNI) nor
+    // checked.
+    let name = rustls::pki_types::ServerName::try_from("ferrymesh.peer").expect("a valid name");
+    let left = timeout.saturating_sub(started.elapsed());
+    let stream = tokio::time::timeout(
+        left,
+        tokio_rustls::TlsConnector::from(tls.config.clone()).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| PoolError::ConnectTimeout { addr, timeout })?
+    .map_err(|source| PoolError::Tls { addr, source })?;
+    Ok(TokioIo::new(tokio_util::either::Either::Right(stream)))
 }
 
 /// Opens a TCP connection with a timeout and no Nagle delay.

@@ -24,6 +24,8 @@ pub struct Mesh {
     /// Its Discovery address (kept across restarts).
     pub discovery: SocketAddr,
     controller_args: Vec<String>,
+    /// The controller's Identity (CA) address, when the mesh runs with mTLS.
+    pub identity: Option<SocketAddr>,
 }
 
 /// What a test proxy fronts and offers.
@@ -49,6 +51,8 @@ pub struct ProxySpec {
     pub log: Option<String>,
     /// Workload labels.
     pub labels: Vec<(String, String)>,
+    /// mTLS identity: `None` follows the mesh (on in a [`Mesh::start_secure`] mesh).
+    pub identity: Option<bool>,
     /// The workload's zone.
     pub zone: Option<String>,
 }
@@ -72,7 +76,7 @@ impl ProxySpec {
         }
     }
 
-    fn yaml(&self, discovery: SocketAddr) -> String {
+    fn yaml(&self, discovery: SocketAddr, identity: Option<(&Path, SocketAddr)>) -> String {
         let service = self.service.clone().unwrap_or_else(|| self.name.clone());
         let n = &self.name;
         let mut s = format!(
@@ -113,7 +117,24 @@ impl ProxySpec {
             s,
             "  admin: {{listen: \"127.0.0.1:0\", healthListen: \"127.0.0.1:0\"}}"
         );
-        let _ = writeln!(s, "  controlPlane: {{discovery: \"{discovery}\"}}");
+        match identity {
+            Some((dir, address)) => {
+                let service = self.service.clone().unwrap_or_else(|| self.name.clone());
+                let _ = writeln!(
+                    s,
+                    "  identity: {{mode: ControlPlane, tokenFile: \"{}\", trustAnchors: \"{}\"}}",
+                    dir.join("tokens/shop").join(&service).display(),
+                    dir.join("ca/ca.pem").display()
+                );
+                let _ = writeln!(
+                    s,
+                    "  controlPlane: {{discovery: \"{discovery}\", identity: \"{address}\"}}"
+                );
+            }
+            None => {
+                let _ = writeln!(s, "  controlPlane: {{discovery: \"{discovery}\"}}");
+            }
+        }
         if let Some(d) = &self.drain_timeout {
             let _ = writeln!(s, "  drainTimeout: {d}");
         }
@@ -135,21 +156,78 @@ impl Mesh {
     /// # Panics
     /// When the controller does not start.
     pub fn start_with(files: &[(&str, &str)], controller_args: &[&str]) -> Mesh {
+        Self::start_in(files, controller_args, false)
+    }
+
+    /// As [`Mesh::start`], with the controller as the mesh's CA and every proxy on mTLS (its
+    /// own bootstrap token per service account; `extra` controller arguments, e.g. a
+    /// certificate lifetime).
+    ///
+    /// # Panics
+    /// When the controller does not start.
+    pub fn start_secure(files: &[(&str, &str)], extra: &[&str]) -> Mesh {
+        Self::start_in(files, extra, true)
+    }
+
+    fn start_in(files: &[(&str, &str)], controller_args: &[&str], secure: bool) -> Mesh {
         let dir = tempfile::tempdir().expect("a temporary folder");
         std::fs::create_dir_all(dir.path().join("mesh")).expect("creating the config folder");
         for (name, text) in files {
             std::fs::write(dir.path().join("mesh").join(name), text)
                 .expect("writing a config file");
         }
-        let args: Vec<String> = controller_args.iter().map(|a| (*a).to_owned()).collect();
+        let mut args: Vec<String> = controller_args.iter().map(|a| (*a).to_owned()).collect();
+        if secure {
+            let identity = dir.path().join("identity");
+            std::fs::create_dir_all(identity.join("tokens/shop"))
+                .expect("creating the token folder");
+            args.extend([
+                "--ca-dir".to_owned(),
+                identity.join("ca").display().to_string(),
+                "--token-dir".to_owned(),
+                identity.join("tokens").display().to_string(),
+                "--identity-listen".to_owned(),
+                "127.0.0.1:0".to_owned(),
+            ]);
+        }
         let controller = start_controller(dir.path(), "127.0.0.1:0".parse().expect("valid"), &args);
         let discovery = controller.addr("discovery");
+        let identity = secure.then(|| controller.addr("identity"));
+        // A restarted controller keeps the Identity address the proxies were given.
+        if let Some(addr) = identity
+            && let Some(i) = args.iter().position(|a| a == "--identity-listen")
+        {
+            args[i + 1] = addr.to_string();
+        }
         Mesh {
             dir,
             controller,
             discovery,
             controller_args: args,
+            identity,
         }
+    }
+
+    /// The identity folder of a secure mesh (`ca/ca.pem`, `tokens/<ns>/<sa>`).
+    pub fn identity_dir(&self) -> PathBuf {
+        self.dir.path().join("identity")
+    }
+
+    /// Writes (once) the bootstrap token of service account `shop/<sa>`.
+    ///
+    /// # Panics
+    /// When it cannot be written.
+    pub fn token(&self, sa: &str) -> PathBuf {
+        let path = self.identity_dir().join("tokens/shop").join(sa);
+        if !path.exists() {
+            let token: String = (0..32)
+                .map(|i| {
+                    char::from(b'a' + u8::try_from((i * 7 + sa.len() * 13) % 26).expect("small"))
+                })
+                .collect();
+            std::fs::write(&path, token).expect("writing a token");
+        }
+        path
     }
 
     /// The config folder.
@@ -173,7 +251,16 @@ impl Mesh {
     /// When it does not start.
     pub fn proxy(&self, spec: &ProxySpec) -> Spawned {
         let config = self.dir.path().join(format!("{}.proxy.yaml", spec.name));
-        std::fs::write(&config, spec.yaml(self.discovery)).expect("writing a proxy config");
+        let identity = match (spec.identity, self.identity) {
+            (Some(false), _) | (None | Some(true), None) => None,
+            (None | Some(true), Some(addr)) => {
+                self.token(spec.service.as_deref().unwrap_or(&spec.name));
+                Some((self.identity_dir(), addr))
+            }
+        };
+        let identity_ref = identity.as_ref().map(|(d, a)| (d.as_path(), *a));
+        std::fs::write(&config, spec.yaml(self.discovery, identity_ref))
+            .expect("writing a proxy config");
         let mut cmd = Command::new(bin("ferrymesh-proxy"));
         cmd.arg("run").arg("--config").arg(&config).env(
             "FERRYMESH_LOG",

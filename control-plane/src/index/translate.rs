@@ -323,7 +323,7 @@ fn endpoints(
             addr: Some(inbound.clone()),
             weight: 1,
             zone: w.node.zone.clone(),
-            identity: String::new(),
+            identity: local.identity.clone(),
             ready: true,
             serving: true,
             terminating: false,
@@ -533,13 +533,22 @@ pub(super) fn lookup(
                 let selected = node
                     .map(|n| super::faults::for_workload(&snapshot.faults, n))
                     .unwrap_or_default();
-                if selected.is_empty() {
+                let strict = node
+                    .and_then(|n| n.local_workload.as_ref()?.service.as_ref())
+                    .is_some_and(|s| {
+                        super::MtlsRule::mode_for(&snapshot.mtls, &s.namespace, &s.name)
+                    });
+                if selected.is_empty() && !strict {
                     return found(base);
                 }
-                // This workload's own inbound policy: the base plus the faults that select it.
+                // This workload's own inbound policy: the base plus its mTLS mode and the
+                // faults that select it.
                 let Some(pb::resource::Body::InboundPolicy(mut policy)) = base.body.clone() else {
                     return found(base);
                 };
+                if strict {
+                    policy.mtls = cfg::MtlsMode::Strict.into();
+                }
                 policy.faults = selected.iter().map(|f| f.fault.clone()).collect();
                 let sources = selected
                     .iter()

@@ -450,6 +450,31 @@ fn policy(
             "at least one section: set one of timeouts, retry, circuitBreaker, outlierDetection, healthCheck, fallback, cache, loadBalancer",
         ));
     }
+    let mtls_strict = if kind == "AuthenticationPolicy" {
+        match spec.pointer("/mtls/mode").map(|m| m.as_str()) {
+            None => None,
+            Some(Some("Strict")) => Some(true),
+            Some(Some("Permissive")) => Some(false),
+            Some(other) => {
+                return Err(field_err(
+                    "spec.mtls.mode",
+                    format!("mode is Strict | Permissive: got {other:?}"),
+                ));
+            }
+        }
+    } else {
+        None
+    };
+    if kind == "AuthenticationPolicy" {
+        for (i, t) in target_refs.iter().enumerate() {
+            if !matches!(t.kind.as_str(), "Namespace" | "Service") {
+                return Err(field_err(
+                    format!("spec.targetRefs[{i}].kind"),
+                    "an AuthenticationPolicy targets a Namespace or a Service (its workloads' inbound ports)",
+                ));
+            }
+        }
+    }
     Ok(Object::Policy(Box::new(Policy {
         meta,
         group: group.to_owned(),
@@ -457,6 +482,7 @@ fn policy(
         target_refs,
         resilience,
         fault,
+        mtls_strict,
         spec,
     })))
 }

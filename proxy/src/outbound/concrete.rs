@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use tower::{Layer as _, ServiceExt as _};
 
 use super::cache::{self, ResponseCache};
-use super::logical::{CallTimeouts, Logical, send};
+use super::logical::{CallTimeouts, Logical, Peer, send};
 use crate::app::Context;
 use crate::balance::{Lb, hash_key};
 use crate::deadline;
@@ -492,12 +492,24 @@ impl tower::Service<Request<ReplayBody<Body>>> for Attempter {
             if let Some(t) = tried {
                 t.lock().expect("tried lock poisoned").push(addr);
             }
+            // A meshed endpoint is called over mTLS whenever we have an identity: never in
+            // plaintext, whatever happens to our certificate.
+            let peer = this
+                .ctx
+                .identity
+                .as_ref()
+                .zip(pick.endpoint().identity.clone())
+                .map(|(identity, expected)| Peer {
+                    identity: identity.clone(),
+                    expected,
+                });
             let rsp = send(
                 &this.ctx.pool,
                 addr,
                 &this.authority,
                 req.map(boxed),
                 this.timeouts,
+                peer.as_ref(),
             )
             .await;
             if rsp.headers().contains_key(&FERRYMESH_ERROR) && rsp.status().is_server_error() {

@@ -16,7 +16,7 @@ use crate::balance::Balancer;
 use crate::discovery::{Discovery, State, Value};
 use crate::http::{Body, boxed, proxy_response, strip_hop_by_hop};
 use crate::policy::{ClientPolicy, Endpoints};
-use crate::pool::{ConnTimeouts, Pool, PoolError, Version};
+use crate::pool::{ConnTimeouts, Pool, PoolError, Tls, Version};
 
 /// How long a request waits for the controller's first answer on a new name.
 pub const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(3);
@@ -137,13 +137,24 @@ pub struct CallTimeouts {
     pub idle: Duration,
 }
 
-/// Sends `req` to `addr` keeping `authority` as the request's authority.
+/// A meshed peer: TLS with our identity, and the SPIFFE id it must present.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// Our identity.
+    pub identity: Arc<crate::identity::Identity>,
+    /// The peer's expected SPIFFE id.
+    pub expected: Arc<str>,
+}
+
+/// Sends `req` to `addr` keeping `authority` as the request's authority; over mTLS when `peer`
+/// is set (never in plaintext then).
 pub async fn send(
     pool: &Pool,
     addr: std::net::SocketAddr,
     authority: &http::uri::Authority,
     req: Request<Body>,
     timeouts: CallTimeouts,
+    peer: Option<&Peer>,
 ) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -183,6 +194,12 @@ pub async fn send(
             connect: timeouts.connect,
             idle: timeouts.idle,
         },
+        tls: peer.map(|p| Tls {
+            config: p
+                .identity
+                .client_config(&p.expected, version == Version::Http2),
+            identity: p.expected.clone(),
+        }),
     };
     // NOTE: boxed with a concrete lifetime: rustc cannot prove `Send` for the tower future
     // over the body's `dyn Error` for every lifetime otherwise (a known higher-ranked limit).
@@ -206,6 +223,11 @@ pub async fn send(
         Err(TimeoutError::Inner(
             e @ (PoolError::Connect { .. } | PoolError::ConnectTimeout { .. }),
         )) => proxy_response(StatusCode::BAD_GATEWAY, "connect-failed", &e.to_string()),
+        Err(TimeoutError::Inner(e @ PoolError::Tls { .. })) => {
+            // NOTE: a refused handshake is a failure to connect (retried as one), never a
+            // reason to try plaintext.
+            proxy_response(StatusCode::BAD_GATEWAY, "connect-failed", &e.to_string())
+        }
         Err(TimeoutError::Inner(e @ PoolError::Http { .. })) => {
             proxy_response(StatusCode::BAD_GATEWAY, "upstream-reset", &e.to_string())
         }
@@ -218,6 +240,7 @@ struct Endpoint<'a> {
     addr: std::net::SocketAddr,
     version: Version,
     conn: ConnTimeouts,
+    tls: Option<Tls>,
 }
 
 impl<'a> tower::Service<Request<Body>> for Endpoint<'a> {
@@ -235,6 +258,7 @@ impl<'a> tower::Service<Request<Body>> for Endpoint<'a> {
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let (pool, addr, version, conn) = (self.pool, self.addr, self.version, self.conn);
-        Box::pin(async move { pool.send(addr, version, req, conn).await })
+        let tls = self.tls.clone();
+        Box::pin(async move { pool.send(addr, version, req, conn, tls).await })
     }
 }

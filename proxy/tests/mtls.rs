@@ -1,0 +1,268 @@
+//! Zero trust between sidecars, through real proxies and a real CA: every hop between meshed
+//! workloads is mutually authenticated TLS 1.3, the app learns the caller's SPIFFE id from a
+//! header only its own proxy sets, and an inbound port in Strict mode refuses every connection
+//! that does not present a valid mesh certificate, before the app sees a byte.
+#![allow(clippy::unwrap_used)] // test helpers, not #[test] functions, unwrap too
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use ferrymesh_test_support::mesh::yaml::service;
+use ferrymesh_test_support::mesh::{Mesh, ProxySpec, client_proxy, get, proxied};
+use ferrymesh_test_support::process::Spawned;
+use ferrymesh_test_support::upstream::HttpEcho;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+const STRICT: &str = "apiVersion: policy.ferrymesh.io/v1alpha1\nkind: AuthenticationPolicy\nmetadata: {name: echo-strict, namespace: shop}\nspec:\n  targetRefs: [{group: \"\", kind: Service, name: echo}]\n  mtls: {mode: Strict}\n";
+
+struct Secure {
+    mesh: Mesh,
+    echo: HttpEcho,
+    server: Spawned,
+    client: Spawned,
+}
+
+async fn secure(extra_files: &[(&str, &str)]) -> Secure {
+    let svc = service("echo");
+    let mut files = vec![("echo.yaml", svc.as_str())];
+    files.extend_from_slice(extra_files);
+    let mesh = Mesh::start_secure(&files, &[]);
+    let echo = HttpEcho::start("echo-1").await;
+    let server = mesh.proxy(&ProxySpec::app("echo-1", "echo", echo.addr));
+    let client = client_proxy(&mesh, "echo.shop", 1).await;
+    Secure {
+        mesh,
+        echo,
+        server,
+        client,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_cross_sidecars_over_mtls_and_the_app_learns_the_callers_identity() {
+    let s = secure(&[(("strict.yaml"), STRICT)]).await;
+    let http = proxied(s.client.addr("outbound"));
+    let rsp = http
+        .get("http://echo.shop/who")
+        .header(
+            "x-ferrymesh-peer-identity",
+            "spiffe://cluster.local/ns/shop/sa/admin",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rsp.status(), 200, "a Strict port serves mTLS");
+    let seen: serde_json::Value = rsp.json().await.unwrap();
+    assert_eq!(
+        seen["headers"]["x-ferrymesh-peer-identity"], "spiffe://cluster.local/ns/shop/sa/client",
+        "the caller's certificate, not what the caller wrote: {seen}"
+    );
+    // Both proxies hold certificates and are ready.
+    for p in [&s.server, &s.client] {
+        assert_eq!(get(p.addr("health"), "/ready").await.unwrap().0, 200);
+    }
+}
+
+/// The mesh CA, loaded from the controller's folder, to mint test certificates.
+fn mesh_ca(mesh: &Mesh) -> rcgen::Issuer<'static, rcgen::KeyPair> {
+    let dir = mesh.identity_dir().join("ca");
+    let key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.join("ca.key.pem")).unwrap())
+        .unwrap();
+    rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(dir.join("ca.pem")).unwrap(), key)
+        .unwrap()
+}
+
+/// A client certificate for `id`, signed by `issuer` (or self-signed by a foreign CA), valid
+/// in the past when `expired`.
+fn leaf(
+    issuer: Option<&rcgen::Issuer<'static, rcgen::KeyPair>>,
+    id: &str,
+    expired: bool,
+) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(id.try_into().unwrap())];
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+    ];
+    if expired {
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2020, 1, 2);
+    }
+    let foreign;
+    let issuer = if let Some(i) = issuer {
+        i
+    } else {
+        let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut ca = rcgen::CertificateParams::default();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        foreign = rcgen::Issuer::new(ca, ca_key);
+        &foreign
+    };
+    let cert = params.signed_by(&key, issuer).unwrap();
+    (
+        vec![cert.der().clone()],
+        PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+    )
+}
+
+/// Trusts whatever the server presents: these tests probe what the *server* accepts.
+#[derive(Debug)]
+struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Connects to `addr` over TLS with `cert` (or none) and sends a request; the answer's first
+/// line, or the error that stopped it.
+async fn probe(
+    addr: std::net::SocketAddr,
+    cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<String, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
+    let mut config = match cert {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key).unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("echo").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    // TLS 1.3: the server judges the client's certificate after the client's Finished, so a
+    // refusal shows on the first read or write.
+    tls.write_all(b"GET /probe HTTP/1.1\r\nhost: echo.shop\r\n\r\n")
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut buf = vec![0u8; 256];
+    match tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await {
+        Ok(Ok(0)) => Err("closed".into()),
+        Ok(Ok(n)) => Ok(String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned()),
+        Ok(Err(e)) => Err(format!("read: {e}")),
+        Err(_) => Err("no answer".into()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strict_port_refuses_every_connection_without_a_valid_mesh_certificate() {
+    let s = secure(&[(("strict.yaml"), STRICT)]).await;
+    let inbound = s.server.addr("inbound");
+    let ca = mesh_ca(&s.mesh);
+    let caller = "spiffe://cluster.local/ns/shop/sa/client";
+    // The control: a valid mesh certificate gets through.
+    let ok = probe(inbound, Some(leaf(Some(&ca), caller, false))).await;
+    assert_eq!(ok.as_deref(), Ok("HTTP/1.1 200 OK"), "{ok:?}");
+    let hits = s.echo.hits.load(Ordering::SeqCst);
+    for (case, cert) in [
+        ("no client certificate", None),
+        ("a foreign CA", Some(leaf(None, caller, false))),
+        (
+            "an expired certificate",
+            Some(leaf(Some(&ca), caller, true)),
+        ),
+    ] {
+        let refused = probe(inbound, cert).await;
+        assert!(refused.is_err(), "{case}: {refused:?}");
+        eprintln!("{case}: {}", refused.unwrap_err());
+    }
+    // Plaintext to a Strict port: closed without an answer.
+    let mut tcp = tokio::net::TcpStream::connect(inbound).await.unwrap();
+    tcp.write_all(b"GET /plain HTTP/1.1\r\nhost: echo.shop\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+        .await
+        .expect("closed at once")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "no answer: {:?}", String::from_utf8_lossy(&buf[..n]));
+    assert_eq!(
+        s.echo.hits.load(Ordering::SeqCst),
+        hits,
+        "the app never saw a refused connection"
+    );
+    let refused = ferrymesh_test_support::mesh::counter(
+        s.server.addr("health"),
+        "ferrymesh_proxy_inbound_connections_refused_total",
+        "",
+    )
+    .await;
+    assert!(refused >= 4, "every refusal is counted: {refused}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permissive_port_takes_plaintext_too_but_mtls_callers_still_use_tls() {
+    let s = secure(&[]).await;
+    let mut tcp = tokio::net::TcpStream::connect(s.server.addr("inbound"))
+        .await
+        .unwrap();
+    tcp.write_all(b"GET /plain HTTP/1.1\r\nhost: echo.shop\r\nx-ferrymesh-peer-identity: spiffe://cluster.local/ns/shop/sa/admin\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        !answer.contains("sa/admin"),
+        "a plaintext caller has no identity, and cannot claim one: {answer}"
+    );
+    let http = proxied(s.client.addr("outbound"));
+    let seen: serde_json::Value = http
+        .get("http://echo.shop/tls")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        seen["headers"]["x-ferrymesh-peer-identity"],
+        "spiffe://cluster.local/ns/shop/sa/client"
+    );
+}
