@@ -12,13 +12,46 @@ use serde_json::Value;
 /// # Errors
 /// The controller does not answer.
 pub async fn run(state_dir: &Path, json: bool) -> anyhow::Result<()> {
-    let status = crate::state::status(state_dir).await?;
+    let mut status = crate::state::status(state_dir).await?;
+    add_certificates(&mut status).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {
         print!("{}", render(&status));
     }
     Ok(())
+}
+
+/// Asks each proxy for its certificate's expiry (`/identity`), into `proxies[].certificate`.
+async fn add_certificates(status: &mut Value) -> anyhow::Result<()> {
+    let client = crate::state::http_client()?;
+    for p in status["proxies"].as_array_mut().into_iter().flatten() {
+        let Some(admin) = p["listeners"]["admin"].as_str() else {
+            continue;
+        };
+        let Ok(rsp) = client.get(format!("http://{admin}/identity")).send().await else {
+            continue;
+        };
+        let Ok(answer) = rsp.json::<Value>().await else {
+            continue;
+        };
+        if !answer["validForSeconds"].is_null() {
+            p["certificate"] = serde_json::json!({
+                "notAfterUnix": answer["notAfterUnix"],
+                "validForSeconds": answer["validForSeconds"],
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `3h05m`, `59s`.
+fn human(secs: u64) -> String {
+    match secs {
+        s if s >= 3600 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        s if s >= 60 => format!("{}m{:02}s", s / 60, s % 60),
+        s => format!("{s}s"),
+    }
 }
 
 fn s(v: &Value) -> &str {
@@ -89,6 +122,24 @@ pub fn render(status: &Value) -> String {
             s(&l["admin"]),
             s(&l["health"])
         );
+        match (
+            p["identity"].as_str(),
+            p["certificate"]["validForSeconds"].as_u64(),
+        ) {
+            (Some(id), Some(left)) if !id.is_empty() => {
+                let _ = writeln!(
+                    out,
+                    "      identity {id}  certificate expires in {}",
+                    human(left)
+                );
+            }
+            (Some(id), None) if !id.is_empty() => {
+                let _ = writeln!(out, "      identity {id}  no certificate yet");
+            }
+            _ => {
+                let _ = writeln!(out, "      plaintext (no identity)");
+            }
+        }
         for f in l["fixed"].as_array().into_iter().flatten() {
             let _ = writeln!(
                 out,

@@ -32,6 +32,39 @@ pub struct UpArgs {
     /// beside ferryctl).
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
+    /// No identities and no mTLS between sidecars (plaintext, as before the zero-trust lab).
+    #[arg(long)]
+    pub plaintext: bool,
+}
+
+/// How proxies reach the controller, and their identity setup (none: plaintext).
+#[derive(Debug, Clone)]
+pub struct Control {
+    /// Discovery address.
+    pub discovery: String,
+    /// The identity folder (`ca/`, `tokens/<ns>/<sa>`) and the Identity address.
+    pub identity: Option<(PathBuf, String)>,
+}
+
+impl Control {
+    /// The bootstrap token file of `namespace/sa`, created with a random token when missing.
+    ///
+    /// # Errors
+    /// It cannot be written.
+    pub fn token(&self, namespace: &str, sa: &str) -> anyhow::Result<Option<PathBuf>> {
+        let Some((dir, _)) = &self.identity else {
+            return Ok(None);
+        };
+        let path = dir.join("tokens").join(namespace).join(sa);
+        if !path.exists() {
+            std::fs::create_dir_all(path.parent().context("a token has a folder")?)?;
+            let mut bytes = [0u8; 24];
+            std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
+            let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            std::fs::write(&path, token)?;
+        }
+        Ok(Some(path))
+    }
 }
 
 /// A Deployment, as far as local mode reads it.
@@ -211,10 +244,10 @@ fn proxy_config(
     name: &str,
     namespace: &str,
     service: &str,
-    discovery: &str,
+    control: &Control,
     app_port: Option<u16>,
     fixed: Option<(SocketAddr, &str)>,
-) -> String {
+) -> anyhow::Result<String> {
     let inbound = app_port.map_or(String::new(), |p| {
         format!("  inbound: {{listen: \"127.0.0.1:0\", app: \"127.0.0.1:{p}\", readinessPath: /readyz}}\n")
     });
@@ -227,12 +260,23 @@ fn proxy_config(
                 .to_owned()
         }
     };
-    format!(
+    let discovery = &control.discovery;
+    let identity = match (&control.identity, control.token(namespace, service)?) {
+        (Some((dir, address)), Some(token)) => format!(
+            "  identity: {{mode: ControlPlane, tokenFile: \"{}\", trustAnchors: \"{}\"}}\n  \
+             controlPlane: {{discovery: \"{discovery}\", identity: \"{address}\"}}\n",
+            token.display(),
+            dir.join("ca/ca.pem").display()
+        ),
+        _ => format!(
+            "  identity: {{mode: Disabled}}\n  controlPlane: {{discovery: \"{discovery}\"}}\n"
+        ),
+    };
+    Ok(format!(
         "apiVersion: config.ferrymesh.io/v1alpha1\nkind: ProxyConfig\nmetadata: {{name: {name}}}\nspec:\n  \
          workload: {{name: {name}, namespace: {namespace}, service: {service}}}\n{inbound}{outbound}  \
-         admin: {{listen: \"127.0.0.1:0\", healthListen: \"127.0.0.1:0\"}}\n  identity: {{mode: Disabled}}\n  \
-         controlPlane: {{discovery: \"{discovery}\"}}\n  drainTimeout: 5s\n"
-    )
+         admin: {{listen: \"127.0.0.1:0\", healthListen: \"127.0.0.1:0\"}}\n{identity}  drainTimeout: 5s\n"
+    ))
 }
 
 /// Runs the local mesh until Ctrl-C or SIGTERM.
@@ -281,7 +325,7 @@ struct Layout {
     shop_bin: PathBuf,
     logs: PathBuf,
     configs: PathBuf,
-    discovery: String,
+    control: Control,
 }
 
 async fn start_all(state_dir: &Path, args: &UpArgs, procs: &mut Vec<Proc>) -> anyhow::Result<()> {
@@ -310,6 +354,15 @@ async fn start_all(state_dir: &Path, args: &UpArgs, procs: &mut Vec<Proc>) -> an
         "--config-dir",
     ])
     .arg(&args.config_dir);
+    // The CA lives in the state folder, so identities survive a restart of the mesh.
+    let identity_dir = state_dir.join("identity");
+    if !args.plaintext {
+        cmd.arg("--ca-dir")
+            .arg(identity_dir.join("ca"))
+            .arg("--token-dir")
+            .arg(identity_dir.join("tokens"))
+            .args(["--identity-listen", "127.0.0.1:0"]);
+    }
     let (proc, listening) = start("controller", cmd, &logs.join("controller.log")).await?;
     procs.push(proc);
     let discovery = listening["discovery"]
@@ -320,12 +373,19 @@ async fn start_all(state_dir: &Path, args: &UpArgs, procs: &mut Vec<Proc>) -> an
         .as_str()
         .context("controller did not report its admin address")?
         .to_owned();
+    let identity = match listening["identity"].as_str() {
+        Some(address) if !args.plaintext => Some((identity_dir, address.to_owned())),
+        _ => None,
+    };
     let layout = Layout {
         proxy_bin: bin(&bin_dir, "ferrymesh-proxy")?,
         shop_bin: bin(&bin_dir, "ferry-shop")?,
         logs,
         configs,
-        discovery,
+        control: Control {
+            discovery,
+            identity,
+        },
     };
 
     println!(
@@ -343,7 +403,12 @@ async fn start_all(state_dir: &Path, args: &UpArgs, procs: &mut Vec<Proc>) -> an
         }
     }
     let entry = start_entry(&layout, args.entry, procs).await?;
-    let discovery = layout.discovery;
+    let discovery = layout.control.discovery.clone();
+    let mtls = if layout.control.identity.is_some() {
+        "mTLS between every sidecar (the controller is the CA)"
+    } else {
+        "plaintext (--plaintext)"
+    };
     state::save(
         state_dir,
         &State {
@@ -354,6 +419,7 @@ async fn start_all(state_dir: &Path, args: &UpArgs, procs: &mut Vec<Proc>) -> an
         },
     )?;
     println!("\ncontroller: discovery {discovery}, status http://{admin}/status");
+    println!("identity:   {mtls}");
     println!("storefront: http://{entry}/   product page: http://{entry}/api/product-page?id=1");
     println!("logs and proxy configs: {}", state_dir.display());
     println!("try: ferryctl status | ferryctl chaos pricing --error-rate 1 | Ctrl-C to stop");
@@ -379,10 +445,10 @@ async fn start_instance(
             name,
             &w.namespace,
             &w.service,
-            &layout.discovery,
+            &layout.control,
             Some(app_port),
             None,
-        ),
+        )?,
     )?;
     let mut cmd = Command::new(&layout.proxy_bin);
     cmd.arg("run").arg("--config").arg(&config);
@@ -435,10 +501,10 @@ async fn start_entry(
             "entry",
             "shop",
             "entry",
-            &layout.discovery,
+            &layout.control,
             None,
             Some((listen, "storefront.shop:80")),
-        ),
+        )?,
     )?;
     let mut cmd = Command::new(&layout.proxy_bin);
     cmd.arg("run").arg("--config").arg(&config);
@@ -514,14 +580,11 @@ mod tests {
 
     #[test]
     fn proxy_configs_written_for_instances_load() {
-        let text = proxy_config(
-            "catalog-2",
-            "shop",
-            "catalog",
-            "127.0.0.1:9091",
-            Some(8081),
-            None,
-        );
+        let plain = Control {
+            discovery: "127.0.0.1:9091".into(),
+            identity: None,
+        };
+        let text = proxy_config("catalog-2", "shop", "catalog", &plain, Some(8081), None).unwrap();
         let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
         assert_eq!(
             value["spec"]["inbound"]["app"].as_str(),
@@ -531,19 +594,41 @@ mod tests {
             value["spec"]["workload"]["service"].as_str(),
             Some("catalog")
         );
+        assert_eq!(value["spec"]["identity"]["mode"].as_str(), Some("Disabled"));
+        let dir = tempfile::tempdir().unwrap();
+        let secure = Control {
+            discovery: "127.0.0.1:9091".into(),
+            identity: Some((dir.path().to_owned(), "127.0.0.1:9090".into())),
+        };
         let entry = proxy_config(
             "entry",
             "shop",
             "entry",
-            "127.0.0.1:9091",
+            &secure,
             None,
             Some(("127.0.0.1:8080".parse().unwrap(), "storefront.shop:80")),
-        );
+        )
+        .unwrap();
         let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(&entry).unwrap();
         assert!(value["spec"].get("inbound").is_none());
         assert_eq!(
             value["spec"]["outbound"]["listeners"][0]["service"].as_str(),
             Some("storefront.shop:80")
+        );
+        assert_eq!(
+            value["spec"]["identity"]["mode"].as_str(),
+            Some("ControlPlane")
+        );
+        assert_eq!(
+            value["spec"]["controlPlane"]["identity"].as_str(),
+            Some("127.0.0.1:9090")
+        );
+        let token = std::fs::read_to_string(dir.path().join("tokens/shop/entry")).unwrap();
+        assert_eq!(token.len(), 48, "a random token, written once");
+        proxy_config("entry", "shop", "entry", &secure, None, None).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("tokens/shop/entry")).unwrap(),
+            token
         );
     }
 }

@@ -115,6 +115,25 @@ async fn up_serves_the_storefront_and_stops_cleanly() {
             .iter()
             .all(|p| p["listeners"]["admin"].is_string())
     );
+    // mTLS is on by default: every proxy has its identity and a certificate good for a day.
+    for p in status["proxies"].as_array().unwrap() {
+        let service = p["service"].as_str().unwrap().rsplit('/').next().unwrap();
+        let sa = if service.is_empty() { "entry" } else { service };
+        assert_eq!(
+            p["identity"],
+            format!("spiffe://cluster.local/ns/shop/sa/{sa}"),
+            "{p}"
+        );
+        let left = p["certificate"]["validForSeconds"].as_u64().unwrap_or(0);
+        assert!(left > 23 * 3600 && left <= 24 * 3600, "{p}");
+    }
+    let text = String::from_utf8(ferryctl(state.path(), &["status"]).stdout).unwrap();
+    assert!(
+        text.contains(
+            "identity spiffe://cluster.local/ns/shop/sa/pricing  certificate expires in 2"
+        ),
+        "{text}"
+    );
 
     // An order through the storefront's sidecar: orders calls inventory and payments.
     let storefront = status["proxies"]

@@ -172,6 +172,8 @@ pub struct ProxyStatus {
     pub listeners: Listeners,
     /// Proxy version.
     pub version: String,
+    /// The SPIFFE id it serves with (mTLS); empty: plaintext.
+    pub identity: String,
 }
 
 /// A proxy's listeners, `ip:port` each.
@@ -297,6 +299,7 @@ impl Status {
                             .unwrap_or_default(),
                     },
                     version: node.proxy_version.clone(),
+                    identity: local.map(|l| l.identity.clone()).unwrap_or_default(),
                 }
             })
             .collect();

@@ -1,7 +1,8 @@
 //! Admin and health endpoints. The health listener serves `/live`, `/ready` (only after the
 //! first discovery sync) and `/metrics`; the admin listener (loopback) adds `/config_dump`:
 //! every resource held with its version and sources, plus each target's balancer, and manual
-//! breaker control (`POST /breakers/{namespace}/{service}/{trip|isolate|reset}`).
+//! breaker control (`POST /breakers/{namespace}/{service}/{trip|isolate|reset}`) and
+//! `/identity` (the workload's SPIFFE id and its certificate's expiry).
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
@@ -61,6 +62,27 @@ pub fn handle(ctx: &Context, req: &Request<Incoming>, full: bool) -> Response<Bo
             dump["targets"] = ctx.outbound.dump();
             let body = serde_json::to_string_pretty(&dump).unwrap_or_default();
             text(StatusCode::OK, "application/json", body + "\n")
+        }
+        "/identity" if full => {
+            let body = match &ctx.identity {
+                None => serde_json::json!({ "identity": null }),
+                Some(i) => {
+                    let held = i.held();
+                    let secs = |t: std::time::SystemTime| {
+                        t.duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs())
+                    };
+                    serde_json::json!({
+                        "identity": i.spiffe(),
+                        "notAfterUnix": held.map(|h| secs(h.not_after)),
+                        "validForSeconds": held.map(|h| h
+                            .not_after
+                            .duration_since(std::time::SystemTime::now())
+                            .map_or(0, |d| d.as_secs())),
+                    })
+                }
+            };
+            text(StatusCode::OK, "application/json", body.to_string() + "\n")
         }
         path if full && path.starts_with("/breakers/") => breaker_control(ctx, req, path),
         _ => text(StatusCode::NOT_FOUND, PLAIN, "not found\n".into()),

@@ -190,12 +190,7 @@ impl App {
                 ready: false,
                 listeners: None,
                 labels: c.workload.labels.clone(),
-                identity: self
-                    .ctx
-                    .identity
-                    .as_ref()
-                    .map(|i| i.spiffe().to_owned())
-                    .unwrap_or_default(),
+                identity: String::new(),
             }
         });
         let listeners = pb::ProxyListeners {
@@ -216,6 +211,9 @@ impl App {
         // A proxy without an app (an edge proxy) still announces its listeners, with no service.
         let mut local_workload = local_workload.unwrap_or_default();
         local_workload.listeners = Some(listeners);
+        if let Some(identity) = &self.ctx.identity {
+            identity.spiffe().clone_into(&mut local_workload.identity);
+        }
         if local_workload.instance.is_empty() {
             local_workload.instance.clone_from(&c.workload.name);
         }
