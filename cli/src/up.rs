@@ -3,6 +3,7 @@
 //! allocated, ProxyConfigs written to the state folder), then an entry proxy that serves the
 //! storefront. Stops everything on Ctrl-C or SIGTERM, leaving no process behind.
 
+use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -60,7 +61,10 @@ impl Control {
             std::fs::create_dir_all(path.parent().context("a token has a folder")?)?;
             let mut bytes = [0u8; 24];
             std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
-            let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let token = bytes.iter().fold(String::new(), |mut t, b| {
+                let _ = write!(t, "{b:02x}");
+                t
+            });
             std::fs::write(&path, token)?;
         }
         Ok(Some(path))
