@@ -266,3 +266,91 @@ async fn a_permissive_port_takes_plaintext_too_but_mtls_callers_still_use_tls() 
         "spiffe://cluster.local/ns/shop/sa/client"
     );
 }
+
+/// A server on loopback that presents `cert` (no client certificate asked) and counts the
+/// connections on which any request byte arrived after the handshake.
+async fn rogue(
+    cert: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(cert.0, cert.1)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = requests.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, counted) = (acceptor.clone(), counted.clone());
+            tokio::spawn(async move {
+                if let Ok(mut tls) = acceptor.accept(tcp).await {
+                    let mut buf = [0u8; 64];
+                    if matches!(tls.read(&mut buf).await, Ok(n) if n > 0) {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+    });
+    (addr, requests)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_presenting_another_identity_never_gets_the_request() {
+    use ferrymesh_proto::discovery::v1 as pb;
+    let mesh = Mesh::start_secure(&[("payments.yaml", &service("payments"))], &[]);
+    // A workload with a perfectly valid mesh certificate, but for another service account,
+    // answering where payments is registered.
+    let intruder = leaf(
+        Some(&mesh_ca(&mesh)),
+        "spiffe://cluster.local/ns/shop/sa/intruder",
+        false,
+    );
+    let (addr, requests) = rogue(intruder).await;
+    let mut node = ferrymesh_test_support::nodes::local(
+        "payments-1",
+        "payments",
+        u32::from(addr.port()),
+        true,
+    );
+    node.local_workload.as_mut().unwrap().identity =
+        "spiffe://cluster.local/ns/shop/sa/payments".into();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::DiscoveryRequest {
+        node: Some(node),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut registration =
+        pb::discovery_client::DiscoveryClient::connect(format!("http://{}", mesh.discovery))
+            .await
+            .unwrap()
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+    let client = client_proxy(&mesh, "payments.shop", 1).await;
+    let http = proxied(client.addr("outbound"));
+    let rsp = http
+        .get("http://payments.shop/payments")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rsp.status(), 502);
+    assert_eq!(rsp.headers()["ferrymesh-error"], "connect-failed");
+    let body = rsp.text().await.unwrap();
+    assert!(body.contains("TLS"), "{body}");
+    assert_eq!(
+        requests.load(Ordering::SeqCst),
+        0,
+        "not one byte of the request left"
+    );
+    drop(tx);
+    let _ = registration.message().await;
+}
