@@ -53,6 +53,13 @@ pub fn spiffe_ids(der: &[u8]) -> Vec<String> {
         .collect()
 }
 
+/// When a certificate stops being valid.
+pub fn not_after(der: &[u8]) -> Option<SystemTime> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+}
+
 /// The certificate in use, read by both TLS sides at each handshake.
 #[derive(Debug, Default)]
 struct Slot(RwLock<Option<Arc<CertifiedKey>>>);
@@ -142,6 +149,10 @@ impl Identity {
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(slot.clone());
         server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // NOTE: no session resumption: a resumed TLS 1.3 session skips the certificate checks,
+        // so a peer could keep going on a certificate that has since expired.
+        server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        server.send_tls13_tickets = 0;
         Ok(Identity {
             spiffe,
             config: config.clone(),
@@ -200,6 +211,8 @@ impl Identity {
                 }];
                 // The peer is checked by its SPIFFE id, not a DNS name: no SNI to leak.
                 c.enable_sni = false;
+                // Every connection checks both certificates afresh (see the server side).
+                c.resumption = rustls::client::Resumption::disabled();
                 Arc::new(c)
             })
             .clone()

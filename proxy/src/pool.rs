@@ -90,15 +90,26 @@ struct Pooled<S> {
     sender: S,
     expires: Instant,
     idle: Duration,
+    /// A TLS connection is not used past its certificates (ours or the peer's).
+    valid_until: Option<Instant>,
 }
 
 impl<S> Pooled<S> {
-    fn new(sender: S, idle: Duration) -> Self {
-        Self {
+    fn new(sender: S, idle: Duration, valid_until: Option<Instant>) -> Self {
+        let mut p = Self {
             sender,
-            expires: Instant::now() + idle,
+            expires: Instant::now(),
             idle,
-        }
+            valid_until,
+        };
+        p.touch(Instant::now());
+        p
+    }
+
+    /// Used at `now`: the idle clock restarts, the certificates' end stays.
+    fn touch(&mut self, now: Instant) {
+        let idle_end = now + self.idle;
+        self.expires = self.valid_until.map_or(idle_end, |v| idle_end.min(v));
     }
 }
 
@@ -120,6 +131,8 @@ pub struct Tls {
     pub config: Arc<rustls::ClientConfig>,
     /// The SPIFFE id the peer must present.
     pub identity: Arc<str>,
+    /// When our own certificate expires.
+    pub own_not_after: Option<std::time::SystemTime>,
 }
 
 impl Pool {
@@ -190,10 +203,10 @@ impl Pool {
     ) -> Result<Response<Incoming>, PoolError> {
         let mut req = req;
         let key: Key = (addr, tls.as_ref().map(|t| t.identity.clone()));
-        if let Some(mut sender) = self.idle_h1(&key) {
+        if let Some((mut sender, valid_until)) = self.idle_h1(&key) {
             match sender.try_send_request(req).await {
                 Ok(rsp) => {
-                    self.put_h1(key, sender, timeouts.idle);
+                    self.put_h1(key, sender, timeouts.idle, valid_until);
                     return Ok(rsp);
                 }
                 // NOTE: a pooled connection the server closed while idle fails before the
@@ -210,7 +223,7 @@ impl Pool {
                 },
             }
         }
-        let io = connect_tls(addr, timeouts.connect, tls.as_ref()).await?;
+        let (io, valid_until) = connect_tls(addr, timeouts.connect, tls.as_ref()).await?;
         let (mut sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
@@ -224,24 +237,31 @@ impl Pool {
             .send_request(req)
             .await
             .map_err(|source| PoolError::Http { addr, source })?;
-        self.put_h1(key, sender, timeouts.idle);
+        self.put_h1(key, sender, timeouts.idle, valid_until);
         Ok(rsp)
     }
 
-    fn idle_h1(&self, key: &Key) -> Option<http1::SendRequest<Body>> {
+    fn idle_h1(&self, key: &Key) -> Option<(http1::SendRequest<Body>, Option<Instant>)> {
         let now = Instant::now();
         let mut pools = self.h1.lock().expect("pool lock poisoned");
         let list = pools.get_mut(key)?;
         list.retain(|p| p.expires > now && !p.sender.is_closed());
         let i = list.iter().position(|p| p.sender.is_ready())?;
-        Some(list.swap_remove(i).sender)
+        let p = list.swap_remove(i);
+        Some((p.sender, p.valid_until))
     }
 
-    fn put_h1(&self, key: Key, sender: http1::SendRequest<Body>, idle: Duration) {
+    fn put_h1(
+        &self,
+        key: Key,
+        sender: http1::SendRequest<Body>,
+        idle: Duration,
+        valid_until: Option<Instant>,
+    ) {
         let mut pools = self.h1.lock().expect("pool lock poisoned");
         let list = pools.entry(key).or_default();
         if list.len() < MAX_IDLE_H1 {
-            list.push(Pooled::new(sender, idle));
+            list.push(Pooled::new(sender, idle, valid_until));
         }
     }
 
@@ -263,7 +283,7 @@ impl Pool {
                     // NOTE: an HTTP/2 connection counts as used when a stream starts on it;
                     // the longest idle timeout asked for wins.
                     p.idle = p.idle.max(timeouts.idle);
-                    p.expires = now + p.idle;
+                    p.touch(now);
                     p.sender.clone()
                 })
         };
@@ -271,7 +291,7 @@ impl Pool {
             s
         } else {
             {
-                let io = connect_tls(addr, timeouts.connect, tls.as_ref()).await?;
+                let (io, valid_until) = connect_tls(addr, timeouts.connect, tls.as_ref()).await?;
                 let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                     .handshake(io)
                     .await
@@ -284,7 +304,7 @@ impl Pool {
                 self.h2
                     .lock()
                     .expect("pool lock poisoned")
-                    .insert(key, Pooled::new(sender.clone(), timeouts.idle));
+                    .insert(key, Pooled::new(sender.clone(), timeouts.idle, valid_until));
                 sender
             }
         };
@@ -303,7 +323,9 @@ impl Pool {
 pub type EndpointIo =
     tokio_util::either::Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
 
-/// Connects, with TLS when `tls` is set; the handshake counts in the connect timeout.
+/// Connects, with TLS when `tls` is set; the handshake counts in the connect timeout. Returns
+/// the connection and, for TLS, when the first of the two certificates (ours, the peer's)
+/// expires: the connection is not used past it.
 ///
 /// # Errors
 /// [`PoolError::Connect`], [`PoolError::ConnectTimeout`] or [`PoolError::Tls`].
@@ -311,11 +333,11 @@ pub async fn connect_tls(
     addr: SocketAddr,
     timeout: Duration,
     tls: Option<&Tls>,
-) -> Result<TokioIo<EndpointIo>, PoolError> {
+) -> Result<(TokioIo<EndpointIo>, Option<Instant>), PoolError> {
     let started = Instant::now();
     let tcp = connect(addr, timeout).await?.into_inner();
     let Some(tls) = tls else {
-        return Ok(TokioIo::new(tokio_util::either::Either::Left(tcp)));
+        return Ok((TokioIo::new(tokio_util::either::Either::Left(tcp)), None));
     };
     // NOTE: the peer is checked by its SPIFFE id; the name below is neither sent (no SNI) nor
     // checked.
@@ -328,7 +350,25 @@ pub async fn connect_tls(
     .await
     .map_err(|_| PoolError::ConnectTimeout { addr, timeout })?
     .map_err(|source| PoolError::Tls { addr, source })?;
-    Ok(TokioIo::new(tokio_util::either::Either::Right(stream)))
+    let peer_end = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|leaf| crate::identity::not_after(leaf));
+    let end = match (peer_end, tls.own_not_after) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let valid_until = end.map(|t| {
+        Instant::now()
+            + t.duration_since(std::time::SystemTime::now())
+                .unwrap_or_default()
+    });
+    Ok((
+        TokioIo::new(tokio_util::either::Either::Right(stream)),
+        valid_until,
+    ))
 }
 
 /// Opens a TCP connection with a timeout and no Nagle delay.

@@ -354,3 +354,143 @@ async fn an_endpoint_presenting_another_identity_never_gets_the_request() {
     drop(tx);
     let _ = registration.message().await;
 }
+
+/// The `notAfterUnix` of a proxy's current certificate.
+async fn not_after(proxy: &Spawned) -> Option<u64> {
+    let v = ferrymesh_test_support::mesh::get_json(proxy.addr("admin"), "/identity").await;
+    v["notAfterUnix"].as_u64()
+}
+
+/// A mesh whose pooled connections close after 1 s idle, so bursts of calls after a pause make
+/// new mTLS handshakes with whatever certificates are current.
+async fn rotating(lifetime: &str) -> Secure {
+    let idle = ferrymesh_test_support::mesh::yaml::policy("echo", "  timeouts: {idle: 1s}\n");
+    let svc = service("echo");
+    let mesh = Mesh::start_secure(
+        &[("echo.yaml", &(svc + &idle)), ("strict.yaml", STRICT)],
+        &["--cert-lifetime", lifetime],
+    );
+    let echo = HttpEcho::start("echo-1").await;
+    let server = mesh.proxy(&ProxySpec::app("echo-1", "echo", echo.addr));
+    let client = client_proxy(&mesh, "echo.shop", 1).await;
+    Secure {
+        mesh,
+        echo,
+        server,
+        client,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_under_load_without_a_failed_request() {
+    let lifetime = std::env::var("FERRYMESH_TEST_CERT_LIFETIME").unwrap_or_else(|_| "1m".into());
+    let s = rotating(&lifetime).await;
+    let http = proxied(s.client.addr("outbound"));
+    let (mut server_certs, mut client_certs) = (
+        std::collections::BTreeSet::new(),
+        std::collections::BTreeSet::new(),
+    );
+    let (mut ok, mut failed) = (0u32, Vec::new());
+    let deadline = tokio::time::Instant::now() + Duration::from_mins(4);
+    while (server_certs.len() < 4 || client_certs.len() < 4)
+        && tokio::time::Instant::now() < deadline
+    {
+        for _ in 0..20 {
+            let rsp = http.get("http://echo.shop/load").send().await.unwrap();
+            if rsp.status() == 200 {
+                ok += 1;
+            } else {
+                failed.push((rsp.status(), rsp.text().await.unwrap_or_default()));
+            }
+        }
+        server_certs.extend(not_after(&s.server).await);
+        client_certs.extend(not_after(&s.client).await);
+        // Past the idle timeout: the next burst opens a new mTLS connection.
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+    }
+    eprintln!(
+        "{ok} calls; server certificates {server_certs:?}, client certificates {client_certs:?}"
+    );
+    assert!(
+        server_certs.len() >= 4 && client_certs.len() >= 4,
+        "3 rotations on each side"
+    );
+    if !failed.is_empty() {
+        for log in ["echo-1.proxy.log", "client.proxy.log"] {
+            let text = std::fs::read_to_string(s.mesh.dir.path().join(log)).unwrap_or_default();
+            let interesting: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.contains("DEBUG") || l.contains("TLS") || l.contains("handshake"))
+                .collect();
+            eprintln!(
+                "--- {log}\n{}",
+                interesting[interesting.len().saturating_sub(40)..].join("\n")
+            );
+        }
+    }
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    assert!(ok >= 1_000, "steady load: {ok}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_controller_past_the_certificate_lifetime_calls_fail_closed_then_recover() {
+    let mut s = rotating("20s").await;
+    let http = proxied(s.client.addr("outbound"));
+    assert_eq!(
+        http.get("http://echo.shop/before")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    s.mesh.controller.kill();
+    // Both certificates run out with no CA to renew them.
+    let expired = |p: &Spawned| {
+        let admin = p.addr("admin");
+        async move {
+            let v = ferrymesh_test_support::mesh::get_json(admin, "/identity").await;
+            v["validForSeconds"].as_u64() == Some(0)
+        }
+    };
+    ferrymesh_test_support::mesh::eventually(Duration::from_secs(40), || async {
+        expired(&s.server).await && expired(&s.client).await
+    })
+    .await
+    .expect("the certificates expire");
+    // A connection opened before expiry may serve until it idles out (1 s); new ones fail.
+    ferrymesh_test_support::mesh::eventually(Duration::from_secs(5), || async {
+        http.get("http://echo.shop/draining")
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 502)
+    })
+    .await
+    .expect("new connections fail once the certificates expired");
+    let hits = s.echo.hits.load(Ordering::SeqCst);
+    let rsp = http.get("http://echo.shop/during").send().await.unwrap();
+    assert_eq!(rsp.status(), 502, "fails closed");
+    assert_eq!(rsp.headers()["ferrymesh-error"], "connect-failed");
+    let body = rsp.text().await.unwrap();
+    assert!(
+        body.contains("TLS"),
+        "a TLS error, not a plaintext retry: {body}"
+    );
+    assert_eq!(
+        s.echo.hits.load(Ordering::SeqCst),
+        hits,
+        "nothing reached the app"
+    );
+    // The controller comes back (same CA, same address): the proxies renew and traffic
+    // recovers with no restart.
+    s.mesh.restart_controller();
+    let recovered = ferrymesh_test_support::mesh::eventually(Duration::from_mins(1), || async {
+        http.get("http://echo.shop/after")
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await
+    .expect("traffic recovers");
+    eprintln!("recovered {recovered:?} after the controller came back");
+}

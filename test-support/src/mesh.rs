@@ -452,6 +452,7 @@ pub async fn client_proxy_with(mesh: &Mesh, spec: ProxySpec, host: &str, count: 
     let http = proxied(proxy.addr("outbound"));
     let _ = http.get(format!("http://{host}/healthz")).send().await;
     let admin = proxy.addr("admin");
+    let health = proxy.addr("health");
     let name = format!("{host}.svc.cluster.local:80");
     eventually(Duration::from_secs(10), || {
         let name = name.clone();
@@ -467,6 +468,7 @@ pub async fn client_proxy_with(mesh: &Mesh, spec: ProxySpec, host: &str, count: 
             }) && resources
                 .iter()
                 .any(|r| r["type"] == "CLIENT_POLICY" && r["state"] == "found")
+                && get(health, "/ready").await.is_ok_and(|(s, _)| s == 200)
         }
     })
     .await

@@ -74,6 +74,9 @@ impl std::fmt::Debug for Stack {
     }
 }
 
+/// How long a call waits for the proxy's first certificate before trying without.
+const FIRST_CERTIFICATE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// The stack state of a logical target, kept across requests: the per-backend parts (breaker,
 /// outlier detection, health checks) built from the service's own policy, and per route the
 /// retry (with its budget) and cache of the policy in force for that route. Each part is
@@ -503,6 +506,16 @@ impl tower::Service<Request<ReplayBody<Body>>> for Attempter {
                     identity: identity.clone(),
                     expected,
                 });
+            // Just after start the certificate may be on its way: wait for it a little (as
+            // for a first discovery answer) rather than fail a handshake that cannot succeed.
+            if let Some(p) = &peer
+                && p.identity.held().is_none()
+            {
+                let mut held = p.identity.watch();
+                let _ =
+                    tokio::time::timeout(FIRST_CERTIFICATE_WAIT, held.wait_for(Option::is_some))
+                        .await;
+            }
             let rsp = send(
                 &this.ctx.pool,
                 addr,

@@ -199,6 +199,7 @@ pub async fn send(
                 .identity
                 .client_config(&p.expected, version == Version::Http2),
             identity: p.expected.clone(),
+            own_not_after: p.identity.held().map(|h| h.not_after),
         }),
     };
     // NOTE: boxed with a concrete lifetime: rustc cannot prove `Send` for the tower future
