@@ -49,6 +49,7 @@ struct Index {
     first_seen: BTreeMap<ObjectKey, std::time::SystemTime>,
     /// TTL of resources that carry faults.
     fault_ttl: std::time::Duration,
+    default_inbound: i32,
 }
 
 /// A consistent view of every resource, rebuilt on every change.
@@ -76,6 +77,45 @@ pub struct Snapshot {
     pub fault_ttl: std::time::Duration,
     /// mTLS modes set by AuthenticationPolicies.
     pub mtls: Vec<MtlsRule>,
+    /// AuthorizationPolicies, by what they target.
+    pub authz: Vec<AuthzEntry>,
+    /// The cluster's default inbound policy (`DefaultPolicy`), for ports no Allow rule covers.
+    pub default_inbound: i32,
+}
+
+/// An AuthorizationPolicy's rules for a Namespace or a Service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthzEntry {
+    /// Namespace.
+    pub namespace: String,
+    /// The Service; `None`: every workload of the namespace.
+    pub service: Option<String>,
+    /// A Deny policy (else Allow).
+    pub deny: bool,
+    /// Its rules, each naming its source.
+    pub rules: Vec<ferrymesh_proto::config::v1::AuthzRule>,
+}
+
+impl AuthzEntry {
+    /// The (deny, allow) rules for workloads of `namespace/service`: every policy that
+    /// targets them is evaluated (no merge).
+    pub fn rules_for(
+        entries: &[AuthzEntry],
+        namespace: &str,
+        service: &str,
+    ) -> (
+        Vec<ferrymesh_proto::config::v1::AuthzRule>,
+        Vec<ferrymesh_proto::config::v1::AuthzRule>,
+    ) {
+        let (mut deny, mut allow) = (Vec::new(), Vec::new());
+        for e in entries.iter().filter(|e| {
+            e.namespace == namespace && e.service.as_deref().is_none_or(|s| s == service)
+        }) {
+            let list = if e.deny { &mut deny } else { &mut allow };
+            list.extend(e.rules.iter().cloned());
+        }
+        (deny, allow)
+    }
 }
 
 /// An AuthenticationPolicy's `mtls.mode` for a Namespace or a Service.
@@ -183,6 +223,11 @@ impl IndexHandle {
         self.tx.send_replace(snapshot);
     }
 
+    /// Sets the cluster's default inbound policy (`ferrymesh.config.v1.DefaultPolicy`).
+    pub fn set_default_inbound(&self, policy: ferrymesh_proto::config::v1::DefaultPolicy) {
+        self.update(|index| index.default_inbound = policy.into());
+    }
+
     /// Applies a file's reload: all of it, or (on error) none of it, keeping its last good objects.
     pub fn apply_file(&self, path: &Path, result: Result<Parsed, ParseError>) {
         self.update(|index| {
@@ -282,22 +327,8 @@ impl Index {
             self.first_seen.entry(k).or_insert(now);
         }
         let faults = faults::active(objects.values().copied(), &self.first_seen, now);
-        let mtls = objects
-            .values()
-            .filter_map(|o| match o {
-                Object::Policy(p) => Some(p),
-                _ => None,
-            })
-            .filter_map(|p| Some((p, p.mtls_strict?)))
-            .flat_map(|(p, strict)| {
-                p.target_refs.iter().map(move |t| MtlsRule {
-                    namespace: p.meta.namespace.clone(),
-                    service: (t.kind == "Service").then(|| t.name.clone()),
-                    strict,
-                    policy: p.meta.name.clone(),
-                })
-            })
-            .collect();
+        let authz = authz_entries(&objects);
+        let mtls = mtls_rules(&objects);
         let workloads: Vec<Registered> = self.workloads.values().cloned().collect();
         let (resources, services) = translate::build(
             objects.values().copied(),
@@ -318,8 +349,64 @@ impl Index {
             faults,
             fault_ttl: self.fault_ttl,
             mtls,
+            authz,
+            default_inbound: self.default_inbound,
         }
     }
+}
+
+fn authz_entries(objects: &BTreeMap<ObjectKey, &Object>) -> Vec<AuthzEntry> {
+    objects
+        .values()
+        .filter_map(|o| match o {
+            Object::Policy(p) => Some(p),
+            _ => None,
+        })
+        .filter_map(|p| Some((p, p.authorization.as_ref()?)))
+        .flat_map(|(p, a)| {
+            let source = ferrymesh_proto::config::v1::ResourceRef {
+                group: p.group.clone(),
+                kind: p.kind.clone(),
+                namespace: p.meta.namespace.clone(),
+                name: p.meta.name.clone(),
+                generation: p.meta.generation,
+                ..Default::default()
+            };
+            p.target_refs.iter().map(move |t| AuthzEntry {
+                namespace: p.meta.namespace.clone(),
+                service: (t.kind == "Service").then(|| t.name.clone()),
+                deny: a.deny,
+                rules: a
+                    .rules
+                    .iter()
+                    .cloned()
+                    .map(|mut r| {
+                        r.source = Some(source.clone());
+                        r
+                    })
+                    .collect(),
+            })
+        })
+        .collect()
+}
+
+fn mtls_rules(objects: &BTreeMap<ObjectKey, &Object>) -> Vec<MtlsRule> {
+    objects
+        .values()
+        .filter_map(|o| match o {
+            Object::Policy(p) => Some(p),
+            _ => None,
+        })
+        .filter_map(|p| Some((p, p.mtls_strict?)))
+        .flat_map(|(p, strict)| {
+            p.target_refs.iter().map(move |t| MtlsRule {
+                namespace: p.meta.namespace.clone(),
+                service: (t.kind == "Service").then(|| t.name.clone()),
+                strict,
+                policy: p.meta.name.clone(),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -69,9 +69,29 @@ pub struct RunArgs {
     /// The SPIFFE trust domain.
     #[arg(long, default_value = "cluster.local", env = "FERRYMESH_TRUST_DOMAIN")]
     pub trust_domain: String,
+    /// What a workload port with no Allow rule admits: all-unauthenticated (the course
+    /// default), all-authenticated, cluster-authenticated or deny.
+    #[arg(long, default_value = "all-unauthenticated", value_parser = parse_default_inbound, env = "FERRYMESH_DEFAULT_INBOUND_POLICY")]
+    pub default_inbound_policy: ferrymesh_proto::config::v1::DefaultPolicy,
     /// Lifetime of workload certificates.
     #[arg(long, default_value = "24h", value_parser = parse_duration, env = "FERRYMESH_CONTROLLER_CERT_LIFETIME")]
     pub cert_lifetime: Duration,
+}
+
+/// Linkerd's names for the default inbound policy.
+pub fn parse_default_inbound(
+    text: &str,
+) -> Result<ferrymesh_proto::config::v1::DefaultPolicy, String> {
+    use ferrymesh_proto::config::v1::DefaultPolicy as D;
+    match text {
+        "all-unauthenticated" => Ok(D::AllUnauthenticated),
+        "all-authenticated" => Ok(D::AllAuthenticated),
+        "cluster-authenticated" => Ok(D::ClusterAuthenticated),
+        "deny" => Ok(D::Deny),
+        other => Err(format!(
+            "{other:?}: all-unauthenticated | all-authenticated | cluster-authenticated | deny"
+        )),
+    }
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -87,6 +107,7 @@ pub const LISTENING_PREFIX: &str = "FERRYMESH_LISTENING ";
 /// A port cannot be bound or the source cannot be read at start.
 pub async fn run(args: RunArgs, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     let index = IndexHandle::with_fault_ttl(args.fault_ttl);
+    index.set_default_inbound(args.default_inbound_policy);
     let metrics = Arc::new(Metrics::new());
     let SourceKind::Files = args.source;
     let mut source = FileSource::new(args.config_dir.clone(), index.clone());

@@ -6,7 +6,7 @@
 pub mod files;
 mod parse;
 
-pub use parse::{ParseError, Parsed, parse_documents};
+pub use parse::{AuthzSpec, ParseError, Parsed, parse_documents};
 
 use std::path::PathBuf;
 
@@ -224,6 +224,8 @@ pub struct Policy {
     pub fault: Option<FaultSpec>,
     /// AuthenticationPolicy only: `mtls.mode` (`Some(true)`: Strict), when set.
     pub mtls_strict: Option<bool>,
+    /// AuthorizationPolicy only: its action and rules, validated.
+    pub authorization: Option<parse::AuthzSpec>,
     /// The spec as written.
     pub spec: serde_json::Value,
 }

@@ -287,7 +287,8 @@ impl App {
         if let Some((listener, config)) = inbound {
             let ctx = ctx.clone();
             spawn_accept(&tracker, listener, drain.clone(), move |stream, drain| {
-                crate::inbound::serve(ctx.clone(), config.clone(), stream, drain)
+                let addr = stream.peer_addr().ok();
+                crate::inbound::serve(ctx.clone(), config.clone(), stream, drain, addr)
             });
         }
 

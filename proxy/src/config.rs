@@ -69,6 +69,8 @@ pub struct Inbound {
     pub readiness_path: Option<String>,
     /// Connect timeout to the app. Default 100ms.
     pub connect_timeout: Duration,
+    /// This workload's default inbound policy, over the cluster's.
+    pub default_policy: Option<crate::authz::DefaultInbound>,
 }
 
 /// How the inbound side treats bytes.
@@ -201,6 +203,7 @@ struct RawInbound {
     protocol: Option<InboundProtocol>,
     readiness_path: Option<String>,
     connect_timeout: Option<String>,
+    default_policy: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -429,6 +432,15 @@ fn inbound(p: &mut Problems, i: &RawInbound) -> Inbound {
             i.connect_timeout.as_deref(),
             Duration::from_millis(100),
         ),
+        default_policy: i.default_policy.as_deref().and_then(|d| {
+            let parsed = crate::authz::DefaultInbound::from_name(d);
+            if parsed.is_none() {
+                p.0.push(format!(
+                    "inbound.defaultPolicy: {d:?}: all-unauthenticated | all-authenticated | cluster-authenticated | deny"
+                ));
+            }
+            parsed
+        }),
     }
 }
 

@@ -35,12 +35,21 @@ pub static PEER_IDENTITY: http::HeaderName =
 
 /// Handles one accepted inbound connection: with identity on, mTLS (detected on the first
 /// bytes) or, on a Permissive port only, plaintext.
-pub async fn serve<I>(ctx: Arc<Context>, inbound: Arc<Inbound>, io: I, drain: watch::Receiver<bool>)
-where
+pub async fn serve<I>(
+    ctx: Arc<Context>,
+    inbound: Arc<Inbound>,
+    io: I,
+    drain: watch::Receiver<bool>,
+    addr: Option<std::net::SocketAddr>,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let caller = Caller {
+        peer: None,
+        addr: addr.map(|a| a.ip()),
+    };
     let Some(identity) = ctx.identity.clone() else {
-        return serve_plain(ctx, inbound, io, drain, None).await;
+        return serve_plain(ctx, inbound, io, drain, caller).await;
     };
     let mut io = io;
     let Ok((tls, prefix)) = crate::detect::tls(&mut io, DETECT_TIMEOUT).await else {
@@ -53,7 +62,7 @@ where
             tracing::debug!("plaintext connection to a Strict port closed");
             return;
         }
-        return serve_plain(ctx, inbound, io, drain, None).await;
+        return serve_plain(ctx, inbound, io, drain, caller).await;
     }
     let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config());
     let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
@@ -75,7 +84,91 @@ where
         .and_then(|chain| chain.first())
         .and_then(|leaf| crate::identity::spiffe_ids(leaf).into_iter().next())
         .map(Arc::<str>::from);
-    serve_plain(ctx, inbound, stream, drain, peer).await;
+    serve_plain(ctx, inbound, stream, drain, Caller { peer, ..caller }).await;
+}
+
+/// Who is calling: the verified SPIFFE id (mTLS) and the address.
+#[derive(Debug, Clone)]
+struct Caller {
+    peer: Option<Arc<str>>,
+    addr: Option<std::net::IpAddr>,
+}
+
+/// Normalises the path (the app gets the normalised one) and applies the workload's
+/// authorization; the proxy's own 400 or 403 when the request may not pass.
+#[allow(clippy::result_large_err)] // the error is the response itself, returned at once
+fn authorize(
+    ctx: &Context,
+    inbound: &Inbound,
+    req: &mut Request<Incoming>,
+    caller: &Caller,
+) -> Result<(), Response<Body>> {
+    let path = match crate::authz::normalize(req.uri().path()) {
+        Ok(p) => p,
+        Err(why) => {
+            ctx.metrics.authz("deny", "bad-path");
+            return Err(crate::http::proxy_response(
+                http::StatusCode::BAD_REQUEST,
+                "bad-request",
+                &format!("the path cannot be normalised safely: {why:?}"),
+            ));
+        }
+    };
+    if path != req.uri().path() {
+        let pq = match req.uri().query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path.clone(),
+        };
+        let mut parts = req.uri().clone().into_parts();
+        parts.path_and_query = pq.parse().ok();
+        if let Ok(uri) = http::Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+    }
+    let policy = match &*ctx.inbound_policy.borrow() {
+        State::Found(held) => match &held.value {
+            Value::InboundPolicy(p) => Some(p.clone()),
+            _ => None,
+        },
+        _ => None,
+    };
+    let (deny, allow, default) = policy.as_ref().map_or(
+        (&[][..], &[][..], crate::authz::DefaultInbound::default()),
+        |p| (&p.deny[..], &p.allow[..], p.default_policy),
+    );
+    let default = inbound.default_policy.unwrap_or(default);
+    let trust_domain = ctx
+        .config
+        .identity
+        .as_ref()
+        .map_or("cluster.local", |i| i.trust_domain.as_str());
+    let decision = crate::authz::decide(
+        deny,
+        allow,
+        default,
+        trust_domain,
+        &crate::authz::Request {
+            peer: caller.peer.as_deref(),
+            addr: caller.addr,
+            method: req.method(),
+            path: &path,
+        },
+    );
+    match decision {
+        crate::authz::Decision::Allow(why) => {
+            ctx.metrics.authz("allow", why);
+            Ok(())
+        }
+        crate::authz::Decision::Deny(why) => {
+            ctx.metrics.authz("deny", "policy");
+            tracing::debug!(reason = %why, peer = ?caller.peer, "request forbidden");
+            Err(crate::http::proxy_response(
+                http::StatusCode::FORBIDDEN,
+                "forbidden",
+                &why,
+            ))
+        }
+    }
 }
 
 fn mtls_mode(ctx: &Context) -> MtlsMode {
@@ -94,7 +187,7 @@ async fn serve_plain<I>(
     inbound: Arc<Inbound>,
     io: I,
     drain: watch::Receiver<bool>,
-    peer: Option<Arc<str>>,
+    caller: Caller,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -118,8 +211,8 @@ async fn serve_plain<I>(
         move |req| {
             let ctx = ctx.clone();
             let inbound = inbound.clone();
-            let peer = peer.clone();
-            async move { handle(&ctx, &inbound, req, peer).await }
+            let caller = caller.clone();
+            async move { handle(&ctx, &inbound, req, &caller).await }
         },
         drain,
     )
@@ -141,15 +234,24 @@ async fn handle(
     ctx: &Context,
     inbound: &Inbound,
     mut req: Request<Incoming>,
-    peer: Option<Arc<str>>,
+    caller: &Caller,
 ) -> Response<Body> {
     let start = Instant::now();
     // Identity headers are ours to set: whatever the caller sent is dropped.
     req.headers_mut().remove(&PEER_IDENTITY);
-    if let Some(peer) = &peer
+    if let Some(peer) = &caller.peer
         && let Ok(v) = http::HeaderValue::from_str(peer)
     {
         req.headers_mut().insert(&PEER_IDENTITY, v);
+    }
+    if let Err(rsp) = authorize(ctx, inbound, &mut req, caller) {
+        ctx.metrics.request(
+            Direction::inbound,
+            &ctx.service_label,
+            rsp.status(),
+            start.elapsed(),
+        );
+        return rsp;
     }
     let authority = req
         .uri()

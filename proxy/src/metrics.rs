@@ -53,6 +53,17 @@ const LATENCY_BUCKETS: [f64; 15] = [
 
 type HistogramFamily = Family<RequestLabels, Histogram, fn() -> Histogram>;
 
+/// A new metric, registered.
+fn registered<M: Clone + Default + prometheus_client::registry::Metric>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+) -> M {
+    let metric = M::default();
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 /// Every proxy metric.
 #[derive(Debug)]
 pub struct Metrics {
@@ -69,6 +80,7 @@ pub struct Metrics {
     cache: Family<ReasonLabels, Counter>,
     budget: Family<RouteLabels, prometheus_client::metrics::gauge::Gauge>,
     tls_refused: Family<ReasonOnly, Counter>,
+    authz: Family<DecisionLabels, Counter>,
     /// The live retry budget of each service and route, read at each scrape.
     budgets: Mutex<HashMap<(String, String), RetryBudget>>,
     registry: Registry,
@@ -79,6 +91,12 @@ struct FaultLabels {
     direction: Direction,
     service: String,
     kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    decision: &'static str,
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -139,53 +157,50 @@ impl Metrics {
             "Retryable failures not retried, by service and why (not-idempotent, budget-exhausted, deadline, ...)",
             retries_skipped.clone(),
         );
-        let breaker = Family::<BreakerLabels, prometheus_client::metrics::gauge::Gauge>::default();
-        registry.register(
+        let breaker: Family<BreakerLabels, prometheus_client::metrics::gauge::Gauge> = registered(
+            &mut registry,
             "breaker_state",
             "Circuit breaker state per service: 1 for the current state (closed, open, half-open, isolated), 0 for the others",
-            breaker.clone(),
         );
-        let fallbacks = Family::<ReasonLabels, Counter>::default();
-        registry.register(
+        let fallbacks: Family<ReasonLabels, Counter> = registered(
+            &mut registry,
             "fallbacks",
             "Fallback answers served, by service and trigger",
-            fallbacks.clone(),
         );
-        let ejections = Family::<ServiceOnly, Counter>::default();
-        registry.register(
+        let ejections: Family<ServiceOnly, Counter> = registered(
+            &mut registry,
             "ejections",
             "Endpoints ejected by outlier detection, by service",
-            ejections.clone(),
         );
-        let faults = Family::<FaultLabels, Counter>::default();
-        registry.register(
+        let faults: Family<FaultLabels, Counter> = registered(
+            &mut registry,
             "faults_injected",
             "Faults injected, by direction, service and kind (delay, abort)",
-            faults.clone(),
         );
-        let health_checks = Family::<ReasonLabels, Counter>::default();
-        registry.register(
+        let health_checks: Family<ReasonLabels, Counter> = registered(
+            &mut registry,
             "health_checks",
             "Active health check probes, by service and result (pass, fail)",
-            health_checks.clone(),
         );
-        let cache = Family::<ReasonLabels, Counter>::default();
-        registry.register(
+        let cache: Family<ReasonLabels, Counter> = registered(
+            &mut registry,
             "cache",
             "Response cache outcomes by service (hit, miss, stale, revalidated)",
-            cache.clone(),
         );
-        let budget = Family::<RouteLabels, prometheus_client::metrics::gauge::Gauge>::default();
-        registry.register(
+        let budget: Family<RouteLabels, prometheus_client::metrics::gauge::Gauge> = registered(
+            &mut registry,
             "retry_budget_available",
             "Retries the retry budget of a service (per route, default without routes) allows right now",
-            budget.clone(),
         );
-        let tls_refused = Family::<ReasonOnly, Counter>::default();
-        registry.register(
+        let authz = registered(
+            &mut registry,
+            "authz_decisions",
+            "Inbound authorization decisions (allow, deny) and why (allow-rule, default, policy, bad-path)",
+        );
+        let tls_refused = registered(
+            &mut registry,
             "inbound_connections_refused",
             "Inbound connections closed before reaching the app, by reason (plaintext on a Strict port, handshake refused, timeout)",
-            tls_refused.clone(),
         );
         registry.register(
             "tcp_connections",
@@ -206,6 +221,7 @@ impl Metrics {
             cache,
             budget,
             tls_refused,
+            authz,
             budgets: Mutex::default(),
             registry,
         }
@@ -311,6 +327,13 @@ impl Metrics {
                 service: service.to_owned(),
                 reason: outcome,
             })
+            .inc();
+    }
+
+    /// An authorization decision.
+    pub fn authz(&self, decision: &'static str, reason: &'static str) {
+        self.authz
+            .get_or_create(&DecisionLabels { decision, reason })
             .inc();
     }
 

@@ -276,6 +276,12 @@ pub struct InboundPolicy {
     pub faults: Vec<FaultPolicy>,
     /// Whether plaintext connections are still accepted (with identity on).
     pub mtls: MtlsMode,
+    /// Deny rules (any match: 403).
+    pub deny: Vec<crate::authz::AuthzRule>,
+    /// Allow rules (when any: only a match passes).
+    pub allow: Vec<crate::authz::AuthzRule>,
+    /// What passes when there is no allow rule.
+    pub default_policy: crate::authz::DefaultInbound,
 }
 
 /// The inbound side's mTLS mode.
@@ -304,6 +310,17 @@ impl TryFrom<cfg::InboundPolicy> for InboundPolicy {
                 Ok(cfg::MtlsMode::Permissive | cfg::MtlsMode::Unspecified) => MtlsMode::Permissive,
                 Err(_) => return Err(InvalidPolicy::Enum("mtls", pb.mtls)),
             },
+            deny: pb
+                .deny
+                .into_iter()
+                .map(crate::authz::AuthzRule::from_pb)
+                .collect::<Result<_, _>>()?,
+            allow: pb
+                .allow
+                .into_iter()
+                .map(crate::authz::AuthzRule::from_pb)
+                .collect::<Result<_, _>>()?,
+            default_policy: crate::authz::DefaultInbound::from_pb(pb.default_policy)?,
         })
     }
 }

@@ -494,3 +494,89 @@ async fn without_the_controller_past_the_certificate_lifetime_calls_fail_closed_
     .expect("traffic recovers");
     eprintln!("recovered {recovered:?} after the controller came back");
 }
+
+/// Sends `GET http://echo.shop<path>` through `outbound` as written (no client-side path
+/// cleaning), with `headers`; the status and the body.
+async fn raw_get(outbound: std::net::SocketAddr, path: &str, headers: &str) -> (u16, String) {
+    let mut tcp = tokio::net::TcpStream::connect(outbound).await.unwrap();
+    tcp.write_all(
+        format!("GET http://echo.shop{path} HTTP/1.1\r\nhost: echo.shop\r\n{headers}connection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.unwrap();
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = answer
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_allows_and_denies_by_identity_and_normalised_path() {
+    let policies = "apiVersion: policy.ferrymesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: echo-api, namespace: shop}\n\
+                    spec:\n  targetRefs: [{group: \"\", kind: Service, name: echo}]\n  action: Allow\n  rules:\n  - from: {identities: [\"spiffe://cluster.local/ns/shop/sa/client\"]}\n    to: {paths: [{type: PathPrefix, value: /api}, {type: PathPrefix, value: /admin}]}\n---\n\
+                    apiVersion: policy.ferrymesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: echo-no-admin, namespace: shop}\n\
+                    spec:\n  targetRefs: [{group: \"\", kind: Service, name: echo}]\n  action: Deny\n  rules:\n  - to: {paths: [{type: PathPrefix, value: /admin}]}\n";
+    let s = secure(&[("authz.yaml", policies), ("strict.yaml", STRICT)]).await;
+    let intruder = s.mesh.proxy(&ProxySpec {
+        log: Some("warn".into()),
+        service: Some("intruder".into()),
+        ..ProxySpec::client("intruder-1")
+    });
+    let outbound = s.client.addr("outbound");
+    let hits = || s.echo.hits.load(Ordering::SeqCst);
+    // Allowed, and the app sees the normalised path.
+    let (status, body) = raw_get(outbound, "/api/./v1/../items", "").await;
+    assert_eq!(status, 200, "{body}");
+    let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        seen["path"], "/api/items",
+        "the app sees the path the policy saw"
+    );
+    // Denied whatever the spelling of /admin; an encoded slash is refused outright.
+    let before = hits();
+    for path in [
+        "/admin",
+        "//admin",
+        "/%61dmin",
+        "/a/../admin",
+        "/api/../admin/x",
+    ] {
+        let (status, body) = raw_get(outbound, path, "").await;
+        assert_eq!(status, 403, "{path}: {body}");
+        assert!(body.starts_with("forbidden:"), "{path}: {body}");
+    }
+    let (status, body) = raw_get(outbound, "/admin%2f", "").await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(hits(), before, "no refused request reached the app");
+    // Another identity is not allowed, and claiming one in a header changes nothing.
+    let ready = s.mesh.identity.is_some();
+    assert!(ready);
+    ferrymesh_test_support::mesh::eventually(Duration::from_secs(10), || async {
+        get(intruder.addr("health"), "/ready")
+            .await
+            .is_ok_and(|(s, _)| s == 200)
+    })
+    .await
+    .unwrap();
+    let spoof = "x-ferrymesh-peer-identity: spiffe://cluster.local/ns/shop/sa/client\r\n";
+    let (status, body) = raw_get(intruder.addr("outbound"), "/api/items", spoof).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(hits(), before);
+    let denied = ferrymesh_test_support::mesh::counter(
+        s.server.addr("health"),
+        "ferrymesh_proxy_authz_decisions_total",
+        r#"decision="deny""#,
+    )
+    .await;
+    assert_eq!(denied, 7, "every refusal is counted");
+}

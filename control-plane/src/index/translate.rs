@@ -147,6 +147,8 @@ pub(super) fn build<'a>(
         }
     }
     let inbound = cfg::InboundPolicy {
+        deny: Vec::new(),
+        allow: Vec::new(),
         port: 0,
         protocol: cfg::Protocol::Http.into(),
         mtls: cfg::MtlsMode::Permissive.into(),
@@ -533,12 +535,23 @@ pub(super) fn lookup(
                 let selected = node
                     .map(|n| super::faults::for_workload(&snapshot.faults, n))
                     .unwrap_or_default();
-                let strict = node
-                    .and_then(|n| n.local_workload.as_ref()?.service.as_ref())
-                    .is_some_and(|s| {
-                        super::MtlsRule::mode_for(&snapshot.mtls, &s.namespace, &s.name)
-                    });
-                if selected.is_empty() && !strict {
+                let service = node.and_then(|n| n.local_workload.as_ref()?.service.as_ref());
+                let strict = service.is_some_and(|s| {
+                    super::MtlsRule::mode_for(&snapshot.mtls, &s.namespace, &s.name)
+                });
+                let (deny, allow) = service.map_or_else(Default::default, |s| {
+                    super::AuthzEntry::rules_for(&snapshot.authz, &s.namespace, &s.name)
+                });
+                let default = match snapshot.default_inbound {
+                    0 => i32::from(cfg::DefaultPolicy::AllUnauthenticated),
+                    d => d,
+                };
+                if selected.is_empty()
+                    && !strict
+                    && deny.is_empty()
+                    && allow.is_empty()
+                    && default == i32::from(cfg::DefaultPolicy::AllUnauthenticated)
+                {
                     return found(base);
                 }
                 // This workload's own inbound policy: the base plus its mTLS mode and the
@@ -549,6 +562,9 @@ pub(super) fn lookup(
                 if strict {
                     policy.mtls = cfg::MtlsMode::Strict.into();
                 }
+                policy.deny = deny;
+                policy.allow = allow;
+                policy.default_policy = default;
                 policy.faults = selected.iter().map(|f| f.fault.clone()).collect();
                 let sources = selected
                     .iter()

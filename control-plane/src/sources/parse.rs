@@ -405,6 +405,7 @@ fn policy(
     json: &serde_json::Value,
 ) -> Result<Object, FieldError> {
     let spec = json.get("spec").cloned().unwrap_or(serde_json::Value::Null);
+    let mut authorization = None;
     let (target_refs, resilience, fault) = match (group, kind) {
         ("policy.ferrymesh.io", "ResiliencePolicy") => {
             let (refs, sections) = resilience::spec(json)?;
@@ -413,6 +414,11 @@ fn policy(
         ("policy.ferrymesh.io", "FaultInjection") => {
             let (refs, fault) = fault::spec(json)?;
             (refs, None, Some(fault))
+        }
+        ("policy.ferrymesh.io", "AuthorizationPolicy") => {
+            let (refs, spec) = authz::spec(json)?;
+            authorization = Some(spec);
+            (refs, None, None)
         }
         ("policy.ferrymesh.io", _) => (from_json::<RawPolicy>(json)?.spec.target_refs, None, None),
         _ => (Vec::new(), None, None),
@@ -465,12 +471,12 @@ fn policy(
     } else {
         None
     };
-    if kind == "AuthenticationPolicy" {
+    if matches!(kind, "AuthenticationPolicy" | "AuthorizationPolicy") {
         for (i, t) in target_refs.iter().enumerate() {
             if !matches!(t.kind.as_str(), "Namespace" | "Service") {
                 return Err(field_err(
                     format!("spec.targetRefs[{i}].kind"),
-                    "an AuthenticationPolicy targets a Namespace or a Service (its workloads' inbound ports)",
+                    "targets a Namespace or a Service (its workloads' inbound ports)",
                 ));
             }
         }
@@ -483,6 +489,7 @@ fn policy(
         resilience,
         fault,
         mtls_strict,
+        authorization,
         spec,
     })))
 }
@@ -514,9 +521,12 @@ fn check_target_refs(meta: &Meta, refs: &[TargetRef]) -> Result<(), FieldError> 
     Ok(())
 }
 
+mod authz;
 mod fault;
 mod resilience;
 mod route;
+
+pub use authz::AuthzSpec;
 
 #[cfg(test)]
 mod tests;

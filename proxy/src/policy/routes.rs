@@ -80,7 +80,8 @@ pub enum PathMatch {
 }
 
 impl PathMatch {
-    fn matches(&self, path: &str) -> bool {
+    /// True when `path` meets it.
+    pub fn matches(&self, path: &str) -> bool {
         match self {
             PathMatch::Exact(p) => path == p,
             PathMatch::Prefix(p) => {
