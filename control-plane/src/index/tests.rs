@@ -376,3 +376,77 @@ fn a_route_naming_unknown_services_is_reported() {
         "{warnings:?}"
     );
 }
+
+#[test]
+fn each_workload_gets_its_mtls_mode_authorization_and_the_cluster_default() {
+    use ferrymesh_proto::config::v1 as cfg;
+    let index = IndexHandle::new();
+    index.set_default_inbound(ferrymesh_proto::config::v1::DefaultPolicy::ClusterAuthenticated);
+    let policies = r#"
+apiVersion: policy.ferrymesh.io/v1alpha1
+kind: AuthenticationPolicy
+metadata: {name: shop-permissive, namespace: shop}
+spec:
+  targetRefs: [{group: "", kind: Namespace, name: shop}]
+  mtls: {mode: Permissive}
+---
+apiVersion: policy.ferrymesh.io/v1alpha1
+kind: AuthenticationPolicy
+metadata: {name: pricing-strict, namespace: shop}
+spec:
+  targetRefs: [{group: "", kind: Service, name: pricing}]
+  mtls: {mode: Strict}
+---
+apiVersion: policy.ferrymesh.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: pricing-readers, namespace: shop}
+spec:
+  targetRefs: [{group: "", kind: Service, name: pricing}]
+  action: Allow
+  rules: [{from: {serviceAccounts: [{namespace: shop, name: storefront}]}}]
+---
+apiVersion: policy.ferrymesh.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: shop}
+spec:
+  targetRefs: [{group: "", kind: Namespace, name: shop}]
+  action: Deny
+  rules: [{to: {paths: [{type: PathPrefix, value: /admin}]}}]
+"#;
+    load(&index, "shop.yaml", SHOP);
+    load(&index, "security.yaml", policies);
+    let inbound = |node: &pb::Node| {
+        let Lookup::Found(r) =
+            index
+                .snapshot()
+                .lookup(pb::ResourceType::InboundPolicy, "*", Some(node))
+        else {
+            panic!("no inbound policy")
+        };
+        let Some(pb::resource::Body::InboundPolicy(p)) = r.body else {
+            panic!("not an inbound policy")
+        };
+        p
+    };
+    let pricing = inbound(&node_of("pricing-1", "pricing"));
+    assert_eq!(
+        pricing.mtls,
+        i32::from(cfg::MtlsMode::Strict),
+        "the Service's wins"
+    );
+    assert_eq!(pricing.allow.len(), 1);
+    assert_eq!(pricing.allow[0].service_accounts, ["shop/storefront"]);
+    assert_eq!(
+        pricing.allow[0].source.as_ref().unwrap().name,
+        "pricing-readers"
+    );
+    assert_eq!(pricing.deny.len(), 1, "the namespace-wide deny applies too");
+    assert_eq!(
+        pricing.default_policy,
+        i32::from(cfg::DefaultPolicy::ClusterAuthenticated)
+    );
+    let other = inbound(&node_of("catalog-1", "catalog"));
+    assert_ne!(other.mtls, i32::from(cfg::MtlsMode::Strict));
+    assert!(other.allow.is_empty());
+    assert_eq!(other.deny.len(), 1);
+}

@@ -704,3 +704,119 @@ fn a_fault_on_a_route_must_be_client_side() {
     assert!(e.message.contains("set side: Client"), "{e}");
     assert!(parse(&fault("  side: Client\n")).is_ok());
 }
+
+const AUTHZ: &str = r#"
+apiVersion: policy.ferrymesh.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: orders-writers, namespace: shop}
+spec:
+  targetRefs: [{group: "", kind: Service, name: orders}]
+  action: Allow
+  rules:
+  - from:
+      identities: ["spiffe://cluster.local/ns/shop/sa/checkout", "spiffe://cluster.local/ns/ops/sa/*"]
+      serviceAccounts: [{namespace: edge, name: gateway}]
+      namespaces: [shop]
+      networks: [10.0.0.0/8]
+    to:
+      methods: [POST, PUT]
+      paths: [{type: PathPrefix, value: /orders}]
+"#;
+
+#[test]
+fn authorization_policies_are_read_whole() {
+    let parsed = parse(AUTHZ).unwrap();
+    let Object::Policy(p) = &parsed.objects[0] else {
+        panic!("not a policy")
+    };
+    let a = p.authorization.as_ref().unwrap();
+    assert!(!a.deny);
+    let r = &a.rules[0];
+    assert_eq!(r.identities.len(), 2);
+    assert_eq!(r.service_accounts, ["edge/gateway"]);
+    assert_eq!(r.namespaces, ["shop"]);
+    assert_eq!(r.networks, ["10.0.0.0/8"]);
+    assert_eq!(r.methods, ["POST", "PUT"]);
+    assert_eq!(r.paths[0].value, "/orders");
+}
+
+#[test]
+fn authorization_rules_are_enforced_by_field() {
+    for (from, to, field, rule) in [
+        (
+            "action: Allow",
+            "action: Audit",
+            "spec.action",
+            "Allow | Deny",
+        ),
+        (
+            "ops/sa/*",
+            "ops/*/x",
+            "spec.rules[0].from.identities[1]",
+            "trailing * segment",
+        ),
+        (
+            "\"spiffe://cluster.local/ns/shop/sa/checkout\"",
+            "\"checkout\"",
+            "spec.rules[0].from.identities[0]",
+            "spiffe://",
+        ),
+        (
+            "10.0.0.0/8",
+            "10.0.0.0/33",
+            "spec.rules[0].from.networks[0]",
+            "CIDR",
+        ),
+        (
+            "[POST, PUT]",
+            "[post]",
+            "spec.rules[0].to.methods[0]",
+            "capitals",
+        ),
+        (
+            "type: PathPrefix",
+            "type: RegularExpression",
+            "spec.rules[0].to.paths[0].type",
+            "Exact | PathPrefix",
+        ),
+        (
+            "namespaces: [shop]",
+            "requestPrincipals: [\"https://sso/*\"]",
+            "spec.rules[0].from.requestPrincipals",
+            "JWT",
+        ),
+        (
+            "kind: Service, name: orders",
+            "kind: HTTPRoute, name: orders",
+            "spec.targetRefs[0]",
+            "",
+        ),
+    ] {
+        assert!(AUTHZ.contains(from), "{from}");
+        let e = parse(&AUTHZ.replacen(from, to, 1)).unwrap_err();
+        assert!(e.field.starts_with(field), "{field}: {e}");
+        assert!(e.message.contains(rule), "{e}");
+    }
+    let empty = AUTHZ.split("  rules:").next().unwrap().to_owned() + "  rules: []\n";
+    assert_eq!(parse(&empty).unwrap_err().field, "spec.rules");
+}
+
+#[test]
+fn authentication_policies_set_the_mtls_mode() {
+    let policy = |mode: &str| {
+        format!(
+            "apiVersion: policy.ferrymesh.io/v1alpha1\nkind: AuthenticationPolicy\nmetadata: {{name: a, namespace: shop}}\n\
+             spec:\n  targetRefs: [{{group: \"\", kind: Service, name: orders}}]\n  mtls: {{mode: {mode}}}\n"
+        )
+    };
+    let Object::Policy(p) = &parse(&policy("Strict")).unwrap().objects[0] else {
+        panic!("not a policy")
+    };
+    assert_eq!(p.mtls_strict, Some(true));
+    let Object::Policy(p) = &parse(&policy("Permissive")).unwrap().objects[0] else {
+        panic!("not a policy")
+    };
+    assert_eq!(p.mtls_strict, Some(false));
+    let e = parse(&policy("Optional")).unwrap_err();
+    assert_eq!(e.field, "spec.mtls.mode");
+}
