@@ -144,6 +144,16 @@ fn verdicts(rows: &[Row]) -> String {
             fm.cpu_us
         );
     }
+    if let Some(tls) = find("Ferrymesh 2 hops, mTLS") {
+        let ratio = tls.cpu_us / fm.cpu_us;
+        let _ = writeln!(
+            out,
+            "- mTLS at most 1.3x the CPU per request of plaintext: {} ({:.1} µs vs {:.1} µs, {ratio:.2}x)",
+            if ratio <= 1.3 { "MET" } else { "MISSED" },
+            tls.cpu_us,
+            fm.cpu_us
+        );
+    }
     if let Some(h) = find("HAProxy 2 hops") {
         let (ours, theirs) = (fm.p99 - direct.p99, h.p99 - direct.p99);
         let _ = writeln!(
@@ -268,6 +278,32 @@ async fn main() -> anyhow::Result<()> {
         name: "Ferrymesh 2 hops, full policy".into(),
         addr: with_policy,
         pids: vec![client.pid(), policy_server.pid()],
+        hops: 2,
+    });
+
+    // The same pair with mTLS between the sidecars (a mesh with the controller as CA).
+    let secure = Mesh::start_secure(&[("services.yaml", SERVICES)], &[]);
+    let tls_server = secure.proxy(&ProxySpec {
+        log: Some("warn".to_owned()),
+        ..ProxySpec::app("bench-server", "bench-meshed", upstream)
+    });
+    let tls_client = secure.proxy(&ProxySpec {
+        fixed: vec!["bench-meshed.shop:80".into()],
+        log: Some("warn".to_owned()),
+        ..ProxySpec::client("bench-client")
+    });
+    let with_tls: SocketAddr = tls_client.listening["fixed"][0][0]
+        .as_str()
+        .unwrap_or_default()
+        .parse()?;
+    eventually(Duration::from_secs(10), || async move {
+        get(with_tls, "/ping").await.is_ok_and(|(s, _)| s == 200)
+    })
+    .await?;
+    variants.push(Variant {
+        name: "Ferrymesh 2 hops, mTLS".into(),
+        addr: with_tls,
+        pids: vec![tls_client.pid(), tls_server.pid()],
         hops: 2,
     });
 
