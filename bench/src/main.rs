@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::Parser;
 use ferrymesh_bench::{load, peers, procstat};
 use ferrymesh_test_support::mesh::{Mesh, ProxySpec, eventually, get};
+use ferrymesh_test_support::process::Spawned;
 
 #[derive(Debug, Parser)]
 #[command(name = "ferrymesh-bench")]
@@ -214,6 +215,35 @@ fn direct_service(upstream: SocketAddr) -> String {
     )
 }
 
+/// The 2-hop pair with mTLS: a mesh with the controller as CA, a server and a client proxy.
+async fn secure_pair(upstream: SocketAddr) -> anyhow::Result<(Mesh, [Spawned; 2], Variant)> {
+    let secure = Mesh::start_secure(&[("services.yaml", SERVICES)], &[]);
+    let server = secure.proxy(&ProxySpec {
+        log: Some("warn".to_owned()),
+        ..ProxySpec::app("bench-server", "bench-meshed", upstream)
+    });
+    let client = secure.proxy(&ProxySpec {
+        fixed: vec!["bench-meshed.shop:80".into()],
+        log: Some("warn".to_owned()),
+        ..ProxySpec::client("bench-client")
+    });
+    let addr: SocketAddr = client.listening["fixed"][0][0]
+        .as_str()
+        .unwrap_or_default()
+        .parse()?;
+    eventually(Duration::from_secs(10), || async move {
+        get(addr, "/ping").await.is_ok_and(|(s, _)| s == 200)
+    })
+    .await?;
+    let variant = Variant {
+        name: "Ferrymesh 2 hops, mTLS".into(),
+        addr,
+        pids: vec![client.pid(), server.pid()],
+        hops: 2,
+    };
+    Ok((secure, [client, server], variant))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -282,30 +312,8 @@ async fn main() -> anyhow::Result<()> {
     });
 
     // The same pair with mTLS between the sidecars (a mesh with the controller as CA).
-    let secure = Mesh::start_secure(&[("services.yaml", SERVICES)], &[]);
-    let tls_server = secure.proxy(&ProxySpec {
-        log: Some("warn".to_owned()),
-        ..ProxySpec::app("bench-server", "bench-meshed", upstream)
-    });
-    let tls_client = secure.proxy(&ProxySpec {
-        fixed: vec!["bench-meshed.shop:80".into()],
-        log: Some("warn".to_owned()),
-        ..ProxySpec::client("bench-client")
-    });
-    let with_tls: SocketAddr = tls_client.listening["fixed"][0][0]
-        .as_str()
-        .unwrap_or_default()
-        .parse()?;
-    eventually(Duration::from_secs(10), || async move {
-        get(with_tls, "/ping").await.is_ok_and(|(s, _)| s == 200)
-    })
-    .await?;
-    variants.push(Variant {
-        name: "Ferrymesh 2 hops, mTLS".into(),
-        addr: with_tls,
-        pids: vec![tls_client.pid(), tls_server.pid()],
-        hops: 2,
-    });
+    let (_secure, _tls_procs, variant) = secure_pair(upstream).await?;
+    variants.push(variant);
 
     let dir = tempfile::tempdir()?;
     let mut peers = Vec::new();
