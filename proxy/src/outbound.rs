@@ -187,23 +187,35 @@ async fn opaque<I>(ctx: Arc<Context>, mut io: I, target: Target)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (addr, service) = match route(&ctx, &target).await {
+    let (addr, service, expected) = match route(&ctx, &target).await {
         Route::Service(logical, endpoints, _) => {
             let Some(pick) = logical.balancer.pick() else {
                 tracing::info!(target = %target.authority, "opaque connection: no endpoints");
                 return;
             };
-            (pick.endpoint().addr, endpoints.service.clone())
+            let e = pick.endpoint();
+            (e.addr, endpoints.service.clone(), e.identity.clone())
         }
-        Route::Passthrough(addr) => (addr, PASSTHROUGH.to_owned()),
+        Route::Passthrough(addr) => (addr, PASSTHROUGH.to_owned(), None),
         Route::Error(rsp) => {
             tracing::info!(target = %target.authority, status = %rsp.status(), "opaque connection refused");
             return;
         }
     };
     ctx.metrics.tcp_connection(Direction::outbound, &service);
-    let Ok(mut upstream) = crate::pool::connect(addr, ctx.config.outbound.connect_timeout).await
-    else {
+    // A meshed endpoint gets the bytes over mTLS too, never in plaintext.
+    let tls = ctx
+        .identity
+        .as_ref()
+        .zip(expected)
+        .map(|(identity, expected)| crate::pool::Tls {
+            config: identity.client_config(&expected, false),
+            identity: expected,
+            own_not_after: identity.held().map(|h| h.not_after),
+        });
+    let upstream =
+        crate::pool::connect_tls(addr, ctx.config.outbound.connect_timeout, tls.as_ref()).await;
+    let Ok((mut upstream, _)) = upstream else {
         tracing::info!(%addr, "opaque connection: connect failed");
         return;
     };

@@ -580,3 +580,47 @@ async fn authorization_allows_and_denies_by_identity_and_normalised_path() {
     .await;
     assert_eq!(denied, 7, "every refusal is counted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_tcp_between_sidecars_goes_over_mtls_too() {
+    let tcp_service = "apiVersion: v1\nkind: Service\nmetadata: {name: tcp, namespace: shop}\nspec: {ports: [{name: tcp, port: 80, appProtocol: tcp}]}\n";
+    let strict = STRICT
+        .replace("echo-strict", "tcp-strict")
+        .replace("name: echo}", "name: tcp}");
+    let mesh = Mesh::start_secure(&[("tcp.yaml", tcp_service), ("strict.yaml", &strict)], &[]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let _server = mesh.proxy(&ProxySpec::app("tcp-1", "tcp", app));
+    let client = client_proxy(&mesh, "tcp.shop", 1).await;
+    let mut tcp = tokio::net::TcpStream::connect(client.addr("outbound"))
+        .await
+        .unwrap();
+    tcp.write_all(b"CONNECT tcp.shop:80 HTTP/1.1\r\nHost: tcp.shop:80\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(tcp.read_u8().await.unwrap());
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    let payload = b"\x00\x01binary\xffpayload";
+    tcp.write_all(payload).await.unwrap();
+    let mut back = vec![0; payload.len()];
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut back))
+        .await
+        .expect("the bytes came back through a Strict (mTLS-only) port")
+        .unwrap();
+    assert_eq!(&back, payload);
+}
