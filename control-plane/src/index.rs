@@ -364,14 +364,7 @@ fn authz_entries(objects: &BTreeMap<ObjectKey, &Object>) -> Vec<AuthzEntry> {
         })
         .filter_map(|p| Some((p, p.authorization.as_ref()?)))
         .flat_map(|(p, a)| {
-            let source = ferrymesh_proto::config::v1::ResourceRef {
-                group: p.group.clone(),
-                kind: p.kind.clone(),
-                namespace: p.meta.namespace.clone(),
-                name: p.meta.name.clone(),
-                generation: p.meta.generation,
-                ..Default::default()
-            };
+            let source = translate::object_ref(&p.group, &p.kind, &p.meta, "");
             p.target_refs.iter().map(move |t| AuthzEntry {
                 namespace: p.meta.namespace.clone(),
                 service: (t.kind == "Service").then(|| t.name.clone()),

@@ -490,16 +490,7 @@ async fn unknown_hosts_pass_through_or_get_502() {
 async fn opaque_tcp_crosses_both_sidecars() {
     let mesh = Mesh::start(&[("services.yaml", SERVICES)]);
     // A TCP echo server that speaks no HTTP.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let tcp_addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    let tcp_addr = ferrymesh_test_support::upstream::tcp_echo().await;
     let _tcp_proxy = mesh.proxy(&ProxySpec::app("tcp-1", "tcp", tcp_addr));
     let client_proxy = mesh.proxy(&ProxySpec::client("client"));
     wait_ready(&client_proxy).await;

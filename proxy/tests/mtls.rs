@@ -25,10 +25,15 @@ struct Secure {
 }
 
 async fn secure(extra_files: &[(&str, &str)]) -> Secure {
-    let svc = service("echo");
-    let mut files = vec![("echo.yaml", svc.as_str())];
+    secure_with(&service("echo"), extra_files, &[]).await
+}
+
+/// A secure mesh with `echo` (declared by `echo_yaml`), `extra_files` and controller `args`:
+/// an echo server behind its sidecar, and a ready client sidecar.
+async fn secure_with(echo_yaml: &str, extra_files: &[(&str, &str)], args: &[&str]) -> Secure {
+    let mut files = vec![("echo.yaml", echo_yaml)];
     files.extend_from_slice(extra_files);
-    let mesh = Mesh::start_secure(&files, &[]);
+    let mesh = Mesh::start_secure(&files, args);
     let echo = HttpEcho::start("echo-1").await;
     let server = mesh.proxy(&ProxySpec::app("echo-1", "echo", echo.addr));
     let client = client_proxy(&mesh, "echo.shop", 1).await;
@@ -365,20 +370,13 @@ async fn not_after(proxy: &Spawned) -> Option<u64> {
 /// new mTLS handshakes with whatever certificates are current.
 async fn rotating(lifetime: &str) -> Secure {
     let idle = ferrymesh_test_support::mesh::yaml::policy("echo", "  timeouts: {idle: 1s}\n");
-    let svc = service("echo");
-    let mesh = Mesh::start_secure(
-        &[("echo.yaml", &(svc + &idle)), ("strict.yaml", STRICT)],
+    let echo = service("echo") + &idle;
+    secure_with(
+        &echo,
+        &[("strict.yaml", STRICT)],
         &["--cert-lifetime", lifetime],
-    );
-    let echo = HttpEcho::start("echo-1").await;
-    let server = mesh.proxy(&ProxySpec::app("echo-1", "echo", echo.addr));
-    let client = client_proxy(&mesh, "echo.shop", 1).await;
-    Secure {
-        mesh,
-        echo,
-        server,
-        client,
-    }
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -588,16 +586,7 @@ async fn opaque_tcp_between_sidecars_goes_over_mtls_too() {
         .replace("echo-strict", "tcp-strict")
         .replace("name: echo}", "name: tcp}");
     let mesh = Mesh::start_secure(&[("tcp.yaml", tcp_service), ("strict.yaml", &strict)], &[]);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let app = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    let app = ferrymesh_test_support::upstream::tcp_echo().await;
     let _server = mesh.proxy(&ProxySpec::app("tcp-1", "tcp", app));
     let client = client_proxy(&mesh, "tcp.shop", 1).await;
     let mut tcp = tokio::net::TcpStream::connect(client.addr("outbound"))

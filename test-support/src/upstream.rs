@@ -212,6 +212,27 @@ async fn echo(
         .expect("a valid response")
 }
 
+/// A TCP server on loopback that sends back every byte it gets (no HTTP), for opaque-TCP
+/// tests; it runs until the test's runtime ends.
+///
+/// # Panics
+/// When 127.0.0.1:0 cannot be bound.
+pub async fn tcp_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binding the TCP echo server");
+    let addr = listener.local_addr().expect("bound");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
 /// The `Last-Modified` of `/modified/` answers.
 const LAST_MODIFIED: &str = "Wed, 21 Oct 2015 07:28:00 GMT";
 

@@ -69,14 +69,7 @@ pub(super) fn active<'a>(
             abort_grpc_status,
             abort_percentage,
             expires_at: Some(prost_types::Timestamp::from(expires_at)),
-            source: Some(cfg::ResourceRef {
-                group: p.group.clone(),
-                kind: p.kind.clone(),
-                namespace: p.meta.namespace.clone(),
-                name: p.meta.name.clone(),
-                generation: p.meta.generation,
-                ..Default::default()
-            }),
+            source: Some(super::translate::object_ref(&p.group, &p.kind, &p.meta, "")),
         };
         for t in &p.target_refs {
             let (service, route) = if t.kind == "Service" {
