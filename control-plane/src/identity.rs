@@ -19,6 +19,7 @@ use rcgen::{
     CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
+use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer};
 use tonic::{Request, Response, Status};
 
@@ -95,10 +96,13 @@ pub struct Ca {
     anchor: CertificateDer<'static>,
     anchor_pem: String,
     lifetime: Duration,
+    dir: Option<std::path::PathBuf>,
 }
 
 const CA_CERT: &str = "ca.pem";
 const CA_KEY: &str = "ca.key.pem";
+/// More anchors to trust besides the issuer (a CA rotation: the next or the previous one).
+const EXTRA_ANCHORS: &str = "anchors.pem";
 
 impl Ca {
     /// The CA kept in `dir`: loaded when there, else created and written there (key mode 0600).
@@ -143,7 +147,7 @@ impl Ca {
             tracing::info!(dir = %dir.display(), "created the mesh CA");
             (cert.pem(), key)
         };
-        let anchor = rustls::pki_types::pem::PemObject::from_pem_slice(anchor_pem.as_bytes())
+        let anchor = CertificateDer::from_pem_slice(anchor_pem.as_bytes())
             .context("the CA certificate does not parse")?;
         let issuer = Issuer::from_ca_cert_pem(&anchor_pem, key).context("the CA does not load")?;
         Ok(Ca {
@@ -152,12 +156,34 @@ impl Ca {
             anchor,
             anchor_pem,
             lifetime,
+            dir: Some(dir.to_owned()),
         })
     }
 
     /// The trust anchor (PEM).
     pub fn anchor_pem(&self) -> &str {
         &self.anchor_pem
+    }
+
+    /// Every anchor peers must be able to end at: the issuer's, then those of `anchors.pem`
+    /// in the CA folder (read now, so a rotation needs no restart). A broken `anchors.pem`
+    /// is logged and left out.
+    pub fn bundle(&self) -> Vec<Vec<u8>> {
+        let mut anchors = vec![self.anchor.to_vec()];
+        let Some(dir) = &self.dir else {
+            return anchors;
+        };
+        let Ok(text) = std::fs::read(dir.join(EXTRA_ANCHORS)) else {
+            return anchors;
+        };
+        for cert in CertificateDer::pem_slice_iter(&text) {
+            match cert {
+                Ok(c) if !anchors.contains(&c.to_vec()) => anchors.push(c.to_vec()),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "anchors.pem: a certificate does not parse"),
+            }
+        }
+        anchors
     }
 
     /// The trust domain.
@@ -296,7 +322,7 @@ impl pb::identity_server::Identity for IdentityService {
             leaf_der: leaf.to_vec(),
             intermediates_der: Vec::new(),
             not_after: Some(prost_types::Timestamp::from(not_after)),
-            trust_anchors_der: vec![self.ca.anchor.to_vec()],
+            trust_anchors_der: self.ca.bundle(),
         }))
     }
 }

@@ -7,6 +7,8 @@ mod faults;
 mod routes;
 mod translate;
 
+pub use translate::trust_bundle;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -50,6 +52,7 @@ struct Index {
     /// TTL of resources that carry faults.
     fault_ttl: std::time::Duration,
     default_inbound: i32,
+    trust_bundle: Option<Arc<pb::Resource>>,
 }
 
 /// A consistent view of every resource, rebuilt on every change.
@@ -81,6 +84,8 @@ pub struct Snapshot {
     pub authz: Vec<AuthzEntry>,
     /// The cluster's default inbound policy (`DefaultPolicy`), for ports no Allow rule covers.
     pub default_inbound: i32,
+    /// The trust anchors proxies must use (TRUST_BUNDLE), when the mesh has identities.
+    pub trust_bundle: Option<Arc<pb::Resource>>,
 }
 
 /// An AuthorizationPolicy's rules for a Namespace or a Service.
@@ -228,6 +233,18 @@ impl IndexHandle {
         self.update(|index| index.default_inbound = policy.into());
     }
 
+    /// Serves `bundle` as TRUST_BUNDLE `*` (a no-op when its version did not change).
+    pub fn set_trust_bundle(&self, bundle: pb::Resource) {
+        let unchanged = self
+            .snapshot()
+            .trust_bundle
+            .as_ref()
+            .is_some_and(|b| b.version == bundle.version);
+        if !unchanged {
+            self.update(|index| index.trust_bundle = Some(Arc::new(bundle)));
+        }
+    }
+
     /// Applies a file's reload: all of it, or (on error) none of it, keeping its last good objects.
     pub fn apply_file(&self, path: &Path, result: Result<Parsed, ParseError>) {
         self.update(|index| {
@@ -351,6 +368,7 @@ impl Index {
             mtls,
             authz,
             default_inbound: self.default_inbound,
+            trust_bundle: self.trust_bundle.clone(),
         }
     }
 }

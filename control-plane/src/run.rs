@@ -163,6 +163,12 @@ pub async fn run(args: RunArgs, shutdown: watch::Receiver<bool>) -> anyhow::Resu
     });
     let identity_task = match identity {
         Some((ca, listener)) => {
+            tokio::spawn(publish_bundle(
+                ca.clone(),
+                args.trust_domain.clone(),
+                index.clone(),
+                shutdown.clone(),
+            ));
             let tokens = args
                 .token_dir
                 .clone()
@@ -198,6 +204,25 @@ pub async fn run(args: RunArgs, shutdown: watch::Receiver<bool>) -> anyhow::Resu
     watch_task.await.context("watch task")??;
     expiry_task.await.context("fault expiry task")?;
     Ok(())
+}
+
+/// Serves the CA's trust bundle on Discovery, re-reading it every 2 s so anchors added or
+/// removed in the CA folder (a rotation) reach every proxy without a restart.
+async fn publish_bundle(
+    ca: Arc<Ca>,
+    trust_domain: String,
+    index: IndexHandle,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                index.set_trust_bundle(crate::index::trust_bundle(&trust_domain, ca.bundle()));
+            }
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
 }
 
 /// The CA and the Identity listener, when `--ca-dir` turns identity on.

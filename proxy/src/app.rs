@@ -253,6 +253,10 @@ impl App {
         ctx.pool.start_sweeping();
         if let Some(identity) = &ctx.identity {
             tokio::spawn(identity.clone().run(shutdown.clone()));
+            tokio::spawn(follow_trust_bundle(
+                identity.clone(),
+                ctx.discovery.watch(pb::ResourceType::TrustBundle, "*"),
+            ));
         }
         let stream = tokio::spawn(client::run(ctx.discovery.clone(), commands, node, leave));
         let readiness = tokio::spawn(readiness(ctx.clone(), drain.clone()));
@@ -347,6 +351,31 @@ fn spawn_accept<F, Fut>(
             }
         }
     });
+}
+
+/// Applies every TRUST_BUNDLE the controller pushes (a CA rotation serves the old and the new
+/// anchors together).
+async fn follow_trust_bundle(
+    identity: Arc<crate::identity::Identity>,
+    mut bundle: watch::Receiver<crate::discovery::State>,
+) {
+    loop {
+        let anchors = match &*bundle.borrow_and_update() {
+            crate::discovery::State::Found(held) => match &held.value {
+                crate::discovery::Value::TrustBundle(a) => Some(a.clone()),
+                _ => None,
+            },
+            _ => None,
+        };
+        if let Some(anchors) = anchors
+            && let Err(e) = identity.set_anchors(&anchors)
+        {
+            tracing::warn!(error = %format!("{e:#}"), "trust bundle not applied");
+        }
+        if bundle.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Reports the app's readiness to the controller: polls `readinessPath` every second, or

@@ -25,6 +25,8 @@ pub enum Value {
     ClientPolicy(Arc<ClientPolicy>),
     /// INBOUND_POLICY.
     InboundPolicy(Arc<InboundPolicy>),
+    /// TRUST_BUNDLE: the anchors (DER) peers' chains must end at.
+    TrustBundle(#[serde(skip)] Arc<Vec<rustls::pki_types::CertificateDer<'static>>>),
 }
 
 /// An object a resource was built from.

@@ -101,10 +101,48 @@ pub struct Identity {
     slot: Arc<Slot>,
     held: watch::Sender<Option<Held>>,
     provider: Arc<CryptoProvider>,
-    roots: Arc<RootCertStore>,
+    roots: RwLock<Arc<RootCertStore>>,
     anchors_pem: String,
-    server: Arc<ServerConfig>,
+    server: RwLock<Arc<ServerConfig>>,
     clients: Mutex<HashMap<(String, bool), Arc<ClientConfig>>>,
+}
+
+/// The inbound side's TLS config over `roots`.
+fn server_config(
+    roots: Arc<RootCertStore>,
+    provider: &Arc<CryptoProvider>,
+    slot: &Arc<Slot>,
+) -> anyhow::Result<ServerConfig> {
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+            .build()
+            .context("building the client certificate verifier")?;
+    let mut server = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS 1.3")?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(slot.clone());
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // NOTE: no session resumption: a resumed TLS 1.3 session skips the certificate checks,
+    // so a peer could keep going on a certificate that has since expired.
+    server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    server.send_tls13_tickets = 0;
+    Ok(server)
+}
+
+/// A root store of `anchors` (DER).
+///
+/// # Errors
+/// An anchor that is not a CA certificate, or none at all.
+pub fn roots(anchors: &[CertificateDer<'static>]) -> anyhow::Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    for a in anchors {
+        roots
+            .add(a.clone())
+            .context("a trust anchor is not a CA certificate")?;
+    }
+    anyhow::ensure!(!roots.is_empty(), "no trust anchor");
+    Ok(roots)
 }
 
 impl Identity {
@@ -123,45 +161,25 @@ impl Identity {
                 config.trust_anchors.display()
             )
         })?;
-        let mut roots = RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(anchors_pem.as_bytes()) {
-            roots
-                .add(cert.context("a trust anchor does not parse")?)
-                .context("a trust anchor is not a CA certificate")?;
-        }
-        anyhow::ensure!(
-            !roots.is_empty(),
-            "no trust anchor in {}",
-            config.trust_anchors.display()
+        let anchors = CertificateDer::pem_slice_iter(anchors_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .context("a trust anchor does not parse")?;
+        let roots = Arc::new(
+            roots(&anchors)
+                .with_context(|| format!("trust anchors in {}", config.trust_anchors.display()))?,
         );
-        let roots = Arc::new(roots);
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let slot = Arc::new(Slot::default());
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            roots.clone(),
-            provider.clone(),
-        )
-        .build()
-        .context("building the client certificate verifier")?;
-        let mut server = ServerConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .context("TLS 1.3")?
-            .with_client_cert_verifier(verifier)
-            .with_cert_resolver(slot.clone());
-        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        // NOTE: no session resumption: a resumed TLS 1.3 session skips the certificate checks,
-        // so a peer could keep going on a certificate that has since expired.
-        server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-        server.send_tls13_tickets = 0;
+        let server = server_config(roots.clone(), &provider, &slot)?;
         Ok(Identity {
             spiffe,
             config: config.clone(),
             slot,
             held: watch::channel(None).0,
             provider,
-            roots,
+            roots: RwLock::new(roots),
             anchors_pem,
-            server: Arc::new(server),
+            server: RwLock::new(Arc::new(server)),
             clients: Mutex::default(),
         })
     }
@@ -183,7 +201,22 @@ impl Identity {
 
     /// The inbound side's TLS config.
     pub fn server_config(&self) -> Arc<ServerConfig> {
-        self.server.clone()
+        self.server.read().expect("identity lock poisoned").clone()
+    }
+
+    /// Trusts `anchors` from now on (a TRUST_BUNDLE push): new handshakes on both sides use
+    /// them; connections already made keep going.
+    ///
+    /// # Errors
+    /// An anchor is not a CA certificate, or there is none: the current anchors stay.
+    pub fn set_anchors(&self, anchors: &[CertificateDer<'static>]) -> anyhow::Result<()> {
+        let roots = Arc::new(roots(anchors)?);
+        let server = server_config(roots.clone(), &self.provider, &self.slot)?;
+        *self.roots.write().expect("identity lock poisoned") = roots;
+        *self.server.write().expect("identity lock poisoned") = Arc::new(server);
+        self.clients.lock().expect("identity lock poisoned").clear();
+        tracing::info!(anchors = anchors.len(), "trust anchors updated");
+        Ok(())
     }
 
     /// The outbound side's TLS config for a peer that must be `expected`, offering ALPN `h2`
@@ -194,7 +227,7 @@ impl Identity {
             .entry((expected.to_owned(), h2))
             .or_insert_with(|| {
                 let verifier = Arc::new(PeerVerifier {
-                    roots: self.roots.clone(),
+                    roots: self.roots.read().expect("identity lock poisoned").clone(),
                     expected: expected.to_owned(),
                     algs: self.provider.signature_verification_algorithms,
                 });

@@ -613,3 +613,38 @@ async fn opaque_tcp_between_sidecars_goes_over_mtls_too() {
         .unwrap();
     assert_eq!(&back, payload);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_anchors_rotate_with_old_and_new_served_together() {
+    let s = secure(&[("strict.yaml", STRICT)]).await;
+    let inbound = s.server.addr("inbound");
+    let caller = "spiffe://cluster.local/ns/shop/sa/client";
+    let current = mesh_ca(&s.mesh);
+    // The next CA, not yet trusted.
+    let next_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut next_params = rcgen::CertificateParams::default();
+    next_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let next_pem = next_params.self_signed(&next_key).unwrap().pem();
+    let next = rcgen::Issuer::from_ca_cert_pem(&next_pem, next_key).unwrap();
+    let accepted = |issuer: &rcgen::Issuer<'static, rcgen::KeyPair>| {
+        let cert = leaf(Some(issuer), caller, false);
+        async move { probe(inbound, Some(cert)).await.is_ok() }
+    };
+    assert!(accepted(&current).await);
+    assert!(!accepted(&next).await, "an unknown CA is refused");
+    // Step 1 of a rotation: the next anchor joins the bundle; proxies trust both.
+    let anchors = s.mesh.identity_dir().join("ca/anchors.pem");
+    std::fs::write(&anchors, &next_pem).unwrap();
+    ferrymesh_test_support::mesh::eventually(Duration::from_secs(10), || accepted(&next))
+        .await
+        .expect("the bundle reaches the proxy");
+    assert!(accepted(&current).await, "the old anchor is still served");
+    // The last step: the old one leaves (here the extra one, to show removal reaches proxies).
+    std::fs::remove_file(&anchors).unwrap();
+    ferrymesh_test_support::mesh::eventually(Duration::from_secs(10), || async {
+        !accepted(&next).await
+    })
+    .await
+    .expect("a removed anchor is no longer trusted");
+    assert!(accepted(&current).await);
+}

@@ -466,6 +466,17 @@ fn client_policy(
     (policy, sources)
 }
 
+/// The TRUST_BUNDLE resource for `anchors` (DER).
+pub fn trust_bundle(trust_domain: &str, anchors: Vec<Vec<u8>>) -> pb::Resource {
+    resource(
+        pb::resource::Body::TrustBundle(cfg::TrustBundle {
+            trust_domain: trust_domain.to_owned(),
+            anchors_der: anchors,
+        }),
+        Vec::new(),
+    )
+}
+
 fn resource(body: pb::resource::Body, sources: Vec<cfg::ResourceRef>) -> pb::Resource {
     let mut r = pb::Resource {
         name: String::new(),
@@ -581,6 +592,15 @@ pub(super) fn lookup(
                 Lookup::Invalid(format!(
                     "{name:?}: inbound policy names are \"*\" or a port number"
                 ))
+            };
+        }
+        pb::ResourceType::TrustBundle => {
+            return match (&snapshot.trust_bundle, name) {
+                (_, n) if n != "*" => {
+                    Lookup::Invalid(format!("{n:?}: the trust bundle is named \"*\""))
+                }
+                (Some(b), _) => found(b),
+                (None, _) => Lookup::NotFound,
             };
         }
         other => {

@@ -195,6 +195,16 @@ fn convert(ty: pb::ResourceType, resource: pb::Resource) -> Result<Held, String>
         (pb::ResourceType::InboundPolicy, Some(Body::InboundPolicy(p))) => Value::InboundPolicy(
             Arc::new(InboundPolicy::try_from(p).map_err(|e| e.to_string())?),
         ),
+        (pb::ResourceType::TrustBundle, Some(Body::TrustBundle(b))) => {
+            let anchors: Vec<_> = b
+                .anchors_der
+                .into_iter()
+                .map(rustls::pki_types::CertificateDer::from)
+                .collect();
+            // Validated here, so a bad bundle is NACKed and the current anchors stay.
+            crate::identity::roots(&anchors).map_err(|e| format!("trust bundle: {e:#}"))?;
+            Value::TrustBundle(Arc::new(anchors))
+        }
         (ty, _) => {
             return Err(format!(
                 "body does not match resource type {}",
