@@ -30,6 +30,8 @@ pub struct Config {
     pub control_plane: ControlPlane,
     /// Workload identity and mTLS; `None`: plaintext (`identity.mode: Disabled`).
     pub identity: Option<IdentityConfig>,
+    /// The share of requests written to the access log (0..=1); `None`: off.
+    pub access_log: Option<f64>,
     /// How long in-flight requests may finish after SIGTERM. Default 10s.
     pub drain_timeout: Duration,
     /// Runtime worker threads. Default 1: a sidecar shares its pod's CPU, and one thread
@@ -178,6 +180,7 @@ struct RawSpec {
     #[serde(default)]
     identity: RawIdentity,
     control_plane: RawControlPlane,
+    access_log: Option<RawAccessLog>,
     drain_timeout: Option<String>,
     workers: Option<usize>,
 }
@@ -245,6 +248,13 @@ struct RawIdentity {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawAccessLog {
+    /// Share of requests logged, 0..1 (default 1).
+    sample: Option<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawControlPlane {
     discovery: String,
     identity: Option<String>,
@@ -306,6 +316,17 @@ impl Config {
         }
         let s = raw.spec;
         let identity = identity(&mut p, &s.identity, s.control_plane.identity.as_deref());
+        let access_log = match env("FERRYMESH_PROXY_ACCESS_LOG_SAMPLE").map(|v| v.parse::<f64>()) {
+            Some(Ok(v)) => Some(v),
+            Some(Err(_)) => {
+                p.0.push("FERRYMESH_PROXY_ACCESS_LOG_SAMPLE: not a number".into());
+                None
+            }
+            None => s.access_log.as_ref().map(|a| a.sample.unwrap_or(1.0)),
+        };
+        if access_log.is_some_and(|v| !(0.0..=1.0).contains(&v)) {
+            p.0.push("accessLog.sample: a share of requests, 0..1".into());
+        }
         let service = s
             .workload
             .service
@@ -372,6 +393,7 @@ impl Config {
             admin,
             control_plane: ControlPlane { discovery },
             identity,
+            access_log,
             drain_timeout,
             workers,
         })

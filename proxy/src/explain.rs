@@ -13,7 +13,11 @@ pub static FERRYMESH_EXPLAIN: HeaderName = HeaderName::from_static("ferrymesh-ex
 
 /// Collected decisions of one request (a request extension).
 #[derive(Debug, Clone, Default)]
-pub struct Explain(Arc<Mutex<Vec<String>>>);
+pub struct Explain {
+    notes: Arc<Mutex<Vec<String>>>,
+    /// Only for the access log: no response header.
+    silent: bool,
+}
 
 impl Explain {
     /// Takes the request's `ferrymesh-explain` header off; a collector when it asked for one.
@@ -22,9 +26,22 @@ impl Explain {
         (asked.as_bytes() != b"0").then(Explain::default)
     }
 
+    /// A collector for the access log only (writes no header).
+    pub fn silent() -> Explain {
+        Explain {
+            notes: Arc::default(),
+            silent: true,
+        }
+    }
+
+    /// The decisions so far.
+    pub fn notes(&self) -> Vec<String> {
+        self.notes.lock().expect("explain lock poisoned").clone()
+    }
+
     /// Notes one decision.
     pub fn note(&self, line: impl Into<String>) {
-        self.0
+        self.notes
             .lock()
             .expect("explain lock poisoned")
             .push(line.into());
@@ -32,7 +49,10 @@ impl Explain {
 
     /// Writes the summary into `headers` (`; ` between decisions, visible ASCII only).
     pub fn write(&self, headers: &mut HeaderMap) {
-        let lines = self.0.lock().expect("explain lock poisoned");
+        if self.silent {
+            return;
+        }
+        let lines = self.notes.lock().expect("explain lock poisoned");
         let mut text = String::new();
         for (i, l) in lines.iter().enumerate() {
             if i > 0 {

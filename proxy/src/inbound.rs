@@ -230,13 +230,76 @@ async fn opaque<I: AsyncRead + AsyncWrite + Unpin>(ctx: &Context, inbound: &Inbo
     }
 }
 
+/// Answers one request (counted, and logged when the access log samples it).
 async fn handle(
+    ctx: &Context,
+    inbound: &Inbound,
+    req: Request<Incoming>,
+    caller: &Caller,
+) -> Response<Body> {
+    let start = Instant::now();
+    let head = ctx
+        .config
+        .access_log
+        .is_some_and(crate::access_log::sampled)
+        .then(|| {
+            let authority = req
+                .uri()
+                .authority()
+                .map(ToString::to_string)
+                .or_else(|| {
+                    req.headers()
+                        .get(http::header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .map(str::to_owned)
+                })
+                .unwrap_or_default();
+            (
+                req.method().clone(),
+                authority,
+                crate::authz::normalize(req.uri().path())
+                    .unwrap_or_else(|_| req.uri().path().to_owned()),
+                crate::access_log::trace_id(req.headers()).map(str::to_owned),
+                std::time::SystemTime::now(),
+            )
+        });
+    let rsp = respond(ctx, inbound, req, caller).await;
+    ctx.metrics.request(
+        Direction::inbound,
+        &ctx.service_label,
+        rsp.status(),
+        start.elapsed(),
+    );
+    if let Some((method, authority, path, trace, at)) = head {
+        crate::access_log::write(&crate::access_log::Entry {
+            start_ms: crate::access_log::unix_ms(at),
+            direction: "inbound",
+            service: &ctx.service_label,
+            method: method.as_str(),
+            authority: &authority,
+            path: &path,
+            status: rsp.status().as_u16(),
+            duration_ms: crate::access_log::ms(start.elapsed()),
+            error: rsp
+                .headers()
+                .get(&crate::http::FERRYMESH_ERROR)
+                .and_then(|v| v.to_str().ok()),
+            upstream: Some(inbound.app.to_string()),
+            attempts: 1,
+            decisions: Vec::new(),
+            trace_id: trace.as_deref(),
+            peer: caller.peer.as_deref(),
+        });
+    }
+    rsp
+}
+
+async fn respond(
     ctx: &Context,
     inbound: &Inbound,
     mut req: Request<Incoming>,
     caller: &Caller,
 ) -> Response<Body> {
-    let start = Instant::now();
     // Identity headers are ours to set: whatever the caller sent is dropped.
     req.headers_mut().remove(&PEER_IDENTITY);
     if let Some(peer) = &caller.peer
@@ -245,12 +308,6 @@ async fn handle(
         req.headers_mut().insert(&PEER_IDENTITY, v);
     }
     if let Err(rsp) = authorize(ctx, inbound, &mut req, caller) {
-        ctx.metrics.request(
-            Direction::inbound,
-            &ctx.service_label,
-            rsp.status(),
-            start.elapsed(),
-        );
         return rsp;
     }
     let authority = req
@@ -280,12 +337,6 @@ async fn handle(
         )
         .await
     {
-        ctx.metrics.request(
-            Direction::inbound,
-            &ctx.service_label,
-            rsp.status(),
-            start.elapsed(),
-        );
         return rsp;
     }
     let timeouts = CallTimeouts {
@@ -293,7 +344,7 @@ async fn handle(
         connect: inbound.connect_timeout,
         idle: crate::pool::DEFAULT_IDLE,
     };
-    let rsp = send(
+    send(
         &ctx.pool,
         inbound.app,
         &authority,
@@ -301,12 +352,5 @@ async fn handle(
         timeouts,
         None,
     )
-    .await;
-    ctx.metrics.request(
-        Direction::inbound,
-        &ctx.service_label,
-        rsp.status(),
-        start.elapsed(),
-    );
-    rsp
+    .await
 }

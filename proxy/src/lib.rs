@@ -8,6 +8,7 @@
 //! bytes apart; [`admin`] serves `/live`, `/ready`, `/metrics` and `/config_dump`; [`app`] wires
 //! it together and drains on shutdown.
 
+pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod authz;

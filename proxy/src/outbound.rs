@@ -320,8 +320,45 @@ async fn handle(
         );
     };
     let authority = named.unwrap_or_else(|| target.authority.clone());
-    let req = req.map(boxed);
-    let (rsp, service) = match route(&ctx, &target).await {
+    let mut req = req.map(boxed);
+    // Decisions are collected when the caller asked (`ferrymesh-explain: 1`) or for the log.
+    let logged = ctx
+        .config
+        .access_log
+        .is_some_and(crate::access_log::sampled);
+    let explain = crate::explain::Explain::from_request(req.headers_mut())
+        .or_else(|| logged.then(crate::explain::Explain::silent));
+    if let Some(e) = &explain {
+        req.extensions_mut().insert(e.clone());
+    }
+    let head = logged.then(|| {
+        (
+            req.method().clone(),
+            authority.clone(),
+            req.uri().path().to_owned(),
+            crate::access_log::trace_id(req.headers()).map(str::to_owned),
+            std::time::SystemTime::now(),
+        )
+    });
+    let (rsp, service) = forward(&ctx, &target, authority, req).await;
+    ctx.metrics
+        .request(Direction::outbound, &service, rsp.status(), start.elapsed());
+    if let Some(head) = head {
+        log(head, explain.as_ref(), &service, &rsp, start.elapsed());
+    }
+    rsp
+}
+
+/// Sends a request on its way: to a mesh service (through routes and its resilience stack),
+/// through to an unknown host, or the proxy's own answer. Returns the service label too.
+async fn forward(
+    ctx: &Arc<Context>,
+    target: &Target,
+    authority: http::uri::Authority,
+    req: Request<Body>,
+) -> (Response<Body>, String) {
+    let ctx = ctx.clone();
+    match route(&ctx, target).await {
         Route::Service(logical, endpoints, policy) => {
             let service = endpoints.service.clone();
             // Most services have no routes: no copy of the request head for them.
@@ -366,10 +403,49 @@ async fn handle(
             )
         }
         Route::Error(rsp) => (rsp, PASSTHROUGH.to_owned()),
-    };
-    ctx.metrics
-        .request(Direction::outbound, &service, rsp.status(), start.elapsed());
-    rsp
+    }
+}
+
+/// What the access log keeps of a request's head.
+type LogHead = (
+    Method,
+    http::uri::Authority,
+    String,
+    Option<String>,
+    std::time::SystemTime,
+);
+
+/// Writes the access-log line of an outbound request.
+fn log(
+    (method, authority, path, trace, at): LogHead,
+    explain: Option<&crate::explain::Explain>,
+    service: &str,
+    rsp: &Response<Body>,
+    elapsed: std::time::Duration,
+) {
+    let decisions = explain
+        .map(crate::explain::Explain::notes)
+        .unwrap_or_default();
+    let (upstream, attempts) = crate::access_log::attempts(&decisions);
+    crate::access_log::write(&crate::access_log::Entry {
+        start_ms: crate::access_log::unix_ms(at),
+        direction: "outbound",
+        service,
+        method: method.as_str(),
+        authority: authority.as_str(),
+        path: &path,
+        status: rsp.status().as_u16(),
+        duration_ms: crate::access_log::ms(elapsed),
+        error: rsp
+            .headers()
+            .get(&crate::http::FERRYMESH_ERROR)
+            .and_then(|v| v.to_str().ok()),
+        upstream,
+        attempts,
+        decisions,
+        trace_id: trace.as_deref(),
+        peer: None,
+    });
 }
 
 /// `CONNECT host:port`: decides the route first (so an unknown host can still get a 502), then

@@ -53,6 +53,8 @@ pub struct ProxySpec {
     pub labels: Vec<(String, String)>,
     /// mTLS identity: `None` follows the mesh (on in a [`Mesh::start_secure`] mesh).
     pub identity: Option<bool>,
+    /// The access log's sample (0..=1); `None`: off.
+    pub access_log: Option<f64>,
     /// The workload's zone.
     pub zone: Option<String>,
 }
@@ -134,6 +136,9 @@ impl ProxySpec {
             None => {
                 let _ = writeln!(s, "  controlPlane: {{discovery: \"{discovery}\"}}");
             }
+        }
+        if let Some(sample) = self.access_log {
+            let _ = writeln!(s, "  accessLog: {{sample: {sample}}}");
         }
         if let Some(d) = &self.drain_timeout {
             let _ = writeln!(s, "  drainTimeout: {d}");

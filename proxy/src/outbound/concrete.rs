@@ -580,7 +580,9 @@ pub fn call(
     policy: Option<Arc<ClientPolicy>>,
     service: String,
 ) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>> {
-    let explain = Explain::from_request(req.headers_mut());
+    // The outbound side may have set one up already (asked for, or for the access log).
+    let explain = Explain::from_request(req.headers_mut())
+        .or_else(|| req.extensions().get::<Explain>().cloned());
     if let Some(e) = &explain {
         req.extensions_mut().insert(e.clone());
     }
