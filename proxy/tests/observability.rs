@@ -120,3 +120,84 @@ async fn every_request_is_one_json_line_on_each_side() {
     log_lines(&quiet, &mut quiet_lines);
     assert!(quiet_lines.is_empty(), "sample 0: no line: {quiet_lines:?}");
 }
+
+/// The proxy's metrics, parsed with a Prometheus text parser (which fails on bad syntax).
+async fn scrape(proxy: &Spawned) -> prometheus_parse::Scrape {
+    let (status, text) = ferrymesh_test_support::mesh::get(proxy.addr("health"), "/metrics")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap()
+}
+
+fn value(scrape: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_count_exactly_and_stay_bounded_under_many_paths() {
+    let mesh = Mesh::start(&[("echo.yaml", &service("echo"))]);
+    let echo = HttpEcho::start("echo-1").await;
+    let server = mesh.proxy(&ProxySpec::app("echo-1", "echo", echo.addr));
+    let client = client_proxy_with(&mesh, ProxySpec::client("client"), "echo.shop", 1).await;
+    let http = proxied(client.addr("outbound"));
+    let ok = [
+        ("direction", "outbound"),
+        ("service", "shop/echo"),
+        ("status_class", "2xx"),
+    ];
+    let before = scrape(&client).await;
+    let sent = 37;
+    for i in 0..sent {
+        let rsp = http
+            .get(format!("http://echo.shop/n/{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(rsp.status(), 200);
+    }
+    let after = scrape(&client).await;
+    let counted = value(&after, "ferrymesh_proxy_requests_total", &ok)
+        - value(&before, "ferrymesh_proxy_requests_total", &ok);
+    let sent_f = f64::from(sent);
+    assert!(
+        (counted - sent_f).abs() < f64::EPSILON,
+        "{counted} counted for {sent} sent"
+    );
+    let inbound = [
+        ("direction", "inbound"),
+        ("service", "shop/echo"),
+        ("status_class", "2xx"),
+    ];
+    let server_after = scrape(&server).await;
+    assert!(value(&server_after, "ferrymesh_proxy_requests_total", &inbound) >= sent_f);
+    // A thousand distinct paths add no series: no label carries a path.
+    let series = after.samples.len();
+    for i in 0..1_000 {
+        let rsp = http
+            .get(format!("http://echo.shop/unique/{i}/{}", i * 7919))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(rsp.status(), 200);
+    }
+    let later = scrape(&client).await;
+    assert_eq!(later.samples.len(), series, "the series count did not grow");
+    assert!(
+        later
+            .samples
+            .iter()
+            .all(|s| s.labels.values().all(|v| !v.contains("unique"))),
+        "no path in any label"
+    );
+}
