@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use ferryctl::{breaker, chaos, check, status, up};
+use ferryctl::{breaker, chaos, check, stat, status, up};
 
 #[derive(Debug, Parser)]
 #[command(name = "ferryctl", version, about = "Ferrymesh command line")]
@@ -36,6 +36,8 @@ enum Cmd {
     Check(check::CheckArgs),
     /// Trip, isolate or reset the circuit breakers the proxies hold for a service (labs).
     Breaker(breaker::BreakerArgs),
+    /// Golden metrics per service: rps, success rate, p50/p95/p99, retries.
+    Stat(stat::StatArgs),
 }
 
 #[tokio::main]
@@ -54,5 +56,6 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Chaos(args) => chaos::run(&cli.state_dir, args).await,
         Cmd::Check(args) => check::run(args),
         Cmd::Breaker(args) => breaker::run(&cli.state_dir, args).await,
+        Cmd::Stat(args) => stat::run(&cli.state_dir, args).await,
     }
 }

@@ -47,15 +47,8 @@ async fn breakers_are_isolated_reset_and_tripped_by_hand() {
         (200, None),
         "the first call builds the breaker"
     );
-    // What `ferryctl up` would record for this mesh.
     let state = tempfile::tempdir().unwrap();
-    let record = serde_json::json!({
-        "controllerAdmin": mesh.controller.addr("admin").to_string(),
-        "controllerDiscovery": mesh.discovery.to_string(),
-        "entry": "127.0.0.1:1",
-        "pid": std::process::id(),
-    });
-    std::fs::write(state.path().join("state.json"), record.to_string()).unwrap();
+    mesh.write_ferryctl_state(state.path());
 
     let (ok, out) = ferryctl(state.path(), &["breaker", "pricing", "--isolate"]);
     assert!(ok, "{out}");

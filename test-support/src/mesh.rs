@@ -213,6 +213,22 @@ impl Mesh {
         }
     }
 
+    /// Writes what `ferryctl up` would record for this mesh into `state_dir/state.json`, so
+    /// ferryctl commands can be pointed at it (`--state-dir`).
+    ///
+    /// # Panics
+    /// When it cannot be written.
+    pub fn write_ferryctl_state(&self, state_dir: &Path) {
+        let record = serde_json::json!({
+            "controllerAdmin": self.controller.addr("admin").to_string(),
+            "controllerDiscovery": self.discovery.to_string(),
+            "entry": "127.0.0.1:1",
+            "pid": std::process::id(),
+        });
+        std::fs::write(state_dir.join("state.json"), record.to_string())
+            .expect("writing state.json");
+    }
+
     /// The identity folder of a secure mesh (`ca/ca.pem`, `tokens/<ns>/<sa>`).
     pub fn identity_dir(&self) -> PathBuf {
         self.dir.path().join("identity")
