@@ -11,4 +11,5 @@ pub mod check;
 pub mod stat;
 pub mod state;
 pub mod status;
+pub mod tap;
 pub mod up;

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use ferryctl::{breaker, chaos, check, stat, status, up};
+use ferryctl::{breaker, chaos, check, stat, status, tap, up};
 
 #[derive(Debug, Parser)]
 #[command(name = "ferryctl", version, about = "Ferrymesh command line")]
@@ -38,6 +38,8 @@ enum Cmd {
     Breaker(breaker::BreakerArgs),
     /// Golden metrics per service: rps, success rate, p50/p95/p99, retries.
     Stat(stat::StatArgs),
+    /// Every request to or from a service, live, with the mesh's decisions.
+    Tap(tap::TapArgs),
 }
 
 #[tokio::main]
@@ -57,5 +59,6 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Check(args) => check::run(args),
         Cmd::Breaker(args) => breaker::run(&cli.state_dir, args).await,
         Cmd::Stat(args) => stat::run(&cli.state_dir, args).await,
+        Cmd::Tap(args) => tap::run(&cli.state_dir, args).await,
     }
 }

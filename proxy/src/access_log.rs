@@ -90,12 +90,41 @@ pub fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1_000_000.0).round() / 1_000.0
 }
 
-/// Writes one line.
-pub fn write(entry: &Entry<'_>) {
-    if let Ok(line) = serde_json::to_string(entry) {
+/// Live subscribers to this proxy's requests (`/tap` on the admin listener): each gets every
+/// request's entry as a JSON line while it listens.
+#[derive(Debug)]
+pub struct Tap(tokio::sync::broadcast::Sender<std::sync::Arc<str>>);
+
+impl Default for Tap {
+    fn default() -> Self {
+        Self(tokio::sync::broadcast::channel(1024).0)
+    }
+}
+
+impl Tap {
+    /// True while someone listens (only then are entries built for the tap).
+    pub fn active(&self) -> bool {
+        self.0.receiver_count() > 0
+    }
+
+    /// A new listener.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<std::sync::Arc<str>> {
+        self.0.subscribe()
+    }
+}
+
+/// Writes one entry: a line on stdout when `logged`, and to the tap's listeners.
+pub fn emit(entry: &Entry<'_>, logged: bool, tap: &Tap) {
+    let Ok(line) = serde_json::to_string(entry) else {
+        return;
+    };
+    if logged {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{line}");
         let _ = out.flush();
+    }
+    if tap.active() {
+        let _ = tap.0.send(line.into());
     }
 }
 

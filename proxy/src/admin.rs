@@ -2,7 +2,8 @@
 //! first discovery sync) and `/metrics`; the admin listener (loopback) adds `/config_dump`:
 //! every resource held with its version and sources, plus each target's balancer, and manual
 //! breaker control (`POST /breakers/{namespace}/{service}/{trip|isolate|reset}`) and
-//! `/identity` (the workload's SPIFFE id and its certificate's expiry).
+//! `/identity` (the workload's SPIFFE id and its certificate's expiry) and `/tap` (a live
+//! stream of requests).
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
@@ -63,6 +64,7 @@ pub fn handle(ctx: &Context, req: &Request<Incoming>, full: bool) -> Response<Bo
             let body = serde_json::to_string_pretty(&dump).unwrap_or_default();
             text(StatusCode::OK, "application/json", body + "\n")
         }
+        "/tap" if full => tap(ctx, req),
         "/identity" if full => {
             let body = match &ctx.identity {
                 None => serde_json::json!({ "identity": null }),
@@ -137,4 +139,42 @@ fn breaker_control(ctx: &Context, req: &Request<Incoming>, path: &str) -> Respon
         .collect();
     let body = serde_json::json!({ "proxy": ctx.config.name, "breakers": states });
     text(StatusCode::OK, "application/json", body.to_string() + "\n")
+}
+
+/// `GET /tap[?service=ns/name][&path=/prefix]`: a live stream of this proxy's requests, one
+/// JSON line each (the access-log entry), for as long as the caller listens.
+fn tap(ctx: &Context, req: &Request<Incoming>) -> Response<Body> {
+    use futures::StreamExt as _;
+    let query = req.uri().query().unwrap_or("");
+    let param = |name: &str| {
+        query.split('&').find_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            (k == name).then(|| v.replace("%2F", "/").replace("%2f", "/"))
+        })
+    };
+    let (service, path) = (param("service"), param("path"));
+    let lines =
+        tokio_stream::wrappers::BroadcastStream::new(ctx.tap.subscribe()).filter_map(move |line| {
+            let keep = line.ok().filter(|line| {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+                service.as_deref().is_none_or(|s| {
+                    v["service"]
+                        .as_str()
+                        .is_some_and(|x| x == s || x.ends_with(&format!("/{s}")))
+                }) && path
+                    .as_deref()
+                    .is_none_or(|p| v["path"].as_str().is_some_and(|x| x.starts_with(p)))
+            });
+            std::future::ready(keep.map(|line| {
+                Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(Bytes::from(format!(
+                    "{line}\n"
+                ))))
+            }))
+        });
+    let mut rsp = Response::new(boxed(http_body_util::StreamBody::new(lines)));
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/x-ndjson"),
+    );
+    rsp
 }

@@ -44,6 +44,8 @@ pub struct Context {
     pub inbound_policy: watch::Receiver<crate::discovery::State>,
     /// The workload identity (mTLS), when on.
     pub identity: Option<Arc<crate::identity::Identity>>,
+    /// Live listeners to the requests (`/tap`).
+    pub tap: crate::access_log::Tap,
 }
 
 /// The bound addresses, printed at start and announced to the controller.
@@ -140,6 +142,7 @@ impl App {
             .transpose()?;
         let ctx = Arc::new(Context {
             identity,
+            tap: crate::access_log::Tap::default(),
             config,
             discovery,
             pool: Arc::default(),

@@ -238,31 +238,31 @@ async fn handle(
     caller: &Caller,
 ) -> Response<Body> {
     let start = Instant::now();
-    let head = ctx
+    let logged = ctx
         .config
         .access_log
-        .is_some_and(crate::access_log::sampled)
-        .then(|| {
-            let authority = req
-                .uri()
-                .authority()
-                .map(ToString::to_string)
-                .or_else(|| {
-                    req.headers()
-                        .get(http::header::HOST)
-                        .and_then(|h| h.to_str().ok())
-                        .map(str::to_owned)
-                })
-                .unwrap_or_default();
-            (
-                req.method().clone(),
-                authority,
-                crate::authz::normalize(req.uri().path())
-                    .unwrap_or_else(|_| req.uri().path().to_owned()),
-                crate::access_log::trace_id(req.headers()).map(str::to_owned),
-                std::time::SystemTime::now(),
-            )
-        });
+        .is_some_and(crate::access_log::sampled);
+    let head = (logged || ctx.tap.active()).then(|| {
+        let authority = req
+            .uri()
+            .authority()
+            .map(ToString::to_string)
+            .or_else(|| {
+                req.headers()
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default();
+        (
+            req.method().clone(),
+            authority,
+            crate::authz::normalize(req.uri().path())
+                .unwrap_or_else(|_| req.uri().path().to_owned()),
+            crate::access_log::trace_id(req.headers()).map(str::to_owned),
+            std::time::SystemTime::now(),
+        )
+    });
     let rsp = respond(ctx, inbound, req, caller).await;
     ctx.metrics.request(
         Direction::inbound,
@@ -271,7 +271,7 @@ async fn handle(
         start.elapsed(),
     );
     if let Some((method, authority, path, trace, at)) = head {
-        crate::access_log::write(&crate::access_log::Entry {
+        let entry = crate::access_log::Entry {
             start_ms: crate::access_log::unix_ms(at),
             direction: "inbound",
             service: &ctx.service_label,
@@ -289,7 +289,8 @@ async fn handle(
             decisions: Vec::new(),
             trace_id: trace.as_deref(),
             peer: caller.peer.as_deref(),
-        });
+        };
+        crate::access_log::emit(&entry, logged, &ctx.tap);
     }
     rsp
 }

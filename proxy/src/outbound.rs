@@ -326,12 +326,13 @@ async fn handle(
         .config
         .access_log
         .is_some_and(crate::access_log::sampled);
+    let recorded = logged || ctx.tap.active();
     let explain = crate::explain::Explain::from_request(req.headers_mut())
-        .or_else(|| logged.then(crate::explain::Explain::silent));
+        .or_else(|| recorded.then(crate::explain::Explain::silent));
     if let Some(e) = &explain {
         req.extensions_mut().insert(e.clone());
     }
-    let head = logged.then(|| {
+    let head = recorded.then(|| {
         (
             req.method().clone(),
             authority.clone(),
@@ -344,7 +345,8 @@ async fn handle(
     ctx.metrics
         .request(Direction::outbound, &service, rsp.status(), start.elapsed());
     if let Some(head) = head {
-        log(head, explain.as_ref(), &service, &rsp, start.elapsed());
+        let entry = (explain.as_ref(), service.as_str(), &rsp, start.elapsed());
+        log(&ctx, logged, head, entry);
     }
     rsp
 }
@@ -415,19 +417,23 @@ type LogHead = (
     std::time::SystemTime,
 );
 
-/// Writes the access-log line of an outbound request.
+/// Writes the access-log line of an outbound request (and to the tap's listeners).
 fn log(
+    ctx: &Context,
+    logged: bool,
     (method, authority, path, trace, at): LogHead,
-    explain: Option<&crate::explain::Explain>,
-    service: &str,
-    rsp: &Response<Body>,
-    elapsed: std::time::Duration,
+    (explain, service, rsp, elapsed): (
+        Option<&crate::explain::Explain>,
+        &str,
+        &Response<Body>,
+        std::time::Duration,
+    ),
 ) {
     let decisions = explain
         .map(crate::explain::Explain::notes)
         .unwrap_or_default();
     let (upstream, attempts) = crate::access_log::attempts(&decisions);
-    crate::access_log::write(&crate::access_log::Entry {
+    let entry = crate::access_log::Entry {
         start_ms: crate::access_log::unix_ms(at),
         direction: "outbound",
         service,
@@ -445,7 +451,8 @@ fn log(
         decisions,
         trace_id: trace.as_deref(),
         peer: None,
-    });
+    };
+    crate::access_log::emit(&entry, logged, &ctx.tap);
 }
 
 /// `CONNECT host:port`: decides the route first (so an unknown host can still get a 502), then
