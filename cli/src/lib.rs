@@ -8,6 +8,7 @@
 pub mod breaker;
 pub mod chaos;
 pub mod check;
+pub mod explain;
 pub mod stat;
 pub mod state;
 pub mod status;

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use ferryctl::{breaker, chaos, check, stat, status, tap, up};
+use ferryctl::{breaker, chaos, check, explain, stat, status, tap, up};
 
 #[derive(Debug, Parser)]
 #[command(name = "ferryctl", version, about = "Ferrymesh command line")]
@@ -40,6 +40,8 @@ enum Cmd {
     Stat(stat::StatArgs),
     /// Every request to or from a service, live, with the mesh's decisions.
     Tap(tap::TapArgs),
+    /// One traced request, hop by hop, with what each proxy decided.
+    Explain(explain::ExplainArgs),
 }
 
 #[tokio::main]
@@ -60,5 +62,6 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Breaker(args) => breaker::run(&cli.state_dir, args).await,
         Cmd::Stat(args) => stat::run(&cli.state_dir, args).await,
         Cmd::Tap(args) => tap::run(&cli.state_dir, args).await,
+        Cmd::Explain(args) => explain::run(&cli.state_dir, args).await,
     }
 }

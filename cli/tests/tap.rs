@@ -61,3 +61,60 @@ async fn tap_shows_a_request_within_a_second() {
     let lag = seen_at.saturating_sub(v["start_ms"].as_u64().unwrap());
     assert!(lag < 1_000, "shown {lag} ms after the request");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_tells_a_traced_requests_hops_and_decisions() {
+    let spec = "  retry: {attempts: 2, retryOn: [5xx], backoff: {strategy: Constant, base: 1ms, max: 1ms}}\n";
+    let files = service("echo") + &ferrymesh_test_support::mesh::yaml::policy("echo", spec);
+    let mesh = Mesh::start(&[("echo.yaml", &files)]);
+    let echo = HttpEcho::start("echo-1").await;
+    let _server = mesh.proxy(&ProxySpec::app("echo-1", "echo", echo.addr));
+    let client = client_proxy(&mesh, "echo.shop", 1).await;
+    let state = tempfile::tempdir().unwrap();
+    mesh.write_ferryctl_state(state.path());
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let rsp = proxied(client.addr("outbound"))
+        .get("http://echo.shop/status/503")
+        .header("traceparent", format!("00-{trace}-b7ad6b7169203331-01"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rsp.status(), 503);
+    let out = std::process::Command::new(bin("ferryctl"))
+        .arg("--state-dir")
+        .arg(state.path())
+        .args(["explain", trace, "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let hops: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    // The caller's proxy (one call, three attempts) and the server's (three requests).
+    assert_eq!(hops[0]["direction"], "outbound", "{hops:?}");
+    assert_eq!(hops[0]["attempts"], 3);
+    let decisions = hops[0]["decisions"].to_string();
+    assert!(decisions.contains("retry on 5xx"), "{decisions}");
+    assert_eq!(
+        hops.iter().filter(|h| h["direction"] == "inbound").count(),
+        3
+    );
+    assert!(hops.iter().all(|h| h["trace_id"] == trace));
+    let human = std::process::Command::new(bin("ferryctl"))
+        .arg("--state-dir")
+        .arg(state.path())
+        .args(["explain", trace])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(text.starts_with("1. outbound at shop/client"), "{text}");
+    let missing = std::process::Command::new(bin("ferryctl"))
+        .arg("--state-dir")
+        .arg(state.path())
+        .args(["explain", "00000000000000000000000000000001"])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success(), "an unknown trace is an error");
+}

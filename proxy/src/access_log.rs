@@ -92,24 +92,46 @@ pub fn ms(d: Duration) -> f64 {
 
 /// Live subscribers to this proxy's requests (`/tap` on the admin listener): each gets every
 /// request's entry as a JSON line while it listens.
+/// It also keeps the last entries of traced requests (those with a `traceparent`), so the path
+/// of one request can be looked up afterwards by its trace id (`/recent`).
 #[derive(Debug)]
-pub struct Tap(tokio::sync::broadcast::Sender<std::sync::Arc<str>>);
+pub struct Tap {
+    live: tokio::sync::broadcast::Sender<std::sync::Arc<str>>,
+    recent: std::sync::Mutex<std::collections::VecDeque<(String, std::sync::Arc<str>)>>,
+}
+
+/// Traced entries kept per proxy.
+const RECENT: usize = 1_000;
 
 impl Default for Tap {
     fn default() -> Self {
-        Self(tokio::sync::broadcast::channel(1024).0)
+        Self {
+            live: tokio::sync::broadcast::channel(1024).0,
+            recent: std::sync::Mutex::default(),
+        }
     }
 }
 
 impl Tap {
+    /// The kept entries of the request with trace id `trace`.
+    pub fn traced(&self, trace: &str) -> Vec<std::sync::Arc<str>> {
+        self.recent
+            .lock()
+            .expect("tap lock poisoned")
+            .iter()
+            .filter(|(t, _)| t == trace)
+            .map(|(_, e)| e.clone())
+            .collect()
+    }
+
     /// True while someone listens (only then are entries built for the tap).
     pub fn active(&self) -> bool {
-        self.0.receiver_count() > 0
+        self.live.receiver_count() > 0
     }
 
     /// A new listener.
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<std::sync::Arc<str>> {
-        self.0.subscribe()
+        self.live.subscribe()
     }
 }
 
@@ -123,8 +145,16 @@ pub fn emit(entry: &Entry<'_>, logged: bool, tap: &Tap) {
         let _ = writeln!(out, "{line}");
         let _ = out.flush();
     }
+    let line: std::sync::Arc<str> = line.into();
+    if let Some(trace) = entry.trace_id {
+        let mut recent = tap.recent.lock().expect("tap lock poisoned");
+        if recent.len() == RECENT {
+            recent.pop_front();
+        }
+        recent.push_back((trace.to_owned(), line.clone()));
+    }
     if tap.active() {
-        let _ = tap.0.send(line.into());
+        let _ = tap.live.send(line);
     }
 }
 

@@ -2,8 +2,8 @@
 //! first discovery sync) and `/metrics`; the admin listener (loopback) adds `/config_dump`:
 //! every resource held with its version and sources, plus each target's balancer, and manual
 //! breaker control (`POST /breakers/{namespace}/{service}/{trip|isolate|reset}`) and
-//! `/identity` (the workload's SPIFFE id and its certificate's expiry) and `/tap` (a live
-//! stream of requests).
+//! `/identity` (the workload's SPIFFE id and its certificate's expiry), `/tap` (a live
+//! stream of requests) and `/recent?trace_id=` (the kept entries of one traced request).
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
@@ -65,6 +65,26 @@ pub fn handle(ctx: &Context, req: &Request<Incoming>, full: bool) -> Response<Bo
             text(StatusCode::OK, "application/json", body + "\n")
         }
         "/tap" if full => tap(ctx, req),
+        "/recent" if full => {
+            let trace = req
+                .uri()
+                .query()
+                .unwrap_or("")
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("trace_id="))
+                .unwrap_or("");
+            let entries: Vec<serde_json::Value> = ctx
+                .tap
+                .traced(trace)
+                .iter()
+                .filter_map(|e| serde_json::from_str(e).ok())
+                .collect();
+            text(
+                StatusCode::OK,
+                "application/json",
+                serde_json::Value::from(entries).to_string() + "\n",
+            )
+        }
         "/identity" if full => {
             let body = match &ctx.identity {
                 None => serde_json::json!({ "identity": null }),

@@ -242,7 +242,8 @@ async fn handle(
         .config
         .access_log
         .is_some_and(crate::access_log::sampled);
-    let head = (logged || ctx.tap.active()).then(|| {
+    let traced = crate::access_log::trace_id(req.headers()).is_some();
+    let head = (logged || traced || ctx.tap.active()).then(|| {
         let authority = req
             .uri()
             .authority()

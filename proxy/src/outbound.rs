@@ -326,7 +326,8 @@ async fn handle(
         .config
         .access_log
         .is_some_and(crate::access_log::sampled);
-    let recorded = logged || ctx.tap.active();
+    let recorded =
+        logged || ctx.tap.active() || crate::access_log::trace_id(req.headers()).is_some();
     let explain = crate::explain::Explain::from_request(req.headers_mut())
         .or_else(|| recorded.then(crate::explain::Explain::silent));
     if let Some(e) = &explain {
