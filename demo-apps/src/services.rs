@@ -36,6 +36,64 @@ pub struct PeerError {
     pub message: String,
 }
 
+/// The W3C trace context of an incoming request (a new trace when it has none), passed on to
+/// every call the service makes, each as a child with its own span id.
+#[derive(Debug, Clone)]
+pub struct Trace {
+    /// 32 hex digits.
+    pub trace_id: String,
+    flags: String,
+    state: Option<String>,
+}
+
+impl Trace {
+    /// From `traceparent` / `tracestate`, or a fresh sampled trace.
+    pub fn from_headers(headers: &axum::http::HeaderMap) -> Trace {
+        let parent = headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                let parts: Vec<&str> = v.split('-').collect();
+                let hex =
+                    |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+                (parts.len() == 4
+                    && hex(parts[0], 2)
+                    && hex(parts[1], 32)
+                    && hex(parts[2], 16)
+                    && hex(parts[3], 2)
+                    && parts[1].bytes().any(|b| b != b'0'))
+                .then(|| (parts[1].to_owned(), parts[3].to_owned()))
+            });
+        let (trace_id, flags) =
+            parent.unwrap_or_else(|| (format!("{:032x}", rand::random::<u128>() | 1), "01".into()));
+        Trace {
+            trace_id,
+            flags,
+            state: headers
+                .get("tracestate")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        }
+    }
+
+    /// The headers of one outgoing call: a child span of this trace.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut h = vec![(
+            "traceparent",
+            format!(
+                "00-{}-{:016x}-{}",
+                self.trace_id,
+                rand::random::<u64>() | 1,
+                self.flags
+            ),
+        )];
+        if let Some(state) = &self.state {
+            h.push(("tracestate", state.clone()));
+        }
+        h
+    }
+}
+
 impl Peers {
     /// A client for `namespace`, honouring `HTTP_PROXY`.
     ///
@@ -53,15 +111,19 @@ impl Peers {
         format!("http://{service}.{}{path}", self.namespace)
     }
 
-    /// GET a JSON document from a peer.
+    /// GET a JSON document from a peer, in `trace`.
     ///
     /// # Errors
     /// [`PeerError`] for transport errors, non-2xx answers and bad JSON.
-    pub async fn get(&self, service: &str, path: &str) -> Result<Value, PeerError> {
-        Self::json(self.client.get(self.url(service, path)).send().await).await
+    pub async fn get(&self, service: &str, path: &str, trace: &Trace) -> Result<Value, PeerError> {
+        let mut req = self.client.get(self.url(service, path));
+        for (k, v) in trace.headers() {
+            req = req.header(k, v);
+        }
+        Self::json(req.send().await).await
     }
 
-    /// POST a JSON document to a peer, with extra headers.
+    /// POST a JSON document to a peer, in `trace`, with extra headers.
     ///
     /// # Errors
     /// As [`Peers::get`].
@@ -71,10 +133,11 @@ impl Peers {
         path: &str,
         body: &Value,
         headers: &[(&str, String)],
+        trace: &Trace,
     ) -> Result<Value, PeerError> {
         let mut req = self.client.post(self.url(service, path)).json(body);
-        for (k, v) in headers {
-            req = req.header(*k, v);
+        for (k, v) in headers.iter().cloned().chain(trace.headers()) {
+            req = req.header(k, v);
         }
         Self::json(req.send().await).await
     }

@@ -160,3 +160,49 @@ async fn payments_honour_idempotency_keys() {
         "one charge per key, one without: {charges}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_storefront_passes_the_trace_on_to_every_part() {
+    let dir = tempfile::tempdir().unwrap();
+    // Every part answers from an echo server standing in for the sidecar (HTTP_PROXY), which
+    // shows the headers each call carried.
+    let echo = ferrymesh_test_support::upstream::HttpEcho::start("parts").await;
+    let proxy = format!("http://{}", echo.addr);
+    let storefront = shop(
+        "storefront",
+        &[
+            ("HTTP_PROXY", proxy.as_str()),
+            ("http_proxy", proxy.as_str()),
+        ],
+        dir.path(),
+    );
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let doc: Value = http()
+        .get(format!(
+            "http://{}/api/product-page?id=1",
+            storefront.addr("app")
+        ))
+        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut spans = std::collections::HashSet::new();
+    for part in ["product", "price", "stock", "reviews"] {
+        let parent = doc[part]["headers"]["traceparent"]
+            .as_str()
+            .unwrap_or_default();
+        let fields: Vec<&str> = parent.split('-').collect();
+        assert_eq!(fields.len(), 4, "{part}: {doc}");
+        assert_eq!(fields[1], trace, "{part} is in the caller's trace");
+        assert_ne!(fields[2], "00f067aa0ba902b7", "{part} is a child span");
+        spans.insert(fields[2].to_owned());
+    }
+    assert_eq!(spans.len(), 4, "one span per call");
+    assert!(
+        storefront.log_text().contains(trace),
+        "the storefront logs the trace id"
+    );
+}

@@ -11,7 +11,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{PRODUCTS, Peers, error};
+use super::{PRODUCTS, Peers, Trace, error};
 
 #[derive(Debug, Clone)]
 struct Orders {
@@ -55,6 +55,8 @@ async fn place(
         .into_response();
     };
     let id = orders.placed.lock().expect("orders lock poisoned").len() + 1;
+    let trace = Trace::from_headers(&headers);
+    tracing::info!(trace_id = %trace.trace_id, order = id, "placing an order");
     let key: Vec<(&str, String)> = headers
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
@@ -68,6 +70,7 @@ async fn place(
             "/reservations",
             &json!({ "productId": order.product_id, "quantity": order.quantity }),
             &[],
+            &trace,
         )
         .await;
     let reservation = match reservation {
@@ -88,6 +91,7 @@ async fn place(
             "/payments",
             &json!({ "orderId": id, "amount": amount }),
             &key,
+            &trace,
         )
         .await
     {

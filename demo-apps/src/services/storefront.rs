@@ -12,7 +12,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{PRODUCTS, PeerError, Peers};
+use super::{PRODUCTS, PeerError, Peers, Trace};
 
 /// `GET /`, `GET /api/product-page?id=ID`.
 pub fn routes(peers: Peers) -> Router {
@@ -27,8 +27,8 @@ struct Params {
     id: u32,
 }
 
-/// Composes the product page for `id`.
-pub async fn compose(peers: &Peers, id: u32) -> Value {
+/// Composes the product page for `id`, in `trace`.
+pub async fn compose(peers: &Peers, id: u32, trace: &Trace) -> Value {
     let paths = [
         format!("/products/{id}"),
         format!("/prices/{id}"),
@@ -36,10 +36,10 @@ pub async fn compose(peers: &Peers, id: u32) -> Value {
         format!("/reviews?product={id}"),
     ];
     let (product, price, stock, reviews) = tokio::join!(
-        peers.get("catalog", &paths[0]),
-        peers.get("pricing", &paths[1]),
-        peers.get("inventory", &paths[2]),
-        peers.get("reviews", &paths[3]),
+        peers.get("catalog", &paths[0], trace),
+        peers.get("pricing", &paths[1], trace),
+        peers.get("inventory", &paths[2], trace),
+        peers.get("reviews", &paths[3], trace),
     );
     let mut failed = Vec::new();
     let mut part = |name: &str, r: Result<Value, PeerError>| match r {
@@ -61,8 +61,14 @@ pub async fn compose(peers: &Peers, id: u32) -> Value {
     doc
 }
 
-async fn product_page(State(peers): State<Peers>, Query(p): Query<Params>) -> Json<Value> {
-    Json(compose(&peers, p.id).await)
+async fn product_page(
+    State(peers): State<Peers>,
+    headers: axum::http::HeaderMap,
+    Query(p): Query<Params>,
+) -> Json<Value> {
+    let trace = Trace::from_headers(&headers);
+    tracing::info!(trace_id = %trace.trace_id, id = p.id, "product page");
+    Json(compose(&peers, p.id, &trace).await)
 }
 
 fn show(v: &Value) -> String {
@@ -79,10 +85,12 @@ fn show(v: &Value) -> String {
     }
 }
 
-async fn page(State(peers): State<Peers>) -> Html<String> {
+async fn page(State(peers): State<Peers>, headers: axum::http::HeaderMap) -> Html<String> {
+    let trace = Trace::from_headers(&headers);
+    tracing::info!(trace_id = %trace.trace_id, "storefront page");
     let mut rows = String::new();
     for (id, ..) in PRODUCTS {
-        let doc = compose(&peers, *id).await;
+        let doc = compose(&peers, *id, &trace).await;
         let name = doc["product"]["name"]
             .as_str()
             .map_or_else(|| show(&doc["product"]), str::to_owned);
