@@ -8,7 +8,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use ferrymesh_test_support::echo_pb::EchoRequest;
 use ferrymesh_test_support::echo_pb::echo_client::EchoClient;
-use ferrymesh_test_support::mesh::{Mesh, ProxySpec, eventually, get, get_json, proxied as client};
+use ferrymesh_test_support::mesh::{
+    Mesh, ProxySpec, eventually, get, get_json, proxied as client, tunnel,
+};
 use ferrymesh_test_support::process::Spawned;
 use ferrymesh_test_support::upstream::{GrpcServer, HttpEcho};
 use http_body_util::{BodyExt as _, Empty};
@@ -69,24 +71,6 @@ async fn wait_ready(proxy: &Spawned) {
     })
     .await
     .expect("proxy became ready");
-}
-
-/// Opens a CONNECT tunnel to `authority` through the explicit proxy at `outbound`.
-async fn tunnel(outbound: SocketAddr, authority: &str) -> tokio::net::TcpStream {
-    let mut tcp = tokio::net::TcpStream::connect(outbound).await.unwrap();
-    tcp.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        head.push(tcp.read_u8().await.unwrap());
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-    tcp
 }
 
 const ECHO: &str = "echo.shop.svc.cluster.local:80";

@@ -596,21 +596,8 @@ async fn opaque_tcp_between_sidecars_goes_over_mtls_too() {
     let app = ferrymesh_test_support::upstream::tcp_echo().await;
     let _server = mesh.proxy(&ProxySpec::app("tcp-1", "tcp", app));
     let client = client_proxy(&mesh, "tcp.shop", 1).await;
-    let mut tcp = tokio::net::TcpStream::connect(client.addr("outbound"))
-        .await
-        .unwrap();
-    tcp.write_all(b"CONNECT tcp.shop:80 HTTP/1.1\r\nHost: tcp.shop:80\r\n\r\n")
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        head.push(tcp.read_u8().await.unwrap());
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    let mut tcp =
+        ferrymesh_test_support::mesh::tunnel(client.addr("outbound"), "tcp.shop:80").await;
     let payload = b"\x00\x01binary\xffpayload";
     tcp.write_all(payload).await.unwrap();
     let mut back = vec![0; payload.len()];

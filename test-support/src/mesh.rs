@@ -439,6 +439,30 @@ pub async fn counter(health: SocketAddr, name: &str, matching: &str) -> u64 {
         .sum()
 }
 
+/// Opens a CONNECT tunnel to `authority` through the explicit proxy at `outbound`.
+///
+/// # Panics
+/// When the proxy does not answer 200.
+pub async fn tunnel(outbound: SocketAddr, authority: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(outbound)
+        .await
+        .expect("connecting to the proxy");
+    tcp.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
+        .await
+        .expect("writing CONNECT");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(tcp.read_u8().await.expect("reading the CONNECT answer"));
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    tcp
+}
+
 /// An HTTP client that sends everything through a proxy's `outbound` listener.
 ///
 /// # Panics
