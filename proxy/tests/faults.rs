@@ -49,7 +49,16 @@ async fn status(http: &reqwest::Client, chaos: bool) -> (u16, Option<String>, St
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_side_aborts_hit_opted_in_requests_on_selected_workloads() {
     let spec = "  workloadSelector: {matchLabels: {version: v2}}\n  match: {headers: [{name: x-chaos, value: \"on\"}]}\n  abort: {httpStatus: 503, percentage: 100}\n";
-    let mesh = Mesh::start(&[("echo.yaml", ECHO), ("fault.yaml", &fault(spec))]);
+    // Round robin: both versions take turns, so the test never depends on how a latency-aware
+    // balancer rates an instance whose answers are the proxy's own 503s.
+    let lb = ferrymesh_test_support::mesh::yaml::policy(
+        "echo",
+        "  loadBalancer: {algorithm: RoundRobin}\n",
+    );
+    let mesh = Mesh::start(&[
+        ("echo.yaml", &format!("{ECHO}---\n{lb}")),
+        ("fault.yaml", &fault(spec)),
+    ]);
     let v1 = HttpEcho::start("echo-v1").await;
     let v2 = HttpEcho::start("echo-v2").await;
     let _p1 = mesh.proxy(&ProxySpec {
@@ -60,8 +69,7 @@ async fn server_side_aborts_hit_opted_in_requests_on_selected_workloads() {
         labels: vec![("version".into(), "v2".into())],
         ..ProxySpec::app("echo-v2", "echo", v2.addr)
     });
-    let c = mesh.proxy(&ProxySpec::client("client"));
-    ready(&c).await;
+    let c = ferrymesh_test_support::mesh::client_proxy(&mesh, "echo.shop", 2).await;
     let http = client(c.addr("outbound"));
     // Wait until the v2 proxy holds the fault.
     let admin = p2.addr("admin");
@@ -74,17 +82,20 @@ async fn server_side_aborts_hit_opted_in_requests_on_selected_workloads() {
     .await
     .unwrap();
     let mut v2_aborts: u64 = 0;
-    for _ in 0..40 {
-        let (code, cause, instance) = status(&http, true).await;
-        if code == 503 {
-            assert_eq!(cause.as_deref(), Some("fault-injected"));
-            v2_aborts += 1;
-        } else {
-            assert_eq!(
-                (code, instance.as_str()),
-                (200, "echo-v1"),
-                "v1 is not selected"
-            );
+    for _ in 0..20 {
+        // Two opted-in requests in a row: round robin sends one to each version.
+        for _ in 0..2 {
+            let (code, cause, instance) = status(&http, true).await;
+            if code == 503 {
+                assert_eq!(cause.as_deref(), Some("fault-injected"));
+                v2_aborts += 1;
+            } else {
+                assert_eq!(
+                    (code, instance.as_str()),
+                    (200, "echo-v1"),
+                    "v1 is not selected"
+                );
+            }
         }
         let (code, _, _) = status(&http, false).await;
         assert_eq!(
