@@ -118,3 +118,37 @@ async fn explain_tells_a_traced_requests_hops_and_decisions() {
         .unwrap();
     assert!(!missing.status.success(), "an unknown trace is an error");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listening_tap_does_not_hold_up_a_proxys_shutdown() {
+    let mesh = Mesh::start(&[("echo.yaml", &service("echo"))]);
+    let echo = HttpEcho::start("echo-1").await;
+    let mut server = mesh.proxy(&ProxySpec {
+        drain_timeout: Some("20s".into()),
+        ..ProxySpec::app("echo-1", "echo", echo.addr)
+    });
+    // A tap stream held open on the proxy's admin listener.
+    let mut tap = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("http://{}/tap", server.addr("admin")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(tap.status(), 200);
+    let started = tokio::time::Instant::now();
+    let status = tokio::task::spawn_blocking(move || server.terminate(Duration::from_secs(15)))
+        .await
+        .unwrap()
+        .expect("the proxy exits");
+    assert!(status.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "exited after {:?}, not at its 20s drain deadline",
+        started.elapsed()
+    );
+    // The stream ended with the proxy.
+    let end = tokio::time::timeout(Duration::from_secs(5), tap.chunk()).await;
+    assert!(matches!(end, Ok(Ok(None) | Err(_))), "{end:?}");
+}

@@ -24,7 +24,12 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
 }
 
 /// Handles one admin or health request; `full` enables the admin-only paths.
-pub fn handle(ctx: &Context, req: &Request<Incoming>, full: bool) -> Response<Body> {
+pub fn handle(
+    ctx: &Context,
+    req: &Request<Incoming>,
+    full: bool,
+    drain: &tokio::sync::watch::Receiver<bool>,
+) -> Response<Body> {
     const PLAIN: &str = "text/plain; charset=utf-8";
     match req.uri().path() {
         "/live" => text(StatusCode::OK, PLAIN, "live\n".into()),
@@ -64,7 +69,7 @@ pub fn handle(ctx: &Context, req: &Request<Incoming>, full: bool) -> Response<Bo
             let body = serde_json::to_string_pretty(&dump).unwrap_or_default();
             text(StatusCode::OK, "application/json", body + "\n")
         }
-        "/tap" if full => tap(ctx, req),
+        "/tap" if full => tap(ctx, req, drain.clone()),
         "/recent" if full => {
             let trace = req
                 .uri()
@@ -162,8 +167,13 @@ fn breaker_control(ctx: &Context, req: &Request<Incoming>, path: &str) -> Respon
 }
 
 /// `GET /tap[?service=ns/name][&path=/prefix]`: a live stream of this proxy's requests, one
-/// JSON line each (the access-log entry), for as long as the caller listens.
-fn tap(ctx: &Context, req: &Request<Incoming>) -> Response<Body> {
+/// JSON line each (the access-log entry), for as long as the caller listens or until the proxy
+/// drains (a listener never holds up a shutdown).
+fn tap(
+    ctx: &Context,
+    req: &Request<Incoming>,
+    mut drain: tokio::sync::watch::Receiver<bool>,
+) -> Response<Body> {
     use futures::StreamExt as _;
     let query = req.uri().query().unwrap_or("");
     let param = |name: &str| {
@@ -191,6 +201,9 @@ fn tap(ctx: &Context, req: &Request<Incoming>) -> Response<Body> {
                 ))))
             }))
         });
+    let lines = lines.take_until(async move {
+        let _ = drain.wait_for(|d| *d).await;
+    });
     let mut rsp = Response::new(boxed(http_body_util::StreamBody::new(lines)));
     rsp.headers_mut().insert(
         header::CONTENT_TYPE,

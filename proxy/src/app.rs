@@ -268,11 +268,14 @@ impl App {
             let ctx = ctx.clone();
             spawn_accept(&tracker, listener, drain.clone(), move |stream, drain| {
                 let ctx = ctx.clone();
+                let streams_end = drain.clone();
                 async move {
                     serve_http(
                         stream,
                         HttpVersion::Http1,
-                        move |req| std::future::ready(crate::admin::handle(&ctx, &req, full)),
+                        move |req| {
+                            std::future::ready(crate::admin::handle(&ctx, &req, full, &streams_end))
+                        },
                         drain,
                     )
                     .await;
