@@ -366,10 +366,10 @@ async fn not_after(proxy: &Spawned) -> Option<u64> {
     v["notAfterUnix"].as_u64()
 }
 
-/// A mesh whose pooled connections close after 1 s idle, so bursts of calls after a pause make
+/// A mesh whose pooled connections close after 200 ms idle, so bursts of calls after a pause make
 /// new mTLS handshakes with whatever certificates are current.
 async fn rotating(lifetime: &str) -> Secure {
-    let idle = ferrymesh_test_support::mesh::yaml::policy("echo", "  timeouts: {idle: 1s}\n");
+    let idle = ferrymesh_test_support::mesh::yaml::policy("echo", "  timeouts: {idle: 200ms}\n");
     let echo = service("echo") + &idle;
     secure_with(
         &echo,
@@ -403,8 +403,8 @@ async fn certificates_rotate_under_load_without_a_failed_request() {
         }
         server_certs.extend(not_after(&s.server).await);
         client_certs.extend(not_after(&s.client).await);
-        // Past the idle timeout: the next burst opens a new mTLS connection.
-        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        // Past the idle timeout (200 ms): the next burst opens a new mTLS connection.
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
     eprintln!(
         "{ok} calls; server certificates {server_certs:?}, client certificates {client_certs:?}"
@@ -456,7 +456,7 @@ async fn without_the_controller_past_the_certificate_lifetime_calls_fail_closed_
     })
     .await
     .expect("the certificates expire");
-    // A connection opened before expiry may serve until it idles out (1 s); new ones fail.
+    // A connection opened before expiry may serve until it idles out (200 ms); new ones fail.
     ferrymesh_test_support::mesh::eventually(Duration::from_secs(5), || async {
         http.get("http://echo.shop/draining")
             .send()

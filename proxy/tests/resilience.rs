@@ -47,6 +47,38 @@ impl One {
     }
 }
 
+/// A mesh with `service` under the policy `spec`, `n` chaos replicas (`chaos(i)` for
+/// instance `i`, 1-based) and a client sidecar that holds all of them.
+struct Replicated {
+    mesh: Mesh,
+    apps: Vec<Spawned>,
+    proxies: Vec<Spawned>,
+    proxy: Spawned,
+    http: reqwest::Client,
+}
+
+impl Replicated {
+    async fn start(
+        service_name: &str,
+        spec: &str,
+        n: usize,
+        chaos: impl Fn(usize) -> Vec<(&'static str, &'static str)>,
+    ) -> Replicated {
+        let files = service(service_name) + &policy(service_name, spec);
+        let mesh = Mesh::start(&[(&format!("{service_name}.yaml"), &files)]);
+        let (apps, proxies) = replicas(&mesh, service_name, n, chaos);
+        let proxy = client_proxy(&mesh, &format!("{service_name}.shop"), n).await;
+        let http = client(proxy.addr("outbound"));
+        Replicated {
+            mesh,
+            apps,
+            proxies,
+            proxy,
+            http,
+        }
+    }
+}
+
 /// `n` chaos instances of `service` (`<service>-1`..), each behind its sidecar.
 fn replicas(
     mesh: &Mesh,
@@ -522,19 +554,21 @@ async fn a_backend_fallback_serves_when_the_service_has_no_endpoints() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_replica_is_ejected_and_comes_back_once_healthy() {
     let spec = "  outlierDetection:\n    consecutiveErrors: 5\n    interval: 10s\n    baseEjectionTime: 5s\n    maxEjectionTime: 5s\n    maxEjectionPercent: 50\n";
-    let mesh = Mesh::start(&[(
-        "catalog.yaml",
-        &(service("catalog") + &policy("catalog", spec)),
-    )]);
-    let (apps, _proxies) = replicas(&mesh, "catalog", 3, |i| {
+    // Every field bound: the mesh and the sidecars live until the end of the test.
+    let Replicated {
+        mesh: _mesh,
+        apps,
+        proxies: _proxies,
+        proxy,
+        http,
+    } = Replicated::start("catalog", spec, 3, |i| {
         if i == 2 {
             vec![("CHAOS_ERROR_RATE", "1")]
         } else {
             vec![]
         }
-    });
-    let proxy = client_proxy(&mesh, "catalog.shop", 3).await;
-    let http = client(proxy.addr("outbound"));
+    })
+    .await;
     let mut errors = 0;
     for _ in 0..1000 {
         if !http
@@ -584,11 +618,13 @@ async fn a_failing_replica_is_ejected_and_comes_back_once_healthy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_balancer_algorithms_round_robin_and_consistent_hash() {
     let rr = "  loadBalancer: {algorithm: RoundRobin}\n";
-    let files = service("catalog") + &policy("catalog", rr);
-    let mesh = Mesh::start(&[("catalog.yaml", &files)]);
-    let (_apps, _proxies) = replicas(&mesh, "catalog", 3, |_| vec![]);
-    let proxy = client_proxy(&mesh, "catalog.shop", 3).await;
-    let http = client(proxy.addr("outbound"));
+    let Replicated {
+        mesh,
+        apps: _apps,
+        proxies: _proxies,
+        proxy,
+        http,
+    } = Replicated::start("catalog", rr, 3, |_| vec![]).await;
     let instance =
         |r: reqwest::Response| r.headers()["x-ferry-instance"].to_str().unwrap().to_owned();
     // Round robin: sequential requests take turns (peak-EWMA would stick to the fastest).
@@ -779,19 +815,21 @@ async fn a_tcp_health_check_takes_a_closed_port_out_and_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn active_health_checks_take_a_failing_endpoint_out_and_back() {
     let spec = "  healthCheck:\n    http: {path: /healthz, expectedStatuses: [200]}\n    interval: 200ms\n    timeout: 1s\n    unhealthyThreshold: 2\n    healthyThreshold: 1\n    initialJitter: 0s\n  loadBalancer: {algorithm: RoundRobin}\n";
-    let mesh = Mesh::start(&[(
-        "catalog.yaml",
-        &(service("catalog") + &policy("catalog", spec)),
-    )]);
-    let (apps, _proxies) = replicas(&mesh, "catalog", 2, |i| {
+    // Every field bound: the mesh and the sidecars live until the end of the test.
+    let Replicated {
+        mesh: _mesh,
+        apps,
+        proxies: _proxies,
+        proxy,
+        http,
+    } = Replicated::start("catalog", spec, 2, |i| {
         if i == 2 {
             vec![("CHAOS_LIVE", "false")]
         } else {
             vec![]
         }
-    });
-    let proxy = client_proxy(&mesh, "catalog.shop", 2).await;
-    let http = client(proxy.addr("outbound"));
+    })
+    .await;
     let only_one = || async {
         let mut seen = std::collections::HashSet::new();
         for _ in 0..6 {
