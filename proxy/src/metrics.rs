@@ -131,31 +131,27 @@ impl Metrics {
     /// Registers every metric.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("ferrymesh_proxy");
-        let requests = Family::<RequestLabels, Counter>::default();
-        let latency: HistogramFamily =
-            Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS));
-        let tcp = Family::<ServiceLabels, Counter>::default();
-        registry.register(
+        let requests: Family<RequestLabels, Counter> = registered(
+            &mut registry,
             "requests",
             "HTTP requests by direction, service and status class",
-            requests.clone(),
         );
+        let latency: HistogramFamily =
+            Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS));
         registry.register(
             "request_duration_seconds",
             "Time to response headers, by direction, service and status class",
             latency.clone(),
         );
-        let retries = Family::<ReasonLabels, Counter>::default();
-        let retries_skipped = Family::<ReasonLabels, Counter>::default();
-        registry.register(
+        let retries: Family<ReasonLabels, Counter> = registered(
+            &mut registry,
             "retries",
             "Retries sent, by service and the failure retried",
-            retries.clone(),
         );
-        registry.register(
+        let retries_skipped: Family<ReasonLabels, Counter> = registered(
+            &mut registry,
             "retries_skipped",
             "Retryable failures not retried, by service and why (not-idempotent, budget-exhausted, deadline, ...)",
-            retries_skipped.clone(),
         );
         let breaker: Family<BreakerLabels, prometheus_client::metrics::gauge::Gauge> = registered(
             &mut registry,
@@ -202,10 +198,10 @@ impl Metrics {
             "inbound_connections_refused",
             "Inbound connections closed before reaching the app, by reason (plaintext on a Strict port, handshake refused, timeout)",
         );
-        registry.register(
+        let tcp: Family<ServiceLabels, Counter> = registered(
+            &mut registry,
             "tcp_connections",
             "Opaque TCP connections forwarded",
-            tcp.clone(),
         );
         Self {
             requests,
