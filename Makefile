@@ -11,7 +11,7 @@ demo:
 
 ## test: every test (the integration tests run the real binaries, so those are built first)
 test:
-	@command -v cargo-nextest >/dev/null || $(CARGO) install cargo-nextest --locked
+	@scripts/test-deps.sh
 	$(CARGO) build --workspace --bins
 	$(CARGO) nextest run --workspace --no-fail-fast
 

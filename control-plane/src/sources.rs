@@ -112,8 +112,9 @@ pub struct Service {
     pub meta: Meta,
     /// Ports; at least one.
     pub ports: Vec<ServicePort>,
-    /// `spec.clusterIP`, when set (transparent interception resolves it).
-    pub cluster_ip: Option<std::net::IpAddr>,
+    /// `spec.clusterIP` and `spec.clusterIPs` (dual stack), when set: transparent
+    /// interception resolves them.
+    pub cluster_ips: Vec<std::net::IpAddr>,
 }
 
 /// Static endpoints of a service.

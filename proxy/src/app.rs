@@ -51,8 +51,10 @@ pub struct Context {
 /// The bound addresses, printed at start and announced to the controller.
 #[derive(Debug, Clone, Serialize)]
 pub struct Addresses {
-    /// Explicit HTTP proxy.
+    /// Explicit HTTP proxy (and transparent listener).
     pub outbound: Option<SocketAddr>,
+    /// The transparent IPv6 listener.
+    pub outbound_v6: Option<SocketAddr>,
     /// Inbound.
     pub inbound: Option<SocketAddr>,
     /// Admin.
@@ -68,7 +70,7 @@ pub struct Addresses {
 pub struct App {
     ctx: Arc<Context>,
     commands: Commands,
-    outbound: Option<TcpListener>,
+    outbound: Vec<TcpListener>,
     inbound: Option<(TcpListener, Arc<Inbound>)>,
     fixed: Vec<(TcpListener, Target)>,
     admin: TcpListener,
@@ -100,13 +102,19 @@ impl App {
         let config = Arc::new(config);
         let (admin, admin_addr) = bind(config.admin.listen, "admin").await?;
         let (health, health_addr) = bind(config.admin.health_listen, "health").await?;
-        let (outbound, outbound_addr) = match config.outbound.listen {
-            Some(a) => {
-                let (l, a) = bind(a, "outbound").await?;
-                (Some(l), Some(a))
+        let mut outbound = Vec::new();
+        let mut outbound_addrs = [None, None];
+        for (slot, addr) in [config.outbound.listen, config.outbound.listen_v6]
+            .into_iter()
+            .enumerate()
+        {
+            if let Some(addr) = addr {
+                let (l, a) = bind(addr, "outbound").await?;
+                outbound.push(l);
+                outbound_addrs[slot] = Some(a);
             }
-            None => (None, None),
-        };
+        }
+        let [outbound_addr, outbound_v6] = outbound_addrs;
         let (inbound, inbound_addr) = match &config.inbound {
             Some(i) => {
                 let (l, a) = bind(i.listen, "inbound").await?;
@@ -127,6 +135,7 @@ impl App {
         }
         let addresses = Addresses {
             outbound: outbound_addr,
+            outbound_v6,
             inbound: inbound_addr,
             admin: admin_addr,
             health: health_addr,
@@ -267,25 +276,13 @@ impl App {
         for (listener, full) in [(admin, true), (health, false)] {
             let ctx = ctx.clone();
             spawn_accept(&tracker, listener, drain.clone(), move |stream, drain| {
-                let ctx = ctx.clone();
-                let streams_end = drain.clone();
-                async move {
-                    serve_http(
-                        stream,
-                        HttpVersion::Http1,
-                        move |req| {
-                            std::future::ready(crate::admin::handle(&ctx, &req, full, &streams_end))
-                        },
-                        drain,
-                    )
-                    .await;
-                }
+                serve_admin(ctx.clone(), stream, full, drain)
             });
         }
-        if let Some(listener) = outbound {
+        for listener in outbound {
             let ctx = ctx.clone();
             spawn_accept(&tracker, listener, drain.clone(), move |stream, drain| {
-                crate::outbound::serve_explicit(ctx.clone(), stream, drain)
+                serve_outbound(ctx.clone(), stream, drain)
             });
         }
         for (listener, target) in fixed {
@@ -298,7 +295,19 @@ impl App {
             let ctx = ctx.clone();
             spawn_accept(&tracker, listener, drain.clone(), move |stream, drain| {
                 let addr = stream.peer_addr().ok();
-                crate::inbound::serve(ctx.clone(), config.clone(), stream, drain, addr)
+                // Redirected by iptables: the app listens on the port the peer dialled.
+                let config = match config
+                    .transparent
+                    .then(|| crate::transparent::original_destination(&stream))
+                    .flatten()
+                {
+                    Some(original) => Arc::new(Inbound {
+                        app: SocketAddr::new(config.app.ip(), original.port()),
+                        ..(*config).clone()
+                    }),
+                    None => config.clone(),
+                };
+                crate::inbound::serve(ctx.clone(), config, stream, drain, addr)
             });
         }
 
@@ -324,6 +333,60 @@ impl App {
             tracing::info!("drained");
         }
         Ok(())
+    }
+}
+
+/// Serves the admin (`full`) or health listener; the health one also answers the app's
+/// rewritten probes.
+async fn serve_admin(
+    ctx: Arc<Context>,
+    stream: TcpStream,
+    full: bool,
+    drain: watch::Receiver<bool>,
+) {
+    let streams_end = drain.clone();
+    serve_http(
+        stream,
+        HttpVersion::Http1,
+        move |req| {
+            let ctx = ctx.clone();
+            let streams_end = streams_end.clone();
+            async move {
+                let path = req.uri().path();
+                if !full && path.starts_with("/app-health/") {
+                    let app_ip = ctx
+                        .config
+                        .inbound
+                        .as_ref()
+                        .map_or(std::net::IpAddr::from([127, 0, 0, 1]), |i| i.app.ip());
+                    crate::probes::run(&ctx.config.app_probes, path, app_ip, &ctx.pool).await
+                } else {
+                    crate::admin::handle(&ctx, &req, full, &streams_end)
+                }
+            }
+        },
+        drain,
+    )
+    .await;
+}
+
+/// Serves an outbound connection: one iptables redirected is routed by where the app meant it
+/// to go; one made to the listener itself is an explicit-proxy client.
+async fn serve_outbound(ctx: Arc<Context>, stream: TcpStream, drain: watch::Receiver<bool>) {
+    let original = ctx
+        .config
+        .outbound
+        .transparent
+        .then(|| crate::transparent::original_destination(&stream))
+        .flatten();
+    match original {
+        Some(addr) => {
+            tracing::debug!(original = %addr, "redirected connection");
+            let target = Target::parse(&addr.to_string(), &ctx.config.workload.namespace)
+                .expect("a socket address is an authority");
+            crate::outbound::serve_fixed(ctx, stream, target, drain).await;
+        }
+        None => crate::outbound::serve_explicit(ctx, stream, drain).await,
     }
 }
 

@@ -34,6 +34,9 @@ pub struct Config {
     pub access_log: Option<f64>,
     /// How long in-flight requests may finish after SIGTERM. Default 10s.
     pub drain_timeout: Duration,
+    /// The app's original probes behind `/app-health/...` on the health listener
+    /// (`appProbes`, or `FERRYMESH_APP_PROBES` as the injector sets it).
+    pub app_probes: crate::probes::Probes,
     /// Runtime worker threads. Default 1: a sidecar shares its pod's CPU, and one thread
     /// avoids cross-thread wake-ups (the cheapest CPU per request); raise it for a gateway.
     pub workers: std::num::NonZeroUsize,
@@ -73,6 +76,9 @@ pub struct Inbound {
     pub connect_timeout: Duration,
     /// This workload's default inbound policy, over the cluster's.
     pub default_policy: Option<crate::authz::DefaultInbound>,
+    /// Connections redirected here by iptables go to the app on the port they were meant for
+    /// (`app`'s IP, the original destination's port); direct ones go to `app`.
+    pub transparent: bool,
 }
 
 /// How the inbound side treats bytes.
@@ -88,8 +94,14 @@ pub enum InboundProtocol {
 /// Outbound side settings.
 #[derive(Debug, Clone)]
 pub struct Outbound {
-    /// The explicit HTTP proxy listener (`HTTP_PROXY`), if any.
+    /// The explicit HTTP proxy listener (`HTTP_PROXY`), if any. In `Transparent` mode it also
+    /// takes the connections iptables redirects, each routed by its original destination.
     pub listen: Option<SocketAddr>,
+    /// `Transparent` mode: an IPv6 listener beside `listen` (iptables redirects IPv6
+    /// connections to `[::1]`).
+    pub listen_v6: Option<SocketAddr>,
+    /// Routes redirected connections by their original destination (SO_ORIGINAL_DST).
+    pub transparent: bool,
     /// What to do with hosts the controller does not know.
     pub unknown_hosts: UnknownHosts,
     /// Listeners that forward everything to one service (for clients that ignore proxy env).
@@ -183,6 +195,8 @@ struct RawSpec {
     access_log: Option<RawAccessLog>,
     drain_timeout: Option<String>,
     workers: Option<usize>,
+    #[serde(default)]
+    app_probes: serde_json::Value,
 }
 
 #[derive(Deserialize)]
@@ -207,6 +221,8 @@ struct RawInbound {
     readiness_path: Option<String>,
     connect_timeout: Option<String>,
     default_policy: Option<String>,
+    #[serde(default)]
+    transparent: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -214,6 +230,7 @@ struct RawInbound {
 struct RawOutbound {
     mode: Option<String>,
     listen: Option<String>,
+    listen_v6: Option<String>,
     unknown_hosts: Option<UnknownHosts>,
     #[serde(default)]
     listeners: Vec<RawFixed>,
@@ -382,6 +399,7 @@ impl Config {
         if outbound.listen.is_none() && outbound.listeners.is_empty() && inbound.is_none() {
             p.0.push("spec: the proxy needs at least one of inbound, outbound.listen, outbound.listeners".into());
         }
+        let app_probes = app_probes(&mut p, &s.app_probes, &env);
         if !p.0.is_empty() {
             return Err(InvalidConfig(p.0));
         }
@@ -396,7 +414,25 @@ impl Config {
             access_log,
             drain_timeout,
             workers,
+            app_probes,
         })
+    }
+}
+
+/// `FERRYMESH_APP_PROBES` (as the injector sets it) or `appProbes`.
+fn app_probes(
+    p: &mut Problems,
+    raw: &serde_json::Value,
+    env: &impl Fn(&str) -> Option<String>,
+) -> crate::probes::Probes {
+    let json = env("FERRYMESH_APP_PROBES").or_else(|| (!raw.is_null()).then(|| raw.to_string()));
+    match json.as_deref().map(crate::probes::parse) {
+        None => crate::probes::Probes::new(),
+        Some(Ok(probes)) => probes,
+        Some(Err(e)) => {
+            p.0.push(e);
+            crate::probes::Probes::new()
+        }
     }
 }
 
@@ -463,20 +499,30 @@ fn inbound(p: &mut Problems, i: &RawInbound) -> Inbound {
             }
             parsed
         }),
+        transparent: i.transparent,
     }
 }
 
 fn outbound(p: &mut Problems, o: RawOutbound, env: &impl Fn(&str) -> Option<String>) -> Outbound {
-    if let Some(mode) = o.mode.as_deref()
-        && mode != "HttpProxy"
-    {
-        p.0.push(format!(
-            "outbound.mode: {mode:?}: local mode supports HttpProxy"
-        ));
+    let transparent = match o.mode.as_deref() {
+        None | Some("HttpProxy") => false,
+        Some("Transparent") => true,
+        Some(mode) => {
+            p.0.push(format!("outbound.mode: {mode:?}: HttpProxy | Transparent"));
+            false
+        }
+    };
+    if o.listen_v6.is_some() && !transparent {
+        p.0.push("outbound.listenV6: only with mode Transparent".into());
     }
     let connect_timeout = env("FERRYMESH_PROXY_OUTBOUND_CONNECT_TIMEOUT").or(o.connect_timeout);
     Outbound {
         listen: o.listen.as_deref().map(|a| p.addr("outbound.listen", a)),
+        listen_v6: o
+            .listen_v6
+            .as_deref()
+            .map(|a| p.addr("outbound.listenV6", a)),
+        transparent,
         unknown_hosts: o.unknown_hosts.unwrap_or(UnknownHosts::Passthrough),
         listeners: o
             .listeners
@@ -585,6 +631,44 @@ spec:
         assert_eq!(i.trust_domain, "cluster.local");
         assert_eq!(i.server_name, "localhost");
         assert_eq!(i.lifetime, Some(Duration::from_mins(1)));
+    }
+
+    #[test]
+    fn a_pod_sidecar_is_transparent_both_ways_with_the_injectors_probes() {
+        let doc = DOC
+            .replace(
+                "readinessPath: /readyz}",
+                "readinessPath: /readyz, transparent: true}",
+            )
+            .replace(
+                "mode: HttpProxy",
+                "mode: Transparent\n    listenV6: \"[::1]:4340\"",
+            );
+        let probes = r#"{"/app-health/web/livez":{"httpGet":{"path":"/healthz","port":8080}}}"#;
+        let env = |k: &str| (k == "FERRYMESH_APP_PROBES").then(|| probes.to_owned());
+        let c = Config::parse(&doc, env).unwrap();
+        assert!(c.outbound.transparent && c.inbound.unwrap().transparent);
+        assert_eq!(c.outbound.listen_v6, Some("[::1]:4340".parse().unwrap()));
+        assert_eq!(
+            c.app_probes["/app-health/web/livez"]
+                .http_get
+                .as_ref()
+                .unwrap()
+                .port,
+            8080
+        );
+        // An IPv6 listener means nothing to an explicit proxy; bad probes are refused.
+        let explicit = DOC.replace(
+            "mode: HttpProxy",
+            "mode: HttpProxy\n    listenV6: \"[::1]:4340\"",
+        );
+        let err = Config::parse(&explicit, |_| None).unwrap_err();
+        assert!(err.0[0].starts_with("outbound.listenV6"), "{err}");
+        let err = Config::parse(DOC, |k: &str| {
+            (k == "FERRYMESH_APP_PROBES").then(|| r#"{"/x":{"tcpSocket":{"port":1}}}"#.to_owned())
+        })
+        .unwrap_err();
+        assert!(err.0[0].contains("/app-health/"), "{err}");
     }
 
     #[test]

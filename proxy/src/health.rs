@@ -143,27 +143,28 @@ async fn probe(policy: &HealthCheckPolicy, pool: &Pool, addr: SocketAddr) -> boo
                 };
                 ok && !rsp.headers().contains_key(&crate::http::FERRYMESH_ERROR)
             }
-            Check::Grpc { service } => {
-                let Ok(endpoint) =
-                    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                else {
-                    return false;
-                };
-                let Ok(channel) = endpoint.connect().await else {
-                    return false;
-                };
-                let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
-                let req = tonic_health::pb::HealthCheckRequest {
-                    service: service.clone(),
-                };
-                client.check(req).await.is_ok_and(|r| {
-                    r.into_inner().status
-                        == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-                })
-            }
+            Check::Grpc { service } => grpc_serving(addr, service).await,
         }
     };
     tokio::time::timeout(policy.timeout, check)
         .await
         .unwrap_or(false)
+}
+
+/// A gRPC health check (`grpc.health.v1.Health/Check`): true when `service` is SERVING.
+pub(crate) async fn grpc_serving(addr: SocketAddr, service: &str) -> bool {
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else {
+        return false;
+    };
+    let Ok(channel) = endpoint.connect().await else {
+        return false;
+    };
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let req = tonic_health::pb::HealthCheckRequest {
+        service: service.to_owned(),
+    };
+    client.check(req).await.is_ok_and(|r| {
+        r.into_inner().status
+            == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    })
 }

@@ -29,6 +29,55 @@ enum Command {
         #[arg(long)]
         check_config: bool,
     },
+    /// Install the pod's nat rules that send its TCP traffic through the proxy (the init
+    /// container's job; needs NET_ADMIN). Run again, it replaces them.
+    InitIptables(InitIptables),
+}
+
+#[derive(Debug, clap::Args)]
+struct InitIptables {
+    /// The proxy's inbound listener port.
+    #[arg(long, default_value_t = 4343)]
+    inbound_port: u16,
+    /// The proxy's transparent outbound listener port.
+    #[arg(long, default_value_t = 4340)]
+    outbound_port: u16,
+    /// The UID the proxy runs as (its connections are not redirected).
+    #[arg(long, default_value_t = 2340)]
+    proxy_uid: u32,
+    /// Inbound ports (and ranges, `8000-8100`) that reach the app directly.
+    #[arg(long, default_value = "4390,4391")]
+    skip_inbound_ports: String,
+    /// Outbound ports that bypass the proxy.
+    #[arg(long, default_value = "")]
+    skip_outbound_ports: String,
+    /// Outbound CIDRs that bypass the proxy.
+    #[arg(long, default_value = "")]
+    skip_subnets: String,
+    /// Which iptables: the distribution's default, nft or legacy.
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: ferrymesh_proxy::iptables::Backend,
+    /// Remove the Ferrymesh rules instead.
+    #[arg(long)]
+    cleanup: bool,
+    /// Print the tables that would be restored; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+fn init_iptables(a: &InitIptables) -> anyhow::Result<()> {
+    use ferrymesh_proxy::iptables;
+    let rules = iptables::Rules {
+        inbound_port: a.inbound_port,
+        outbound_port: a.outbound_port,
+        proxy_uid: a.proxy_uid,
+        skip_inbound_ports: iptables::parse_ports(&a.skip_inbound_ports)
+            .context("--skip-inbound-ports")?,
+        skip_outbound_ports: iptables::parse_ports(&a.skip_outbound_ports)
+            .context("--skip-outbound-ports")?,
+        skip_subnets: iptables::parse_subnets(&a.skip_subnets).context("--skip-subnets")?,
+    };
+    iptables::apply((!a.cleanup).then_some(&rules), a.backend, a.dry_run)
 }
 
 /// Printed on stdout once every listener is bound: `FERRYMESH_LISTENING {json}`.
@@ -41,11 +90,15 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let Command::Run {
-        config,
-        check_config,
-    } = Cli::parse().command;
+    let (config, check_config) = match Cli::parse().command {
+        Command::Run {
+            config,
+            check_config,
+        } => (config, check_config),
+        Command::InitIptables(args) => return init_iptables(&args),
+    };
     let config =
         Config::load(&config, |k| std::env::var(k).ok()).context("loading the proxy config")?;
     if check_config {

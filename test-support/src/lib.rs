@@ -7,6 +7,7 @@
 //! - [`mesh`]: a controller on a temporary config folder plus sidecar proxies in front of apps.
 
 pub mod mesh;
+pub mod netns;
 pub mod process;
 pub mod upstream;
 

@@ -161,7 +161,7 @@ impl Mesh {
     /// # Panics
     /// When the controller does not start.
     pub fn start_with(files: &[(&str, &str)], controller_args: &[&str]) -> Mesh {
-        Self::start_in(files, controller_args, false)
+        Self::start_in(files, controller_args, false, [127, 0, 0, 1].into())
     }
 
     /// As [`Mesh::start`], with the controller as the mesh's CA and every proxy on mTLS (its
@@ -171,11 +171,27 @@ impl Mesh {
     /// # Panics
     /// When the controller does not start.
     pub fn start_secure(files: &[(&str, &str)], extra: &[&str]) -> Mesh {
-        Self::start_in(files, extra, true)
+        Self::start_in(files, extra, true, [127, 0, 0, 1].into())
     }
 
-    fn start_in(files: &[(&str, &str)], controller_args: &[&str], secure: bool) -> Mesh {
+    /// As [`Mesh::start_secure`], with Discovery and Identity on `host` (the gateway of a
+    /// [`crate::netns::Network`], so pods reach them), and every folder readable by the
+    /// proxy's UID.
+    ///
+    /// # Panics
+    /// When the controller does not start.
+    pub fn start_secure_at(host: std::net::IpAddr, files: &[(&str, &str)], extra: &[&str]) -> Mesh {
+        Self::start_in(files, extra, true, host)
+    }
+
+    fn start_in(
+        files: &[(&str, &str)],
+        controller_args: &[&str],
+        secure: bool,
+        host: std::net::IpAddr,
+    ) -> Mesh {
         let dir = tempfile::tempdir().expect("a temporary folder");
+        crate::netns::open_up(dir.path());
         std::fs::create_dir_all(dir.path().join("mesh")).expect("creating the config folder");
         for (name, text) in files {
             std::fs::write(dir.path().join("mesh").join(name), text)
@@ -192,10 +208,10 @@ impl Mesh {
                 "--token-dir".to_owned(),
                 identity.join("tokens").display().to_string(),
                 "--identity-listen".to_owned(),
-                "127.0.0.1:0".to_owned(),
+                SocketAddr::new(host, 0).to_string(),
             ]);
         }
-        let controller = start_controller(dir.path(), "127.0.0.1:0".parse().expect("valid"), &args);
+        let controller = start_controller(dir.path(), SocketAddr::new(host, 0), &args);
         let discovery = controller.addr("discovery");
         let identity = secure.then(|| controller.addr("identity"));
         // A restarted controller keeps the Identity address the proxies were given.

@@ -28,8 +28,8 @@ pub struct ServiceKey {
 pub struct ServiceInfo {
     /// Ports.
     pub ports: Vec<ServicePort>,
-    /// ClusterIP, when declared.
-    pub cluster_ip: Option<IpAddr>,
+    /// ClusterIPs, when declared.
+    pub cluster_ips: Vec<IpAddr>,
     /// True when no Service object declares it and a registered workload implied it.
     pub implicit: bool,
 }
@@ -81,7 +81,7 @@ pub(super) fn build<'a>(
             };
             let info = ServiceInfo {
                 ports: s.ports.clone(),
-                cluster_ip: s.cluster_ip,
+                cluster_ips: s.cluster_ips.clone(),
                 implicit: false,
             };
             services.insert(key, (info, Some(s)));
@@ -109,7 +109,7 @@ pub(super) fn build<'a>(
             (
                 ServiceInfo {
                     ports: vec![port],
-                    cluster_ip: None,
+                    cluster_ips: Vec::new(),
                     implicit: true,
                 },
                 None,
@@ -120,8 +120,8 @@ pub(super) fn build<'a>(
     unknown_route_services(&objects, &services, warnings);
     let mut resources = Resources::default();
     for (key, (info, declared)) in &services {
-        if let Some(ip) = info.cluster_ip {
-            resources.cluster_ips.insert(ip, key.clone());
+        for ip in &info.cluster_ips {
+            resources.cluster_ips.insert(*ip, key.clone());
         }
         for port in &info.ports {
             let endpoints = endpoints(key, port, &objects, workloads, warnings);

@@ -204,6 +204,8 @@ struct RawServiceSpec {
     ports: Vec<RawServicePort>,
     #[serde(rename = "clusterIP")]
     cluster_ip: Option<String>,
+    #[serde(rename = "clusterIPs", default)]
+    cluster_ips: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -254,17 +256,31 @@ fn service(meta: Meta, json: &serde_json::Value) -> Result<Object, FieldError> {
             protocol,
         });
     }
-    let cluster_ip = match raw.spec.cluster_ip.as_deref() {
-        None | Some("None" | "") => None,
-        Some(ip) => Some(
-            ip.parse()
-                .map_err(|_| field_err("spec.clusterIP", format!("{ip:?} is not an IP address")))?,
-        ),
-    };
+    // Kubernetes keeps `clusterIP` equal to `clusterIPs[0]`; a dual-stack Service adds the
+    // other family's address.
+    let mut cluster_ips: Vec<std::net::IpAddr> = Vec::new();
+    let listed = raw.spec.cluster_ips.iter().enumerate();
+    let given = raw
+        .spec
+        .cluster_ip
+        .iter()
+        .map(|ip| ("spec.clusterIP".to_owned(), ip))
+        .chain(listed.map(|(i, ip)| (format!("spec.clusterIPs[{i}]"), ip)));
+    for (field, ip) in given {
+        if matches!(ip.as_str(), "None" | "") {
+            continue;
+        }
+        let ip: std::net::IpAddr = ip
+            .parse()
+            .map_err(|_| field_err(&field, format!("{ip:?} is not an IP address")))?;
+        if !cluster_ips.contains(&ip) {
+            cluster_ips.push(ip);
+        }
+    }
     Ok(Object::Service(Service {
         meta,
         ports,
-        cluster_ip,
+        cluster_ips,
     }))
 }
 
