@@ -9,6 +9,7 @@ pub mod breaker;
 pub mod chaos;
 pub mod check;
 pub mod explain;
+pub mod inject;
 pub mod stat;
 pub mod state;
 pub mod status;

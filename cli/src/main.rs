@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use ferryctl::{breaker, chaos, check, explain, stat, status, tap, up};
+use ferryctl::{breaker, chaos, check, explain, inject, stat, status, tap, up};
 
 #[derive(Debug, Parser)]
 #[command(name = "ferryctl", version, about = "Ferrymesh command line")]
@@ -34,6 +34,8 @@ enum Cmd {
     Chaos(chaos::ChaosArgs),
     /// Validate a folder of mesh YAML offline and lint its resilience policies.
     Check(check::CheckArgs),
+    /// Add the sidecar to every pod in a YAML file, as the admission webhook would.
+    Inject(inject::InjectArgs),
     /// Trip, isolate or reset the circuit breakers the proxies hold for a service (labs).
     Breaker(breaker::BreakerArgs),
     /// Golden metrics per service: rps, success rate, p50/p95/p99, retries.
@@ -60,6 +62,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Status { json } => status::run(&cli.state_dir, *json).await,
         Cmd::Chaos(args) => chaos::run(&cli.state_dir, args).await,
         Cmd::Check(args) => check::run(args),
+        Cmd::Inject(args) => inject::run(args),
         Cmd::Breaker(args) => breaker::run(&cli.state_dir, args).await,
         Cmd::Stat(args) => stat::run(&cli.state_dir, args).await,
         Cmd::Tap(args) => tap::run(&cli.state_dir, args).await,

@@ -10,6 +10,7 @@ pub mod check;
 pub mod grpc;
 pub mod identity;
 pub mod index;
+pub mod inject;
 pub mod metrics;
 pub mod run;
 pub mod sources;

@@ -60,3 +60,4 @@ pub mod ferrymesh {
 pub use ferrymesh::{config, discovery, identity};
 
 pub mod duration;
+pub mod ports;

@@ -234,7 +234,12 @@ impl App {
             namespace: c.workload.namespace.clone(),
             service_account: c.workload.service_account.clone(),
             zone: c.workload.zone.clone(),
-            mode: pb::ProxyMode::Local.into(),
+            mode: if c.sidecar {
+                pb::ProxyMode::Sidecar
+            } else {
+                pb::ProxyMode::Local
+            }
+            .into(),
             proxy_version: env!("CARGO_PKG_VERSION").to_owned(),
             features: Vec::new(),
             local_workload: Some(local_workload),
@@ -303,6 +308,11 @@ impl App {
                 {
                     Some(original) => Arc::new(Inbound {
                         app: SocketAddr::new(config.app.ip(), original.port()),
+                        protocol: if ctx.config.is_opaque(original.port()) {
+                            crate::config::InboundProtocol::Opaque
+                        } else {
+                            config.protocol
+                        },
                         ..(*config).clone()
                     }),
                     None => config.clone(),
@@ -384,7 +394,11 @@ async fn serve_outbound(ctx: Arc<Context>, stream: TcpStream, drain: watch::Rece
             tracing::debug!(original = %addr, "redirected connection");
             let target = Target::parse(&addr.to_string(), &ctx.config.workload.namespace)
                 .expect("a socket address is an authority");
-            crate::outbound::serve_fixed(ctx, stream, target, drain).await;
+            if ctx.config.is_opaque(addr.port()) {
+                crate::outbound::serve_opaque(ctx, stream, target).await;
+            } else {
+                crate::outbound::serve_fixed(ctx, stream, target, drain).await;
+            }
         }
         None => crate::outbound::serve_explicit(ctx, stream, drain).await,
     }

@@ -40,6 +40,12 @@ pub struct Config {
     /// Runtime worker threads. Default 1: a sidecar shares its pod's CPU, and one thread
     /// avoids cross-thread wake-ups (the cheapest CPU per request); raise it for a gateway.
     pub workers: std::num::NonZeroUsize,
+    /// Injected into a Kubernetes pod (`run --mode=sidecar`) rather than started locally: the
+    /// controller learns the pod's endpoints from EndpointSlices, not from this proxy.
+    pub sidecar: bool,
+    /// Ports whose connections are never sniffed for HTTP (server-speaks-first protocols),
+    /// by original destination port.
+    pub opaque_ports: Vec<ferrymesh_proto::ports::Ports>,
 }
 
 /// Who this proxy is.
@@ -197,6 +203,7 @@ struct RawSpec {
     workers: Option<usize>,
     #[serde(default)]
     app_probes: serde_json::Value,
+    opaque_ports: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -384,22 +391,20 @@ impl Config {
             env("FERRYMESH_PROXY_CONTROL_PLANE_DISCOVERY").unwrap_or(s.control_plane.discovery);
         let drain = env("FERRYMESH_PROXY_DRAIN_TIMEOUT").or(s.drain_timeout);
         let drain_timeout = p.duration("drainTimeout", drain.as_deref(), Duration::from_secs(10));
-        let workers = match env("FERRYMESH_PROXY_WORKERS").map(|w| w.parse::<usize>()) {
-            Some(Ok(w)) => Some(w),
-            Some(Err(_)) => {
-                p.0.push("FERRYMESH_PROXY_WORKERS: not a whole number".into());
-                None
-            }
-            None => s.workers,
-        };
-        let workers = std::num::NonZeroUsize::new(workers.unwrap_or(1)).unwrap_or_else(|| {
-            p.0.push("workers: must be at least 1".into());
-            std::num::NonZeroUsize::MIN
-        });
+        let workers = workers(&mut p, s.workers, &env);
         if outbound.listen.is_none() && outbound.listeners.is_empty() && inbound.is_none() {
             p.0.push("spec: the proxy needs at least one of inbound, outbound.listen, outbound.listeners".into());
         }
         let app_probes = app_probes(&mut p, &s.app_probes, &env);
+        let opaque_ports = env("FERRYMESH_OPAQUE_PORTS")
+            .or(s.opaque_ports)
+            .map(|o| {
+                ferrymesh_proto::ports::parse_ports(&o).unwrap_or_else(|e| {
+                    p.0.push(format!("opaquePorts: {e}"));
+                    Vec::new()
+                })
+            })
+            .unwrap_or_default();
         if !p.0.is_empty() {
             return Err(InvalidConfig(p.0));
         }
@@ -415,8 +420,108 @@ impl Config {
             drain_timeout,
             workers,
             app_probes,
+            sidecar: false,
+            opaque_ports,
         })
     }
+}
+
+impl Config {
+    /// Whether connections to `port` skip protocol detection.
+    pub fn is_opaque(&self, port: u16) -> bool {
+        self.opaque_ports
+            .iter()
+            .any(|p| (p.0..=p.1).contains(&port))
+    }
+}
+
+/// Files the injected sidecar finds in its pod (API.md 2.c volumes).
+const POD_TOKEN: &str = "/var/run/ferrymesh/tokens/token";
+const POD_TRUST: &str = "/var/run/ferrymesh/trust/ca.pem";
+
+impl Config {
+    /// The config of a sidecar the injector put into a Kubernetes pod (`run --mode=sidecar`):
+    /// everything comes from the environment the injector set (`FERRYMESH_POD_*`, the
+    /// controller's addresses, `FERRYMESH_APP_PROBES`, ...) and the pod's volumes; the ports
+    /// are API.md's. Dual stack where the kernel has IPv6.
+    ///
+    /// # Errors
+    /// [`InvalidConfig`] naming each missing or bad variable.
+    pub fn sidecar(
+        env: impl Fn(&str) -> Option<String>,
+        ipv6: bool,
+    ) -> Result<Config, InvalidConfig> {
+        let mut missing = Vec::new();
+        let mut need = |k: &str| {
+            env(k).unwrap_or_else(|| {
+                missing.push(format!(
+                    "{k}: required in sidecar mode (set by the injector)"
+                ));
+                String::new()
+            })
+        };
+        let name = need("FERRYMESH_POD_NAME");
+        let namespace = need("FERRYMESH_POD_NAMESPACE");
+        let sa = need("FERRYMESH_POD_SERVICE_ACCOUNT");
+        let discovery = need("FERRYMESH_DISCOVERY_ADDR");
+        let identity = need("FERRYMESH_IDENTITY_ADDR");
+        if !missing.is_empty() {
+            return Err(InvalidConfig(missing));
+        }
+        let any = if ipv6 { "[::]" } else { "0.0.0.0" };
+        let server_name = identity
+            .rsplit_once(':')
+            .map_or(identity.as_str(), |(h, _)| h);
+        let mut outbound = serde_json::json!({"mode": "Transparent", "listen": "127.0.0.1:4340"});
+        if ipv6 {
+            outbound["listenV6"] = "[::1]:4340".into();
+        }
+        let mut inbound = serde_json::json!({
+            "listen": format!("{any}:4343"), "app": "127.0.0.1:80", "transparent": true,
+        });
+        if let Some(p) = env("FERRYMESH_DEFAULT_INBOUND_POLICY") {
+            inbound["defaultPolicy"] = p.into();
+        }
+        let doc = serde_json::json!({
+            "apiVersion": "config.ferrymesh.io/v1alpha1",
+            "kind": "ProxyConfig",
+            "metadata": {"name": name},
+            "spec": {
+                "workload": {"name": name, "namespace": namespace, "serviceAccount": sa, "service": sa},
+                "inbound": inbound,
+                "outbound": outbound,
+                "admin": {"listen": "127.0.0.1:4390", "healthListen": format!("{any}:4391")},
+                "identity": {
+                    "mode": "ControlPlane", "tokenFile": POD_TOKEN, "trustAnchors": POD_TRUST,
+                    "serverName": server_name,
+                },
+                "controlPlane": {"discovery": discovery, "identity": identity},
+            },
+        });
+        let mut config = Config::parse(&doc.to_string(), env)?;
+        config.sidecar = true;
+        Ok(config)
+    }
+}
+
+/// `FERRYMESH_PROXY_WORKERS` or `workers`, default 1.
+fn workers(
+    p: &mut Problems,
+    raw: Option<usize>,
+    env: &impl Fn(&str) -> Option<String>,
+) -> std::num::NonZeroUsize {
+    let workers = match env("FERRYMESH_PROXY_WORKERS").map(|w| w.parse::<usize>()) {
+        Some(Ok(w)) => Some(w),
+        Some(Err(_)) => {
+            p.0.push("FERRYMESH_PROXY_WORKERS: not a whole number".into());
+            None
+        }
+        None => raw,
+    };
+    std::num::NonZeroUsize::new(workers.unwrap_or(1)).unwrap_or_else(|| {
+        p.0.push("workers: must be at least 1".into());
+        std::num::NonZeroUsize::MIN
+    })
 }
 
 /// `FERRYMESH_APP_PROBES` (as the injector sets it) or `appProbes`.
@@ -669,6 +774,61 @@ spec:
         })
         .unwrap_err();
         assert!(err.0[0].contains("/app-health/"), "{err}");
+    }
+
+    #[test]
+    fn an_injected_sidecar_is_configured_by_its_pods_environment() {
+        let vars: std::collections::HashMap<&str, &str> = [
+            ("FERRYMESH_POD_NAME", "web-7d9f-abcde"),
+            ("FERRYMESH_POD_NAMESPACE", "shop"),
+            ("FERRYMESH_POD_SERVICE_ACCOUNT", "web"),
+            (
+                "FERRYMESH_DISCOVERY_ADDR",
+                "ferrymesh-controller.ferrymesh-system.svc:9091",
+            ),
+            (
+                "FERRYMESH_IDENTITY_ADDR",
+                "ferrymesh-controller.ferrymesh-system.svc:9090",
+            ),
+            ("FERRYMESH_OPAQUE_PORTS", "5432,6379"),
+            ("FERRYMESH_DEFAULT_INBOUND_POLICY", "all-authenticated"),
+            (
+                "FERRYMESH_APP_PROBES",
+                r#"{"/app-health/web/livez":{"tcpSocket":{"port":8080}}}"#,
+            ),
+        ]
+        .into_iter()
+        .collect();
+        let env = |k: &str| vars.get(k).map(|v| (*v).to_owned());
+        let c = Config::sidecar(env, true).unwrap();
+        assert!(c.sidecar);
+        assert_eq!(c.workload.namespace, "shop");
+        assert_eq!(c.workload.service_account, "web");
+        let inbound = c.inbound.as_ref().unwrap();
+        assert!(inbound.transparent);
+        assert_eq!(inbound.listen, "[::]:4343".parse().unwrap());
+        assert_eq!(
+            inbound.default_policy,
+            crate::authz::DefaultInbound::from_name("all-authenticated")
+        );
+        assert!(c.outbound.transparent);
+        assert_eq!(c.outbound.listen, Some("127.0.0.1:4340".parse().unwrap()));
+        assert_eq!(c.outbound.listen_v6, Some("[::1]:4340".parse().unwrap()));
+        assert_eq!(c.admin.listen, "127.0.0.1:4390".parse().unwrap());
+        let id = c.identity.as_ref().unwrap();
+        assert_eq!(id.server_name, "ferrymesh-controller.ferrymesh-system.svc");
+        assert_eq!(
+            id.token_file,
+            std::path::Path::new("/var/run/ferrymesh/tokens/token")
+        );
+        assert!(c.is_opaque(6379) && !c.is_opaque(8080));
+        assert_eq!(c.app_probes.len(), 1);
+        // Without IPv6, IPv4 only; without the injector's variables, each is named.
+        let v4 = Config::sidecar(env, false).unwrap();
+        assert_eq!(v4.outbound.listen_v6, None);
+        assert_eq!(v4.inbound.unwrap().listen, "0.0.0.0:4343".parse().unwrap());
+        let err = Config::sidecar(|_| None, true).unwrap_err();
+        assert_eq!(err.0.len(), 5, "{err}");
     }
 
     #[test]

@@ -6,10 +6,10 @@
 
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::net::IpAddr;
 use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, bail};
+pub use ferrymesh_proto::ports::{Ports, Subnet, parse_ports, parse_subnets};
 
 /// Chain names; every line that names one is ours.
 const INBOUND_CHAIN: &str = "FERRYMESH_INBOUND";
@@ -50,81 +50,6 @@ impl Family {
             Backend::Legacy => format!("{base}-legacy-{verb}"),
         }
     }
-}
-
-/// A port or an inclusive range, as in `--skip-inbound-ports=25,8000-8100`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ports(pub u16, pub u16);
-
-impl Ports {
-    fn render(self) -> String {
-        if self.0 == self.1 {
-            self.0.to_string()
-        } else {
-            format!("{}:{}", self.0, self.1)
-        }
-    }
-
-    fn weight(self) -> usize {
-        if self.0 == self.1 { 1 } else { 2 }
-    }
-}
-
-/// Parses `25,587,8000-8100` (empty: none).
-///
-/// # Errors
-/// A part is not a port or a range `low-high` with `low <= high`.
-pub fn parse_ports(text: &str) -> anyhow::Result<Vec<Ports>> {
-    text.split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (low, high) = p.split_once('-').unwrap_or((p, p));
-            let low: u16 = low
-                .trim()
-                .parse()
-                .with_context(|| format!("{p:?}: not a port"))?;
-            let high: u16 = high
-                .trim()
-                .parse()
-                .with_context(|| format!("{p:?}: not a port"))?;
-            if low == 0 || low > high {
-                bail!("{p:?}: a port is 1..65535 and a range is low-high");
-            }
-            Ok(Ports(low, high))
-        })
-        .collect()
-}
-
-/// A CIDR, `10.0.0.0/8` or `fd00::/8` (a bare address is a /32 or /128).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Subnet(pub IpAddr, pub u8);
-
-/// Parses a comma-separated CIDR list.
-///
-/// # Errors
-/// A part is not an address with an optional prefix length that fits its family.
-pub fn parse_subnets(text: &str) -> anyhow::Result<Vec<Subnet>> {
-    text.split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (addr, len) = p.split_once('/').map_or((p, None), |(a, l)| (a, Some(l)));
-            let addr: IpAddr = addr
-                .parse()
-                .with_context(|| format!("{p:?}: not an IP address"))?;
-            let max = if addr.is_ipv4() { 32 } else { 128 };
-            let len = match len {
-                None => max,
-                Some(l) => l
-                    .parse::<u8>()
-                    .ok()
-                    .filter(|l| *l <= max)
-                    .with_context(|| format!("{p:?}: the prefix length is 0..={max}"))?,
-            };
-            Ok(Subnet(addr, len))
-        })
-        .collect()
 }
 
 /// What `init-iptables` installs.

@@ -22,16 +22,36 @@ struct Cli {
 enum Command {
     /// Run the proxy.
     Run {
-        /// A ProxyConfig YAML file.
-        #[arg(long)]
-        config: PathBuf,
+        /// A ProxyConfig YAML file (local mode).
+        #[arg(long, required_if_eq("mode", "local"))]
+        config: Option<PathBuf>,
+        /// `local`: from the config file; `sidecar`: injected into a Kubernetes pod, configured
+        /// by the environment the injector set.
+        #[arg(long, value_enum, default_value = "local")]
+        mode: Mode,
         /// Validate the config and exit.
         #[arg(long)]
         check_config: bool,
     },
+    /// Wait until the proxy on this pod reports ready (`:4391/ready`), at most `--timeout`
+    /// (the postStart hook of a classic, non-native, sidecar).
+    AwaitReady {
+        /// The health address.
+        #[arg(long, default_value = "127.0.0.1:4391")]
+        health: std::net::SocketAddr,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
     /// Install the pod's nat rules that send its TCP traffic through the proxy (the init
     /// container's job; needs NET_ADMIN). Run again, it replaces them.
     InitIptables(InitIptables),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Mode {
+    Local,
+    Sidecar,
 }
 
 #[derive(Debug, clap::Args)]
@@ -65,6 +85,33 @@ struct InitIptables {
     dry_run: bool,
 }
 
+fn await_ready(health: std::net::SocketAddr, timeout: u64) -> anyhow::Result<()> {
+    use std::io::{Read as _, Write as _};
+    let deadline = std::time::Duration::from_secs(timeout);
+    let started = tokio::time::Instant::now();
+    loop {
+        let ready =
+            std::net::TcpStream::connect_timeout(&health, std::time::Duration::from_secs(1))
+                .and_then(|mut s| {
+                    s.set_read_timeout(Some(std::time::Duration::from_secs(1)))?;
+                    s.write_all(
+                        b"GET /ready HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n",
+                    )?;
+                    let mut head = [0u8; 12];
+                    s.read_exact(&mut head)?;
+                    Ok(head.ends_with(b"200"))
+                })
+                .unwrap_or(false);
+        if ready {
+            return Ok(());
+        }
+        if started.elapsed() > deadline {
+            anyhow::bail!("the proxy at {health} was not ready within {timeout}s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 fn init_iptables(a: &InitIptables) -> anyhow::Result<()> {
     use ferrymesh_proxy::iptables;
     let rules = iptables::Rules {
@@ -72,10 +119,11 @@ fn init_iptables(a: &InitIptables) -> anyhow::Result<()> {
         outbound_port: a.outbound_port,
         proxy_uid: a.proxy_uid,
         skip_inbound_ports: iptables::parse_ports(&a.skip_inbound_ports)
-            .context("--skip-inbound-ports")?,
+            .map_err(|e| anyhow::anyhow!("--skip-inbound-ports: {e}"))?,
         skip_outbound_ports: iptables::parse_ports(&a.skip_outbound_ports)
-            .context("--skip-outbound-ports")?,
-        skip_subnets: iptables::parse_subnets(&a.skip_subnets).context("--skip-subnets")?,
+            .map_err(|e| anyhow::anyhow!("--skip-outbound-ports: {e}"))?,
+        skip_subnets: iptables::parse_subnets(&a.skip_subnets)
+            .map_err(|e| anyhow::anyhow!("--skip-subnets: {e}"))?,
     };
     iptables::apply((!a.cleanup).then_some(&rules), a.backend, a.dry_run)
 }
@@ -92,15 +140,26 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let (config, check_config) = match Cli::parse().command {
+    let (config, mode, check_config) = match Cli::parse().command {
         Command::Run {
             config,
+            mode,
             check_config,
-        } => (config, check_config),
+        } => (config, mode, check_config),
         Command::InitIptables(args) => return init_iptables(&args),
+        Command::AwaitReady { health, timeout } => return await_ready(health, timeout),
     };
-    let config =
-        Config::load(&config, |k| std::env::var(k).ok()).context("loading the proxy config")?;
+    let env = |k: &str| std::env::var(k).ok();
+    let config = match (mode, config) {
+        (Mode::Sidecar, _) => {
+            let ipv6 = std::path::Path::new("/proc/net/if_inet6").exists();
+            Config::sidecar(env, ipv6).context("the sidecar's environment")?
+        }
+        (Mode::Local, Some(file)) => {
+            Config::load(&file, env).context("loading the proxy config")?
+        }
+        (Mode::Local, None) => anyhow::bail!("--config is required in local mode"),
+    };
     if check_config {
         println!("config ok");
         return Ok(());

@@ -182,6 +182,15 @@ async fn serve_detected<I>(
     .await;
 }
 
+/// Forwards an opaque connection to an endpoint of `target` (or passes it through), with no
+/// protocol detection: for server-speaks-first protocols on opaque ports.
+pub async fn serve_opaque<I>(ctx: Arc<Context>, io: I, target: Target)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    opaque(ctx, io, target).await;
+}
+
 /// Forwards an opaque connection to an endpoint of `target` (or passes it through).
 async fn opaque<I>(ctx: Arc<Context>, mut io: I, target: Target)
 where

@@ -248,10 +248,7 @@ fn ipv6_and_skipped_ports(net: &Network, client: &Pod, backends: &[Pod; 2]) {
 
     // A skipped port bypasses both proxies: the app sees the client pod itself, and the
     // client's sidecar never saw the connection.
-    let (code, body) = Network::curl(
-        client,
-        &format!("http://{}:{SKIPPED}/skip", backends[0].ip),
-    );
+    let (code, body) = Network::curl(client, &format!("http://{}:{SKIPPED}/skip", backends[0].ip));
     assert_eq!(code, 200, "{body}");
     let answer = json(&body);
     assert!(
