@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo test lint bench build
+.PHONY: demo test lint bench build crds
 
 ## demo: release build, then the controller, the shop (each instance with a sidecar) and the storefront on 127.0.0.1:8080
 demo:
@@ -25,3 +25,7 @@ bench:
 	bench/setup.sh
 	$(CARGO) build --release --bins -p ferrymesh-bench -p ferrymesh-proxy -p ferrymesh-controller
 	./target/release/ferrymesh-bench
+
+## crds: regenerate manifests/crds/ from the Rust types (a test fails when they are stale)
+crds:
+	$(CARGO) run -q -p ferrymesh-controller -- crds --out manifests/crds

@@ -33,7 +33,7 @@ pub struct RunArgs {
     pub source: SourceKind,
     /// With `--source files`: the folder of YAML to load and watch.
     #[arg(long, env = "FERRYMESH_CONTROLLER_CONFIG_DIR")]
-    pub config_dir: PathBuf,
+    pub config_dir: Option<PathBuf>,
     /// Discovery gRPC address (port 0: any free port, printed at start).
     #[arg(
         long,
@@ -101,6 +101,12 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 /// The line printed on stdout once every port is bound: `FERRYMESH_LISTENING {json}`.
 pub const LISTENING_PREFIX: &str = "FERRYMESH_LISTENING ";
 
+fn config_dir(args: &RunArgs) -> anyhow::Result<PathBuf> {
+    args.config_dir
+        .clone()
+        .context("--config-dir is required with --source files")
+}
+
 /// Runs the controller until `shutdown` turns true.
 ///
 /// # Errors
@@ -110,7 +116,7 @@ pub async fn run(args: RunArgs, shutdown: watch::Receiver<bool>) -> anyhow::Resu
     index.set_default_inbound(args.default_inbound_policy);
     let metrics = Arc::new(Metrics::new());
     let SourceKind::Files = args.source;
-    let mut source = FileSource::new(args.config_dir.clone(), index.clone());
+    let mut source = FileSource::new(config_dir(&args)?, index.clone());
     let rejected = source.load()?;
     if rejected > 0 {
         tracing::warn!(

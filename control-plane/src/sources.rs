@@ -189,15 +189,22 @@ pub struct RouteRule {
     pub retry: Option<(cfg::Retry, cfg::RetryBudget)>,
 }
 
-/// A reference from a policy to what it applies to (GEP-713).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// A reference from a policy to what it applies to (GEP-713
+/// LocalPolicyTargetReferenceWithSectionName): same namespace as the policy.
+#[derive(
+    Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 pub struct TargetRef {
-    /// `""` for core kinds.
+    /// `""` for core kinds (Namespace, Service), `gateway.networking.k8s.io` for routes and
+    /// Gateways.
     #[serde(default)]
+    #[schemars(length(max = 253))]
     pub group: String,
     /// Namespace, Service, HTTPRoute, GRPCRoute or Gateway.
+    #[schemars(length(min = 1, max = 63))]
     pub kind: String,
     /// Name, same namespace as the policy.
+    #[schemars(length(min = 1, max = 253))]
     pub name: String,
     /// Port name, route rule name or listener name.
     #[serde(

@@ -401,6 +401,11 @@ struct RawPolicy {
 }
 
 #[derive(Deserialize)]
+struct RawAuthn {
+    spec: crate::crd::authn::AuthenticationPolicySpec,
+}
+
+#[derive(Deserialize)]
 struct RawPolicySpec {
     #[serde(rename = "targetRefs", default)]
     target_refs: Vec<TargetRef>,
@@ -473,10 +478,17 @@ fn policy(
         ));
     }
     let mtls_strict = if kind == "AuthenticationPolicy" {
-        match spec.pointer("/mtls/mode").map(|m| m.as_str()) {
+        let authn: crate::crd::authn::AuthenticationPolicySpec = from_json::<RawAuthn>(json)?.spec;
+        if authn.jwt.is_some() {
+            return Err(field_err(
+                "spec.jwt",
+                "JWT authentication is not supported by this version of the mesh; remove jwt (mtls works)",
+            ));
+        }
+        match authn.mtls.map(|m| m.mode) {
             None => None,
-            Some(Some("Strict")) => Some(true),
-            Some(Some("Permissive")) => Some(false),
+            Some(m) if m == "Strict" => Some(true),
+            Some(m) if m == "Permissive" => Some(false),
             Some(other) => {
                 return Err(field_err(
                     "spec.mtls.mode",
@@ -496,6 +508,12 @@ fn policy(
                 ));
             }
         }
+    }
+    // Our checks above name the exact element and value; the CRD's own CEL rules run last,
+    // so a file is never accepted for what the API server would refuse.
+    if let Err(failures) = crate::crd::check_cel(group, kind, json) {
+        let (path, message) = failures.into_iter().next().unwrap_or_default();
+        return Err(field_err(path, message));
     }
     Ok(Object::Policy(Box::new(Policy {
         meta,

@@ -8,70 +8,12 @@ use ferrymesh_proto::config::v1 as cfg;
 use serde::Deserialize;
 
 use super::{FieldError, field_err, from_json};
+use crate::crd::authz::AuthorizationPolicySpec as RawSpec;
 use crate::sources::TargetRef;
 
 #[derive(Deserialize)]
 struct Raw {
     spec: RawSpec,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawSpec {
-    #[serde(default)]
-    target_refs: Vec<TargetRef>,
-    action: String,
-    #[serde(default)]
-    rules: Vec<RawRule>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawRule {
-    #[serde(default)]
-    from: RawFrom,
-    #[serde(default)]
-    to: RawTo,
-    when: Option<serde_json::Value>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawFrom {
-    #[serde(default)]
-    identities: Vec<String>,
-    #[serde(default)]
-    service_accounts: Vec<RawServiceAccount>,
-    #[serde(default)]
-    namespaces: Vec<String>,
-    #[serde(default)]
-    request_principals: Vec<String>,
-    #[serde(default)]
-    networks: Vec<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawServiceAccount {
-    namespace: String,
-    name: String,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawTo {
-    #[serde(default)]
-    methods: Vec<String>,
-    #[serde(default)]
-    paths: Vec<RawPath>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPath {
-    #[serde(rename = "type")]
-    kind: Option<String>,
-    value: String,
 }
 
 /// A validated AuthorizationPolicy.

@@ -2,67 +2,17 @@
 //! abort; percentages 0..100; exactly one of httpStatus (200..599) and grpcStatus (0..16);
 //! duration 1m..24h; no workloadSelector on the client side.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use super::{FieldError, field_err, from_json};
+use crate::crd::fault::{Abort as RawAbort, FaultInjectionSpec as RawSpec};
 use crate::sources::{FaultAbort, FaultSide, FaultSpec, TargetRef};
 
 #[derive(Deserialize)]
 struct Raw {
     spec: RawSpec,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawSpec {
-    #[serde(default)]
-    target_refs: Vec<TargetRef>,
-    side: Option<String>,
-    workload_selector: Option<RawSelector>,
-    #[serde(rename = "match")]
-    matches: Option<RawMatch>,
-    delay: Option<RawDelay>,
-    abort: Option<RawAbort>,
-    duration: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawSelector {
-    #[serde(default)]
-    match_labels: BTreeMap<String, String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawMatch {
-    #[serde(default)]
-    headers: Vec<RawHeader>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawHeader {
-    name: String,
-    value: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDelay {
-    fixed: String,
-    percentage: Option<f64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawAbort {
-    http_status: Option<u16>,
-    grpc_status: Option<u32>,
-    percentage: Option<f64>,
 }
 
 fn percentage(field: &str, v: Option<f64>) -> Result<f64, FieldError> {

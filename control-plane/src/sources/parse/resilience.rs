@@ -2,210 +2,23 @@
 //! (the same rules the CRD's OpenAPI + CEL schema states), then turned into the protobuf
 //! sections the proxies get. Messages start with the rule they break.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ferrymesh_proto::config::v1 as cfg;
 use serde::Deserialize;
 
 use super::{FieldError, field_err, from_json};
+use crate::crd::resilience::{
+    Backoff as RawBackoff, Breaker as RawBreaker, Budget as RawBudget, Cache as RawCache,
+    Fallback as RawFallback, HealthCheck as RawHealthCheck, LoadBalancer as RawLoadBalancer,
+    Outlier as RawOutlier, Ratio, ResiliencePolicySpec as RawSpec, Retry as RawRetry,
+    Timeouts as RawTimeouts,
+};
 use crate::sources::{ResilienceSections, TargetRef};
 
 #[derive(Deserialize)]
 struct Raw {
     spec: RawSpec,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawSpec {
-    #[serde(default)]
-    target_refs: Vec<TargetRef>,
-    timeouts: Option<RawTimeouts>,
-    retry: Option<RawRetry>,
-    circuit_breaker: Option<RawBreaker>,
-    outlier_detection: Option<RawOutlier>,
-    health_check: Option<RawHealthCheck>,
-    fallback: Option<RawFallback>,
-    cache: Option<RawCache>,
-    load_balancer: Option<RawLoadBalancer>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawTimeouts {
-    request: Option<String>,
-    per_try: Option<String>,
-    connect: Option<String>,
-    idle: Option<String>,
-    deadline_propagation: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawRetry {
-    attempts: Option<u32>,
-    retry_on: Option<Vec<String>>,
-    grpc_retry_on: Option<Vec<String>>,
-    methods: Option<Vec<String>>,
-    backoff: Option<RawBackoff>,
-    respect_retry_after: Option<bool>,
-    max_request_body_bytes: Option<u32>,
-    budget: Option<RawBudget>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawBackoff {
-    strategy: Option<String>,
-    base: Option<String>,
-    max: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawBudget {
-    ratio: Option<Ratio>,
-    min_retries_per_second: Option<u32>,
-    window: Option<String>,
-}
-
-/// A ratio as the API writes it (a decimal string, `"0.5"`); a plain number is accepted too.
-#[derive(Deserialize, Clone)]
-#[serde(untagged)]
-enum Ratio {
-    Text(String),
-    Number(f64),
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawBreaker {
-    limits: Option<RawLimits>,
-    trip_when: Option<RawTrip>,
-    failure_on: Option<Vec<String>>,
-    open: Option<RawOpen>,
-    half_open_probes: Option<u32>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-#[allow(clippy::struct_field_names)] // the API's names
-struct RawLimits {
-    max_connections: Option<u32>,
-    max_pending_requests: Option<u32>,
-    max_requests: Option<u32>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawTrip {
-    consecutive_failures: Option<u32>,
-    failure_ratio: Option<Ratio>,
-    minimum_requests: Option<u32>,
-    window: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawOpen {
-    base: Option<String>,
-    max: Option<String>,
-    jitter: Option<Ratio>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawOutlier {
-    consecutive_errors: Option<u32>,
-    consecutive_gateway_errors: Option<u32>,
-    interval: Option<String>,
-    base_ejection_time: Option<String>,
-    max_ejection_time: Option<String>,
-    max_ejection_percent: Option<u32>,
-    min_ready_endpoints: Option<u32>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawHealthCheck {
-    http: Option<RawHttpCheck>,
-    tcp: Option<serde_json::Value>,
-    grpc: Option<RawGrpcCheck>,
-    port: Option<u16>,
-    interval: Option<String>,
-    timeout: Option<String>,
-    unhealthy_threshold: Option<u32>,
-    healthy_threshold: Option<u32>,
-    initial_jitter: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawHttpCheck {
-    path: String,
-    expected_statuses: Option<Vec<u16>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawGrpcCheck {
-    #[serde(default)]
-    service: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawFallback {
-    triggers: Option<Vec<String>>,
-    backend_ref: Option<RawBackendRef>,
-    static_response: Option<RawStatic>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawBackendRef {
-    name: String,
-    namespace: Option<String>,
-    port: u16,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawStatic {
-    status: u16,
-    #[serde(default)]
-    headers: BTreeMap<String, String>,
-    #[serde(default)]
-    body: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawCache {
-    methods: Option<Vec<String>>,
-    #[serde(rename = "defaultTTL")]
-    default_ttl: Option<String>,
-    #[serde(rename = "maxTTL")]
-    max_ttl: Option<String>,
-    max_entries: Option<u32>,
-    max_body_bytes: Option<u32>,
-    vary_headers: Option<Vec<String>>,
-    serve_stale_on_error: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawLoadBalancer {
-    algorithm: Option<String>,
-    hash_on: Option<RawHashOn>,
-    zone_aware: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawHashOn {
-    header: String,
 }
 
 /// Reads durations and ratios of one section, naming fields under `prefix`.
