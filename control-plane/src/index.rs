@@ -53,6 +53,8 @@ struct Index {
     fault_ttl: std::time::Duration,
     default_inbound: i32,
     trust_bundle: Option<Arc<pb::Resource>>,
+    /// The SPIFFE trust domain of Pod identities (`cluster.local` until set).
+    trust_domain: Option<String>,
 }
 
 /// A consistent view of every resource, rebuilt on every change.
@@ -245,6 +247,34 @@ impl IndexHandle {
         }
     }
 
+    /// The trust domain Pod identities are issued in (`spiffe://<td>/ns/<ns>/sa/<sa>`).
+    pub fn set_trust_domain(&self, trust_domain: &str) {
+        self.update(|index| index.trust_domain = Some(trust_domain.to_owned()));
+    }
+
+    /// Replaces every object whose path starts with `prefix` by `entries`, in one rebuild: a
+    /// source's full relist (after a restart or a 410 Gone) neither loses nor duplicates.
+    pub fn replace_prefix(
+        &self,
+        prefix: &Path,
+        entries: Vec<(PathBuf, Result<Parsed, ParseError>)>,
+    ) {
+        self.update(|index| {
+            index.files.retain(|path, _| !path.starts_with(prefix));
+            for (path, result) in entries {
+                let state = index.files.entry(path).or_default();
+                match result {
+                    Ok(parsed) => {
+                        state.objects = parsed.objects;
+                        state.warnings = parsed.warnings;
+                        state.error = None;
+                    }
+                    Err(e) => state.error = Some(e),
+                }
+            }
+        });
+    }
+
     /// Applies a file's reload: all of it, or (on error) none of it, keeping its last good objects.
     pub fn apply_file(&self, path: &Path, result: Result<Parsed, ParseError>) {
         self.update(|index| {
@@ -352,6 +382,7 @@ impl Index {
             &workloads,
             &faults,
             self.fault_ttl,
+            self.trust_domain.as_deref().unwrap_or("cluster.local"),
             &mut warnings,
         );
         Snapshot {

@@ -21,7 +21,14 @@ pub struct Metrics {
     pub streams: Gauge,
     pushes: Family<TypeLabel, Counter>,
     nacks: Family<TypeLabel, Counter>,
+    watch_errors: Family<KindLabel, Counter>,
+    status_writes: Family<KindLabel, Counter>,
     registry: Registry,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
 }
 
 impl Default for Metrics {
@@ -52,10 +59,24 @@ impl Metrics {
             "Discovery responses rejected by proxies",
             nacks.clone(),
         );
+        let watch_errors = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "watch_errors",
+            "Kubernetes watch failures (each is retried with backoff, then relisted)",
+            watch_errors.clone(),
+        );
+        let status_writes = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "status_writes",
+            "Policy status updates written with server-side apply",
+            status_writes.clone(),
+        );
         Self {
             streams,
             pushes,
             nacks,
+            watch_errors,
+            status_writes,
             registry,
         }
     }
@@ -65,6 +86,24 @@ impl Metrics {
         self.pushes
             .get_or_create(&TypeLabel {
                 r#type: ty.as_str_name().to_owned(),
+            })
+            .inc();
+    }
+
+    /// A watch of `kind` failed.
+    pub fn watch_error(&self, kind: &str) {
+        self.watch_errors
+            .get_or_create(&KindLabel {
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A status of `kind` was written.
+    pub fn status_write(&self, kind: &str) {
+        self.status_writes
+            .get_or_create(&KindLabel {
+                kind: kind.to_owned(),
             })
             .inc();
     }

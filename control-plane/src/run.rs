@@ -23,6 +23,8 @@ use crate::sources::files::FileSource;
 pub enum SourceKind {
     /// A folder of YAML (local mode).
     Files,
+    /// The Kubernetes API (in a cluster, or wherever KUBECONFIG points).
+    Kubernetes,
 }
 
 /// `ferrymesh-controller run` options.
@@ -31,6 +33,10 @@ pub struct RunArgs {
     /// Where objects come from.
     #[arg(long, value_enum, default_value = "files")]
     pub source: SourceKind,
+    /// With `--source kubernetes`: a kubeconfig file (default: in-cluster config, or
+    /// `KUBECONFIG`).
+    #[arg(long, env = "FERRYMESH_CONTROLLER_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
     /// With `--source files`: the folder of YAML to load and watch.
     #[arg(long, env = "FERRYMESH_CONTROLLER_CONFIG_DIR")]
     pub config_dir: Option<PathBuf>,
@@ -101,10 +107,79 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 /// The line printed on stdout once every port is bound: `FERRYMESH_LISTENING {json}`.
 pub const LISTENING_PREFIX: &str = "FERRYMESH_LISTENING ";
 
+/// A client from `kubeconfig`, else the in-cluster config or `KUBECONFIG`.
+///
+/// # Errors
+/// No usable configuration.
+pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no Kubernetes config (in-cluster service account or KUBECONFIG)")?,
+    };
+    kube::Client::try_from(config).context("building the Kubernetes client")
+}
+
 fn config_dir(args: &RunArgs) -> anyhow::Result<PathBuf> {
     args.config_dir
         .clone()
         .context("--config-dir is required with --source files")
+}
+
+/// Loads the source (files: every file now; Kubernetes: the client), and returns the task
+/// that keeps following it until shutdown.
+async fn start_source(
+    args: &RunArgs,
+    index: &IndexHandle,
+    metrics: &Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>>
+{
+    match args.source {
+        SourceKind::Files => {
+            let mut source = FileSource::new(config_dir(args)?, index.clone());
+            let rejected = source.load()?;
+            if rejected > 0 {
+                tracing::warn!(
+                    rejected,
+                    "some config files were rejected at start; serving the others"
+                );
+            }
+            Ok(Box::pin(source.watch(shutdown)))
+        }
+        SourceKind::Kubernetes => {
+            use crate::sources::kubernetes;
+            let client = kube_client(args.kubeconfig.as_deref()).await?;
+            let seen = kubernetes::Seen::default();
+            let mut tasks = tokio::task::JoinSet::new();
+            for kind in kubernetes::KINDS {
+                tasks.spawn(kubernetes::watch(
+                    client.clone(),
+                    *kind,
+                    index.clone(),
+                    seen.clone(),
+                    metrics.clone(),
+                ));
+            }
+            tasks.spawn(kubernetes::status::run(
+                client,
+                seen,
+                index.subscribe(),
+                metrics.clone(),
+            ));
+            Ok(Box::pin(async move {
+                let _ = shutdown.wait_for(|s| *s).await;
+                tasks.shutdown().await;
+                Ok(())
+            }))
+        }
+    }
 }
 
 /// Runs the controller until `shutdown` turns true.
@@ -114,16 +189,9 @@ fn config_dir(args: &RunArgs) -> anyhow::Result<PathBuf> {
 pub async fn run(args: RunArgs, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     let index = IndexHandle::with_fault_ttl(args.fault_ttl);
     index.set_default_inbound(args.default_inbound_policy);
+    index.set_trust_domain(&args.trust_domain);
     let metrics = Arc::new(Metrics::new());
-    let SourceKind::Files = args.source;
-    let mut source = FileSource::new(config_dir(&args)?, index.clone());
-    let rejected = source.load()?;
-    if rejected > 0 {
-        tracing::warn!(
-            rejected,
-            "some config files were rejected at start; serving the others"
-        );
-    }
+    let source = start_source(&args, &index, &metrics, shutdown.clone()).await?;
 
     let discovery = TcpListener::bind(args.discovery_listen)
         .await
@@ -145,7 +213,7 @@ pub async fn run(args: RunArgs, shutdown: watch::Receiver<bool>) -> anyhow::Resu
     println!("{LISTENING_PREFIX}{}", serde_json::to_string(&addrs)?);
     tracing::info!(discovery = %addrs.discovery, admin = %addrs.admin, "controller listening");
 
-    let watch_task = tokio::spawn(source.watch(shutdown.clone()));
+    let watch_task = tokio::spawn(source);
     // Faults end on time even when nothing else changes.
     let expiry_index = index.clone();
     let mut expiry_shutdown = shutdown.clone();

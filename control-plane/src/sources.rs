@@ -4,6 +4,7 @@
 //! - [`files`]: local mode, a folder of multi-document YAML, hot-reloaded.
 
 pub mod files;
+pub mod kubernetes;
 mod parse;
 
 pub use parse::{AuthzSpec, ParseError, Parsed, parse_documents};
@@ -47,6 +48,31 @@ pub enum Object {
     Policy(Box<Policy>),
     /// A Gateway API HTTPRoute or GRPCRoute.
     Route(Box<Route>),
+    /// A Pod (Kubernetes source): what the mesh needs to know of an endpoint.
+    Pod(Pod),
+    /// A Namespace: its annotations (injection opt-in, default inbound policy).
+    Namespace(Namespace),
+}
+
+/// The part of a Pod the mesh uses.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pod {
+    /// Metadata.
+    pub meta: Meta,
+    /// `spec.serviceAccountName` (`default` when absent).
+    pub service_account: String,
+    /// Carries the sidecar (`ferrymesh.io/injected: "true"`): its endpoints speak mTLS with
+    /// the service account's identity.
+    pub injected: bool,
+}
+
+/// A Namespace's annotations.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Namespace {
+    /// Metadata (the namespace field is empty: namespaces are cluster-scoped).
+    pub meta: Meta,
+    /// `metadata.annotations`.
+    pub annotations: std::collections::BTreeMap<String, String>,
 }
 
 impl Object {
@@ -57,6 +83,8 @@ impl Object {
             Object::EndpointSlice(e) => &e.meta,
             Object::Policy(p) => &p.meta,
             Object::Route(r) => &r.meta,
+            Object::Pod(p) => &p.meta,
+            Object::Namespace(n) => &n.meta,
         }
     }
 
@@ -67,6 +95,8 @@ impl Object {
             Object::EndpointSlice(_) => "EndpointSlice",
             Object::Policy(p) => p.kind.as_str(),
             Object::Route(r) => r.kind.as_str(),
+            Object::Pod(_) => "Pod",
+            Object::Namespace(_) => "Namespace",
         }
     }
 
@@ -143,6 +173,8 @@ pub struct SliceEndpoint {
     pub terminating: bool,
     /// `zone`.
     pub zone: String,
+    /// `targetRef.name` when the endpoint is a Pod (its identity comes from the Pod).
+    pub target_pod: Option<String>,
 }
 
 /// A Gateway API `HTTPRoute` or `GRPCRoute`, validated. The mesh serves the routes whose parent

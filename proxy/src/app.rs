@@ -179,7 +179,10 @@ impl App {
 
     fn node(&self) -> pb::Node {
         let c = &self.ctx.config;
-        let local_workload = self.addresses.inbound.map(|inbound| {
+        // An injected sidecar is an endpoint through its Pod's EndpointSlice, not by announcing
+        // itself; only a local proxy registers its inbound address.
+        let inbound = self.addresses.inbound.filter(|_| !c.sidecar);
+        let local_workload = inbound.map(|inbound| {
             let advertised = c
                 .inbound
                 .as_ref()

@@ -6,6 +6,7 @@
 //!   service (unary, server streaming, bidi), each answer naming its instance.
 //! - [`mesh`]: a controller on a temporary config folder plus sidecar proxies in front of apps.
 
+pub mod kube_api;
 pub mod mesh;
 pub mod netns;
 pub mod process;

@@ -184,6 +184,31 @@ impl Mesh {
         Self::start_in(files, extra, true, host)
     }
 
+    /// A controller on the Kubernetes source, reading the API server `kubeconfig` names (a
+    /// [`crate::kube_api::FakeApi`]); `extra` controller arguments.
+    ///
+    /// # Panics
+    /// When the controller does not start.
+    pub fn start_kubernetes(kubeconfig: &Path, extra: &[&str]) -> Mesh {
+        let mut args: Vec<String> = vec![
+            "--source".into(),
+            "kubernetes".into(),
+            "--kubeconfig".into(),
+            kubeconfig.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let controller = start_controller(dir.path(), "127.0.0.1:0".parse().expect("valid"), &args);
+        let discovery = controller.addr("discovery");
+        Mesh {
+            dir,
+            controller,
+            discovery,
+            controller_args: args,
+            identity: None,
+        }
+    }
+
     fn start_in(
         files: &[(&str, &str)],
         controller_args: &[&str],
@@ -357,17 +382,13 @@ impl Mesh {
 fn start_controller(dir: &Path, discovery: SocketAddr, extra: &[String]) -> Spawned {
     let mut cmd = Command::new(bin("ferrymesh-controller"));
     cmd.args(extra);
-    cmd.args([
-        "--source",
-        "files",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--discovery-listen",
-    ])
-    .arg(discovery.to_string())
-    .arg("--config-dir")
-    .arg(dir.join("mesh"))
-    .env("FERRYMESH_LOG", "info,ferrymesh_controller=debug");
+    if !extra.iter().any(|a| a == "--source") {
+        cmd.args(["--source", "files", "--config-dir"])
+            .arg(dir.join("mesh"));
+    }
+    cmd.args(["--admin-listen", "127.0.0.1:0", "--discovery-listen"])
+        .arg(discovery.to_string())
+        .env("FERRYMESH_LOG", "info,ferrymesh_controller=debug");
     // NOTE: a restarted controller binds the port its predecessor held; retry briefly.
     let mut last = None;
     for attempt in 0..20 {

@@ -206,11 +206,7 @@ fn each_cel_rule_refuses_what_api_md_forbids() {
             json!({"targetRefs": svc(), "duration": "24h", "abort": {"grpcStatus": 14}}),
         ),
     ] {
-        assert_eq!(
-            failures(kind, &spec),
-            Vec::<String>::new(),
-            "{kind} {spec}"
-        );
+        assert_eq!(failures(kind, &spec), Vec::<String>::new(), "{kind} {spec}");
     }
 }
 

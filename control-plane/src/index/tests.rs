@@ -450,3 +450,63 @@ spec:
     assert!(other.allow.is_empty());
     assert_eq!(other.deny.len(), 1);
 }
+
+#[test]
+fn pod_endpoints_carry_their_service_accounts_identity_when_injected() {
+    let index = IndexHandle::new();
+    index.set_trust_domain("course.local");
+    let objects = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: pricing, namespace: shop}
+spec: {ports: [{name: http, port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: pricing-x, namespace: shop, labels: {kubernetes.io/service-name: pricing}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: ["10.0.0.1"], targetRef: {kind: Pod, name: pricing-a}}
+- {addresses: ["10.0.0.2"], targetRef: {kind: Pod, name: pricing-b}}
+- {addresses: ["10.0.0.3"]}
+"#;
+    load(&index, "k8s.yaml", objects);
+    let pods = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: pricing-a, namespace: shop, annotations: {ferrymesh.io/injected: "true"}}
+spec: {serviceAccountName: pricing}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pricing-b, namespace: shop}
+spec: {serviceAccountName: pricing}
+"#;
+    load(&index, "pods.yaml", pods);
+    let Lookup::Found(r) = index.snapshot().lookup(
+        pb::ResourceType::Endpoints,
+        "pricing.shop.svc.cluster.local:80",
+        None,
+    ) else {
+        panic!("no endpoints")
+    };
+    let Some(pb::resource::Body::Endpoints(e)) = r.body else {
+        panic!("not endpoints")
+    };
+    let identities: Vec<(&str, &str)> = e
+        .endpoints
+        .iter()
+        .map(|e| (e.addr.as_ref().unwrap().ip.as_str(), e.identity.as_str()))
+        .collect();
+    // Injected: mTLS with the service account's identity. Not injected, or no Pod: plaintext.
+    assert_eq!(
+        identities,
+        [
+            ("10.0.0.1", "spiffe://course.local/ns/shop/sa/pricing"),
+            ("10.0.0.2", ""),
+            ("10.0.0.3", ""),
+        ]
+    );
+    assert_eq!(e.endpoints[0].pod.as_ref().unwrap().name, "pricing-a");
+}

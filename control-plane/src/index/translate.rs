@@ -63,15 +63,37 @@ pub enum Lookup {
 /// Default port for an implicit service (a local workload with no Service object).
 const IMPLICIT_PORT: u16 = 80;
 
+/// Meshed Pods, by (namespace, name), with their SPIFFE identity.
+fn pod_identities<'a>(
+    objects: &[&'a Object],
+    trust_domain: &str,
+) -> BTreeMap<(&'a str, &'a str), String> {
+    objects
+        .iter()
+        .filter_map(|o| match o {
+            Object::Pod(p) if p.injected => Some((
+                (p.meta.namespace.as_str(), p.meta.name.as_str()),
+                format!(
+                    "spiffe://{trust_domain}/ns/{}/sa/{}",
+                    p.meta.namespace, p.service_account
+                ),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
 pub(super) fn build<'a>(
     objects: impl Iterator<Item = &'a Object>,
     workloads: &[Registered],
     faults: &[super::faults::ActiveFault],
     fault_ttl: std::time::Duration,
+    trust_domain: &str,
     warnings: &mut Vec<String>,
 ) -> (Resources, BTreeMap<ServiceKey, ServiceInfo>) {
     let now = std::time::SystemTime::now();
     let objects: Vec<&Object> = objects.collect();
+    let identities = pod_identities(&objects, trust_domain);
     let mut services: BTreeMap<ServiceKey, (ServiceInfo, Option<&Service>)> = BTreeMap::new();
     for o in &objects {
         if let Object::Service(s) = o {
@@ -124,7 +146,7 @@ pub(super) fn build<'a>(
             resources.cluster_ips.insert(*ip, key.clone());
         }
         for port in &info.ports {
-            let endpoints = endpoints(key, port, &objects, workloads, warnings);
+            let endpoints = endpoints(key, port, &objects, &identities, workloads, warnings);
             let service_source = declared.map(|s| object_ref("", "Service", &s.meta, &port.name));
             let mut ep_sources: Vec<cfg::ResourceRef> = service_source.iter().cloned().collect();
             ep_sources.extend(slice_sources(key, &objects));
@@ -274,6 +296,7 @@ fn endpoints(
     key: &ServiceKey,
     port: &ServicePort,
     objects: &[&Object],
+    identities: &BTreeMap<(&str, &str), String>,
     workloads: &[Registered],
     warnings: &mut Vec<String>,
 ) -> cfg::ServiceEndpoints {
@@ -305,6 +328,20 @@ fn endpoints(
                     ready: e.ready,
                     serving: e.serving,
                     terminating: e.terminating,
+                    // A meshed Pod answers mTLS with its service account's identity; anything
+                    // else is unmeshed and gets plaintext.
+                    identity: e
+                        .target_pod
+                        .as_deref()
+                        .and_then(|pod| identities.get(&(slice.meta.namespace.as_str(), pod)))
+                        .cloned()
+                        .unwrap_or_default(),
+                    pod: e.target_pod.as_ref().map(|pod| cfg::ResourceRef {
+                        kind: "Pod".into(),
+                        namespace: slice.meta.namespace.clone(),
+                        name: pod.clone(),
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 });
             }

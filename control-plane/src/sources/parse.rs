@@ -87,8 +87,10 @@ pub fn parse_documents(file: &Path, text: &str) -> Result<Parsed, ParseError> {
                 route::route(meta, k, &json)
             }
             (g, k) if POLICY_KINDS.contains(&(g, k)) => policy(meta, g, k, &json),
+            ("", "Pod") => pod(meta, &json),
+            ("", "Namespace") => namespace(meta, &json),
             ("apps", "Deployment" | "StatefulSet" | "DaemonSet")
-            | ("", "Namespace" | "ConfigMap" | "ServiceAccount") => {
+            | ("", "ConfigMap" | "ServiceAccount") => {
                 // Kubernetes kinds that share the folder (ferryctl reads Deployments) but
                 // carry nothing the controller serves.
                 tracing::debug!(
@@ -328,6 +330,14 @@ struct RawSliceEndpoint {
     #[serde(default)]
     conditions: RawConditions,
     zone: Option<String>,
+    #[serde(rename = "targetRef")]
+    target_ref: Option<RawTargetRef>,
+}
+
+#[derive(Deserialize)]
+struct RawTargetRef {
+    kind: Option<String>,
+    name: String,
 }
 
 #[derive(Deserialize, Default)]
@@ -383,6 +393,11 @@ fn endpoint_slice(meta: Meta, json: &serde_json::Value) -> Result<Object, FieldE
             serving: e.conditions.serving.unwrap_or(ready),
             terminating: e.conditions.terminating.unwrap_or(false),
             zone: e.zone.clone().unwrap_or_default(),
+            target_pod: e
+                .target_ref
+                .as_ref()
+                .filter(|t| t.kind.as_deref() == Some("Pod"))
+                .map(|t| t.name.clone()),
         });
     }
     Ok(Object::EndpointSlice(EndpointSlice {
@@ -390,6 +405,52 @@ fn endpoint_slice(meta: Meta, json: &serde_json::Value) -> Result<Object, FieldE
         service,
         ports,
         endpoints,
+    }))
+}
+
+// === Pods and Namespaces (Kubernetes source) ===
+
+#[derive(Deserialize)]
+struct RawPod {
+    #[serde(default)]
+    metadata: RawAnnotated,
+    #[serde(default)]
+    spec: RawPodSpec,
+}
+
+#[derive(Deserialize, Default)]
+struct RawAnnotated {
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawPodSpec {
+    #[serde(rename = "serviceAccountName")]
+    service_account_name: Option<String>,
+}
+
+fn pod(meta: Meta, json: &serde_json::Value) -> Result<Object, FieldError> {
+    let raw: RawPod = from_json(json)?;
+    Ok(Object::Pod(super::Pod {
+        meta,
+        service_account: raw
+            .spec
+            .service_account_name
+            .unwrap_or_else(|| "default".to_owned()),
+        injected: raw
+            .metadata
+            .annotations
+            .get(crate::inject::INJECTED)
+            .is_some_and(|v| v == "true"),
+    }))
+}
+
+fn namespace(meta: Meta, json: &serde_json::Value) -> Result<Object, FieldError> {
+    let raw: RawPod = from_json(json)?;
+    Ok(Object::Namespace(super::Namespace {
+        meta,
+        annotations: raw.metadata.annotations,
     }))
 }
 

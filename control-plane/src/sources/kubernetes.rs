@@ -1,0 +1,315 @@
+//! The Kubernetes source (`--source kubernetes`): kube-runtime watchers on Services,
+//! EndpointSlices, Pods, Namespaces, our policy CRDs and Gateway API routes. Each object is
+//! turned into the same YAML text a file would hold and parsed by the file source's parser,
+//! under a path of its own (`kubernetes/<plural>.<group>/<namespace>/<name>`), so everything
+//! after the source (validation, index, translation, discovery) is one code path. A rejected
+//! update keeps the object's last good version in the index, as a rejected file does.
+//!
+//! A watch that fails, expires (410 Gone) or restarts relists: the full list replaces that kind's
+//! objects in one index update ([`IndexHandle::replace_prefix`]), so nothing is lost or
+//! duplicated. Policy status is written back with server-side apply ([`status`]).
+
+pub mod status;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt as _;
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher::{self, Event};
+
+use super::{ParseError, Parsed, parse_documents};
+use crate::index::IndexHandle;
+
+/// One watched kind.
+#[derive(Debug, Clone, Copy)]
+pub struct Kind {
+    /// API group, `""` for core.
+    pub group: &'static str,
+    /// Version.
+    pub version: &'static str,
+    /// Kind.
+    pub kind: &'static str,
+    /// Resource (plural).
+    pub plural: &'static str,
+}
+
+impl Kind {
+    /// The kube-rs resource description.
+    pub fn api_resource(&self) -> ApiResource {
+        let api_version = if self.group.is_empty() {
+            self.version.to_owned()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        };
+        ApiResource {
+            group: self.group.to_owned(),
+            version: self.version.to_owned(),
+            api_version,
+            kind: self.kind.to_owned(),
+            plural: self.plural.to_owned(),
+        }
+    }
+
+    /// Where this kind's objects live in the index.
+    pub fn prefix(&self) -> PathBuf {
+        PathBuf::from("kubernetes").join(if self.group.is_empty() {
+            self.plural.to_owned()
+        } else {
+            format!("{}.{}", self.plural, self.group)
+        })
+    }
+
+    /// A policy kind (its status is ours to write).
+    pub fn is_policy(&self) -> bool {
+        self.group.ends_with("ferrymesh.io")
+    }
+}
+
+/// Every kind the controller watches.
+pub const KINDS: &[Kind] = &[
+    Kind {
+        group: "",
+        version: "v1",
+        kind: "Service",
+        plural: "services",
+    },
+    Kind {
+        group: "discovery.k8s.io",
+        version: "v1",
+        kind: "EndpointSlice",
+        plural: "endpointslices",
+    },
+    Kind {
+        group: "",
+        version: "v1",
+        kind: "Pod",
+        plural: "pods",
+    },
+    Kind {
+        group: "",
+        version: "v1",
+        kind: "Namespace",
+        plural: "namespaces",
+    },
+    Kind {
+        group: "policy.ferrymesh.io",
+        version: "v1alpha1",
+        kind: "ResiliencePolicy",
+        plural: "resiliencepolicies",
+    },
+    Kind {
+        group: "policy.ferrymesh.io",
+        version: "v1alpha1",
+        kind: "AuthenticationPolicy",
+        plural: "authenticationpolicies",
+    },
+    Kind {
+        group: "policy.ferrymesh.io",
+        version: "v1alpha1",
+        kind: "AuthorizationPolicy",
+        plural: "authorizationpolicies",
+    },
+    Kind {
+        group: "policy.ferrymesh.io",
+        version: "v1alpha1",
+        kind: "FaultInjection",
+        plural: "faultinjections",
+    },
+    Kind {
+        group: "gateway.networking.k8s.io",
+        version: "v1",
+        kind: "HTTPRoute",
+        plural: "httproutes",
+    },
+    Kind {
+        group: "gateway.networking.k8s.io",
+        version: "v1",
+        kind: "GRPCRoute",
+        plural: "grpcroutes",
+    },
+];
+
+/// The latest parse of each policy object, for the status writer.
+#[derive(Debug, Default, Clone)]
+pub struct Seen {
+    inner: Arc<Mutex<std::collections::BTreeMap<PathBuf, Observed>>>,
+}
+
+/// What the source saw of one policy object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observed {
+    /// The kind.
+    pub kind: Kind,
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// `metadata.generation`.
+    pub generation: i64,
+    /// `spec.targetRefs` as written.
+    pub targets: Vec<super::TargetRef>,
+    /// Services the policy refers to besides its targets (`fallback.backendRef`), as
+    /// (namespace, name).
+    pub backends: Vec<(String, String)>,
+    /// `None` when it parsed, else why it was refused.
+    pub error: Option<String>,
+}
+
+impl PartialEq for Kind {
+    fn eq(&self, other: &Self) -> bool {
+        self.group == other.group && self.kind == other.kind
+    }
+}
+
+impl Seen {
+    /// Every policy object seen, by index path.
+    pub fn all(&self) -> Vec<Observed> {
+        self.inner
+            .lock()
+            .expect("seen lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn set(&self, path: PathBuf, observed: Option<Observed>) {
+        let mut inner = self.inner.lock().expect("seen lock");
+        match observed {
+            Some(o) => {
+                inner.insert(path, o);
+            }
+            None => {
+                inner.remove(&path);
+            }
+        }
+    }
+
+    fn retain_prefix(&self, prefix: &std::path::Path, keep: &[PathBuf]) {
+        self.inner
+            .lock()
+            .expect("seen lock")
+            .retain(|p, _| !p.starts_with(prefix) || keep.contains(p));
+    }
+}
+
+/// An object's path in the index.
+fn path_of(kind: &Kind, object: &DynamicObject) -> PathBuf {
+    kind.prefix()
+        .join(object.metadata.namespace.as_deref().unwrap_or("_cluster"))
+        .join(object.metadata.name.as_deref().unwrap_or("_"))
+}
+
+/// The object as the file source would read it: with its apiVersion and kind, without the
+/// server's bookkeeping.
+fn to_text(kind: &Kind, object: &DynamicObject) -> String {
+    let mut json = serde_json::to_value(object).unwrap_or_default();
+    json["apiVersion"] = kind.api_resource().api_version.into();
+    json["kind"] = kind.kind.into();
+    if let Some(meta) = json
+        .get_mut("metadata")
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        meta.remove("managedFields");
+    }
+    if kind.is_policy()
+        && let Some(o) = json.as_object_mut()
+    {
+        o.remove("status");
+    }
+    json.to_string()
+}
+
+fn parse(
+    kind: &Kind,
+    object: &DynamicObject,
+    seen: &Seen,
+) -> (PathBuf, Result<Parsed, ParseError>) {
+    let path = path_of(kind, object);
+    let result = parse_documents(&path, &to_text(kind, object));
+    if kind.is_policy() {
+        let targets = object
+            .data
+            .pointer("/spec/targetRefs")
+            .and_then(|t| serde_json::from_value(t.clone()).ok())
+            .unwrap_or_default();
+        let namespace = object.metadata.namespace.clone().unwrap_or_default();
+        let backends = object
+            .data
+            .pointer("/spec/fallback/backendRef")
+            .and_then(|b| {
+                let name = b.get("name")?.as_str()?.to_owned();
+                let ns = b
+                    .get("namespace")
+                    .and_then(|n| n.as_str())
+                    .unwrap_or(&namespace);
+                Some((ns.to_owned(), name))
+            })
+            .into_iter()
+            .collect();
+        seen.set(
+            path.clone(),
+            Some(Observed {
+                backends,
+                kind: *kind,
+                namespace,
+                name: object.metadata.name.clone().unwrap_or_default(),
+                generation: object.metadata.generation.unwrap_or(1),
+                targets,
+                error: result
+                    .as_ref()
+                    .err()
+                    .map(|e| format!("{}: {}", e.field, e.message)),
+            }),
+        );
+    }
+    if let Err(e) = &result {
+        tracing::warn!(error = %e, "object rejected; its last good version stays");
+    }
+    (path, result)
+}
+
+/// Watches one kind until the process ends, feeding the index.
+pub async fn watch(
+    client: kube::Client,
+    kind: Kind,
+    index: IndexHandle,
+    seen: Seen,
+    metrics: Arc<crate::metrics::Metrics>,
+) {
+    let api: Api<DynamicObject> = Api::all_with(client, &kind.api_resource());
+    let mut events = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    let mut buffer: Option<Vec<(PathBuf, Result<Parsed, ParseError>)>> = None;
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(Event::Init) => buffer = Some(Vec::new()),
+            Ok(Event::InitApply(object)) => {
+                let entry = parse(&kind, &object, &seen);
+                buffer.get_or_insert_with(Vec::new).push(entry);
+            }
+            Ok(Event::InitDone) => {
+                let entries = buffer.take().unwrap_or_default();
+                let keep: Vec<PathBuf> = entries.iter().map(|(p, _)| p.clone()).collect();
+                tracing::info!(kind = kind.kind, objects = entries.len(), "listed");
+                seen.retain_prefix(&kind.prefix(), &keep);
+                index.replace_prefix(&kind.prefix(), entries);
+            }
+            Ok(Event::Apply(object)) => {
+                let (path, result) = parse(&kind, &object, &seen);
+                index.apply_file(&path, result);
+            }
+            Ok(Event::Delete(object)) => {
+                let path = path_of(&kind, &object);
+                seen.set(path.clone(), None);
+                index.remove_file(&path);
+            }
+            Err(e) => {
+                metrics.watch_error(kind.kind);
+                tracing::warn!(kind = kind.kind, error = %e, "watch failed; retrying with backoff");
+            }
+        }
+    }
+}
