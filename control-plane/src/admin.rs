@@ -34,6 +34,9 @@ pub struct Addresses {
     /// The Identity (CA) gRPC server, when identity is on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identity: Option<SocketAddr>,
+    /// The injection webhook (HTTPS), when on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<SocketAddr>,
 }
 
 /// The admin router.

@@ -22,3 +22,4 @@ pub mod inject;
 pub mod metrics;
 pub mod run;
 pub mod sources;
+pub mod webhook;

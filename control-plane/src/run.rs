@@ -79,6 +79,15 @@ pub struct RunArgs {
     /// default), all-authenticated, cluster-authenticated or deny.
     #[arg(long, default_value = "all-unauthenticated", value_parser = parse_default_inbound, env = "FERRYMESH_DEFAULT_INBOUND_POLICY")]
     pub default_inbound_policy: ferrymesh_proto::config::v1::DefaultPolicy,
+    /// The injection webhook's HTTPS address (needs the CA); off when unset.
+    #[arg(long, env = "FERRYMESH_CONTROLLER_WEBHOOK_LISTEN")]
+    pub webhook_listen: Option<SocketAddr>,
+    /// The MutatingWebhookConfiguration whose caBundle the controller keeps (Kubernetes source).
+    #[arg(long, default_value = crate::webhook::CONFIGURATION, env = "FERRYMESH_CONTROLLER_WEBHOOK_CONFIGURATION")]
+    pub webhook_configuration: String,
+    /// The proxy image the injector puts into pods.
+    #[arg(long, env = "FERRYMESH_PROXY_IMAGE")]
+    pub proxy_image: Option<String>,
     /// Lifetime of workload certificates.
     #[arg(long, default_value = "24h", value_parser = parse_duration, env = "FERRYMESH_CONTROLLER_CERT_LIFETIME")]
     pub cert_lifetime: Duration,
@@ -106,6 +115,47 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 /// The line printed on stdout once every port is bound: `FERRYMESH_LISTENING {json}`.
 pub const LISTENING_PREFIX: &str = "FERRYMESH_LISTENING ";
+
+/// Serves the injection webhook; with the Kubernetes source, first patches the CA into the
+/// webhook configuration's caBundle (retrying until the configuration exists).
+async fn run_webhook(
+    args: RunArgs,
+    ca: Arc<Ca>,
+    listener: TcpListener,
+    shutdown: watch::Receiver<bool>,
+) {
+    let client = match args.source {
+        SourceKind::Kubernetes => kube_client(args.kubeconfig.as_deref()).await.ok(),
+        SourceKind::Files => None,
+    };
+    if let Some(client) = client.clone() {
+        let (configuration, pem) = (
+            args.webhook_configuration.clone(),
+            ca.anchor_pem().to_owned(),
+        );
+        tokio::spawn(async move {
+            while let Err(e) = crate::webhook::patch_ca_bundle(&client, &configuration, &pem).await
+            {
+                tracing::warn!(error = %format!("{e:#}"), "caBundle not patched yet; retrying in 5s");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        });
+    }
+    let mut settings = crate::inject::Settings::default();
+    if let Some(image) = &args.proxy_image {
+        settings.image.clone_from(image);
+    }
+    // The cluster's default inbound policy reaches proxies on Discovery; only a pod's own
+    // annotation is frozen into it.
+    let hook = crate::webhook::Webhook { settings, client };
+    let served = match ca.server_identity() {
+        Ok((cert, key)) => crate::webhook::serve(hook, listener, &cert, &key, shutdown).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = served {
+        tracing::error!(error = %format!("{e:#}"), "the injection webhook stopped");
+    }
+}
 
 /// A client from `kubeconfig`, else the in-cluster config or `KUBECONFIG`.
 ///
@@ -205,11 +255,20 @@ pub async fn run(args: RunArgs, shutdown: watch::Receiver<bool>) -> anyhow::Resu
         .await
         .with_context(|| format!("binding the admin listener on {}", args.admin_listen))?;
     let identity = bind_identity(&args).await?;
+    let webhook = match (args.webhook_listen, &identity) {
+        (Some(addr), Some((ca, _))) => Some((crate::webhook::bind(addr).await?, ca.clone())),
+        (Some(_), None) => anyhow::bail!("--webhook-listen needs the CA (--ca-dir)"),
+        (None, _) => None,
+    };
     let addrs = Addresses {
         discovery: discovery.local_addr()?,
         admin: admin_listener.local_addr()?,
         identity: identity.as_ref().map(|(_, l)| l.local_addr()).transpose()?,
+        webhook: webhook.as_ref().map(|(l, _)| l.local_addr()).transpose()?,
     };
+    if let Some((listener, ca)) = webhook {
+        tokio::spawn(run_webhook(args.clone(), ca, listener, shutdown.clone()));
+    }
     println!("{LISTENING_PREFIX}{}", serde_json::to_string(&addrs)?);
     tracing::info!(discovery = %addrs.discovery, admin = %addrs.admin, "controller listening");
 
