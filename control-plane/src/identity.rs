@@ -8,6 +8,7 @@
 //! Locally the tokens are bootstrap tokens that `ferryctl up` writes: `<token dir>/<ns>/<sa>`
 //! holds the token of that service account. In a cluster the same check becomes a TokenReview.
 
+pub mod secret;
 pub mod tokens;
 
 use std::path::Path;
@@ -314,6 +315,7 @@ impl pb::identity_server::Identity for IdentityService {
         };
         self.tokens
             .check(&id, &req.token)
+            .await
             .map_err(CertifyError::Unauthenticated)?;
         let ttl = req.requested_ttl.and_then(|d| Duration::try_from(d).ok());
         let (leaf, not_after) = self.ca.certify(&req.identity, &req.csr_der, ttl)?;

@@ -62,6 +62,10 @@ pub struct RunArgs {
     /// has no identity: proxies talk plaintext.
     #[arg(long, env = "FERRYMESH_CONTROLLER_CA_DIR")]
     pub ca_dir: Option<PathBuf>,
+    /// Kubernetes source: the Secret (`namespace/name`) that keeps the CA; created with a new
+    /// CA on first start, loaded into `--ca-dir` on every start.
+    #[arg(long, env = "FERRYMESH_CONTROLLER_CA_SECRET")]
+    pub ca_secret: Option<String>,
     /// Bootstrap tokens (local mode): `<dir>/<namespace>/<service account>`.
     #[arg(long, env = "FERRYMESH_CONTROLLER_TOKEN_DIR")]
     pub token_dir: Option<PathBuf>,
@@ -182,6 +186,43 @@ fn config_dir(args: &RunArgs) -> anyhow::Result<PathBuf> {
         .context("--config-dir is required with --source files")
 }
 
+/// Publishes the trust bundle and serves Identity, when the mesh has a CA.
+async fn spawn_identity(
+    args: &RunArgs,
+    identity: Option<(Arc<Ca>, TcpListener)>,
+    index: &IndexHandle,
+    shutdown: &watch::Receiver<bool>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<anyhow::Result<()>>>> {
+    Ok(match identity {
+        Some((ca, listener)) => {
+            tokio::spawn(publish_bundle(
+                ca.clone(),
+                args.trust_domain.clone(),
+                index.clone(),
+                shutdown.clone(),
+            ));
+            let tokens = match args.source {
+                // Pods prove their service account with its projected token.
+                SourceKind::Kubernetes => {
+                    Tokens::token_review(kube_client(args.kubeconfig.as_deref()).await?)
+                }
+                SourceKind::Files => args
+                    .token_dir
+                    .clone()
+                    .map(Tokens::in_dir)
+                    .unwrap_or_default(),
+            };
+            Some(tokio::spawn(serve_identity(
+                ca,
+                tokens,
+                listener,
+                shutdown.clone(),
+            )))
+        }
+        None => None,
+    })
+}
+
 /// Loads the source (files: every file now; Kubernetes: the client), and returns the task
 /// that keeps following it until shutdown.
 async fn start_source(
@@ -294,28 +335,7 @@ pub async fn run(args: RunArgs, shutdown: watch::Receiver<bool>) -> anyhow::Resu
             })
             .await
     });
-    let identity_task = match identity {
-        Some((ca, listener)) => {
-            tokio::spawn(publish_bundle(
-                ca.clone(),
-                args.trust_domain.clone(),
-                index.clone(),
-                shutdown.clone(),
-            ));
-            let tokens = args
-                .token_dir
-                .clone()
-                .map(Tokens::in_dir)
-                .unwrap_or_default();
-            Some(tokio::spawn(serve_identity(
-                ca,
-                tokens,
-                listener,
-                shutdown.clone(),
-            )))
-        }
-        None => None,
-    };
+    let identity_task = spawn_identity(&args, identity, &index, &shutdown).await?;
     let service = DiscoveryService::new(index, metrics, shutdown.clone());
     let mut grpc_shutdown = shutdown.clone();
     tonic::transport::Server::builder()
@@ -363,6 +383,20 @@ async fn bind_identity(args: &RunArgs) -> anyhow::Result<Option<(Arc<Ca>, TcpLis
     let Some(dir) = &args.ca_dir else {
         return Ok(None);
     };
+    if let Some(secret) = &args.ca_secret {
+        let (namespace, name) = secret
+            .split_once('/')
+            .context("--ca-secret is namespace/name")?;
+        let client = kube_client(args.kubeconfig.as_deref()).await?;
+        crate::identity::secret::sync(&client, namespace, name, dir, &args.trust_domain).await?;
+        tokio::spawn(crate::identity::secret::follow(
+            client,
+            namespace.to_owned(),
+            name.to_owned(),
+            dir.clone(),
+            Duration::from_secs(10),
+        ));
+    }
     let ca = Arc::new(Ca::load_or_create(
         dir,
         &args.trust_domain,

@@ -46,6 +46,8 @@ struct State {
     /// Every status patch: (resource plural, namespace/name, field manager, content type).
     status_patches: Vec<(String, String, String, String)>,
     uid: u64,
+    /// TokenReview answers: token -> (username, audiences it was issued for).
+    tokens: BTreeMap<String, (String, Vec<String>)>,
 }
 
 /// The fake API server; stops when dropped.
@@ -293,6 +295,24 @@ impl FakeApi {
             .cloned()
     }
 
+    /// Makes `token` a live ServiceAccount token of `namespace/service_account`, issued for
+    /// `audiences` (what TokenReview answers for it).
+    pub fn add_token(
+        &self,
+        token: &str,
+        namespace: &str,
+        service_account: &str,
+        audiences: &[&str],
+    ) {
+        self.state.lock().expect("state lock").tokens.insert(
+            token.to_owned(),
+            (
+                format!("system:serviceaccount:{namespace}:{service_account}"),
+                audiences.iter().map(|a| (*a).to_owned()).collect(),
+            ),
+        );
+    }
+
     /// The number of open watch streams.
     pub fn watchers(&self) -> usize {
         self.events.receiver_count()
@@ -499,12 +519,36 @@ fn streaming(rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, Infallible>>) 
     rsp
 }
 
+/// TokenReview: authenticated when the token is known and issued for one of the audiences
+/// asked about (the API server's audience check).
+fn token_review(mut body: Value, state: &Arc<Mutex<State>>) -> Response<Body> {
+    let s = state.lock().expect("state lock");
+    let token = body["spec"]["token"].as_str().unwrap_or_default();
+    let wanted: Vec<&str> = body["spec"]["audiences"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    body["status"] = match s.tokens.get(token) {
+        Some((user, audiences))
+            if wanted.is_empty() || wanted.iter().any(|w| audiences.iter().any(|a| a == w)) =>
+        {
+            json!({"authenticated": true, "user": {"username": user}, "audiences": audiences})
+        }
+        Some(_) => json!({"authenticated": false, "error": "token audiences do not match"}),
+        None => json!({"authenticated": false, "error": "invalid bearer token"}),
+    };
+    json_response(StatusCode::CREATED, &body)
+}
+
 fn create(
     target: &Target,
     mut body: Value,
     state: &Arc<Mutex<State>>,
     events: &broadcast::Sender<Event>,
 ) -> Response<Body> {
+    if target.resource.1 == "tokenreviews" {
+        return token_review(body, state);
+    }
     let Some(name) = body["metadata"]["name"].as_str().map(str::to_owned) else {
         return status_error(
             StatusCode::UNPROCESSABLE_ENTITY,

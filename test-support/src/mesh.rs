@@ -190,6 +190,20 @@ impl Mesh {
     /// # Panics
     /// When the controller does not start.
     pub fn start_kubernetes(kubeconfig: &Path, extra: &[&str]) -> Mesh {
+        Self::kubernetes(kubeconfig, extra, false)
+    }
+
+    /// [`Mesh::start_kubernetes`] with the CA kept in the Secret `ferrymesh-system/ferrymesh-ca`
+    /// and workloads proving their service account with a TokenReview: proxies get the token
+    /// of [`Mesh::token`], which the test registers with the fake API server.
+    ///
+    /// # Panics
+    /// When the controller does not start.
+    pub fn start_kubernetes_secure(kubeconfig: &Path, extra: &[&str]) -> Mesh {
+        Self::kubernetes(kubeconfig, extra, true)
+    }
+
+    fn kubernetes(kubeconfig: &Path, extra: &[&str], secure: bool) -> Mesh {
         let mut args: Vec<String> = vec![
             "--source".into(),
             "kubernetes".into(),
@@ -198,14 +212,33 @@ impl Mesh {
         ];
         args.extend(extra.iter().map(|a| (*a).to_owned()));
         let dir = tempfile::tempdir().expect("a temporary folder");
+        if secure {
+            let identity = dir.path().join("identity");
+            std::fs::create_dir_all(identity.join("tokens/shop"))
+                .expect("creating the token folder");
+            args.extend([
+                "--ca-dir".to_owned(),
+                identity.join("ca").display().to_string(),
+                "--ca-secret".to_owned(),
+                "ferrymesh-system/ferrymesh-ca".to_owned(),
+                "--identity-listen".to_owned(),
+                "127.0.0.1:0".to_owned(),
+            ]);
+        }
         let controller = start_controller(dir.path(), "127.0.0.1:0".parse().expect("valid"), &args);
         let discovery = controller.addr("discovery");
+        let identity = secure.then(|| controller.addr("identity"));
+        if let Some(addr) = identity
+            && let Some(i) = args.iter().position(|a| a == "--identity-listen")
+        {
+            args[i + 1] = addr.to_string();
+        }
         Mesh {
             dir,
             controller,
             discovery,
             controller_args: args,
-            identity: None,
+            identity,
         }
     }
 
@@ -282,9 +315,14 @@ impl Mesh {
     pub fn token(&self, sa: &str) -> PathBuf {
         let path = self.identity_dir().join("tokens/shop").join(sa);
         if !path.exists() {
+            // Distinct per service account (a TokenReview tells accounts apart by token).
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
             let token: String = (0..32)
                 .map(|i| {
-                    char::from(b'a' + u8::try_from((i * 7 + sa.len() * 13) % 26).expect("small"))
+                    for b in sa.bytes().chain([i]) {
+                        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+                    }
+                    char::from(b'a' + u8::try_from(h % 26).expect("small"))
                 })
                 .collect();
             std::fs::write(&path, token).expect("writing a token");

@@ -106,8 +106,8 @@ fn wrong_names_ids_and_csrs_are_refused() {
     ));
 }
 
-#[test]
-fn bootstrap_tokens_prove_their_service_account_only() {
+#[tokio::test]
+async fn bootstrap_tokens_prove_their_service_account_only() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("shop")).unwrap();
     std::fs::write(dir.path().join("shop/pricing"), "s3cret\n").unwrap();
@@ -116,18 +116,20 @@ fn bootstrap_tokens_prove_their_service_account_only() {
         namespace: "shop".into(),
         service_account: sa.into(),
     };
-    assert!(tokens.check(&id("pricing"), b"s3cret").is_ok());
-    assert!(tokens.check(&id("pricing"), b"s3cre").is_err());
-    assert!(tokens.check(&id("pricing"), b"").is_err());
+    assert!(tokens.check(&id("pricing"), b"s3cret").await.is_ok());
+    assert!(tokens.check(&id("pricing"), b"s3cre").await.is_err());
+    assert!(tokens.check(&id("pricing"), b"").await.is_err());
     assert!(
         tokens
             .check(&id("payments"), b"s3cret")
+            .await
             .unwrap_err()
             .contains("no bootstrap token for shop/payments")
     );
     assert!(
         tokens::Tokens::default()
             .check(&id("pricing"), b"s3cret")
+            .await
             .is_err()
     );
 }
