@@ -202,9 +202,16 @@ async fn spawn_identity(
                 shutdown.clone(),
             ));
             let tokens = match args.source {
-                // Pods prove their service account with its projected token.
+                // Pods prove their service account with its projected token, and find the
+                // anchors in a ConfigMap of their namespace.
                 SourceKind::Kubernetes => {
-                    Tokens::token_review(kube_client(args.kubeconfig.as_deref()).await?)
+                    let client = kube_client(args.kubeconfig.as_deref()).await?;
+                    tokio::spawn(crate::identity::secret::publish_trust_anchors(
+                        client.clone(),
+                        ca.clone(),
+                        Duration::from_secs(10),
+                    ));
+                    Tokens::token_review(client)
                 }
                 SourceKind::Files => args
                     .token_dir

@@ -16,7 +16,7 @@ use ferrymesh_test_support::mesh::{
 };
 use ferrymesh_test_support::upstream::HttpEcho;
 
-const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: shop}\nspec: {ports: [{name: http, port: 80}]}\n";
+const SERVICE: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: shop}\nspec: {ports: [{name: http, port: 80}]}\n";
 const AUDIENCE: &str = "identity.ferrymesh.io";
 
 // Multi-threaded: the controller asks the fake API server for its CA before it reports its
@@ -37,6 +37,27 @@ async fn workloads_are_certified_by_token_review_from_a_ca_kept_in_a_secret() {
         .decode(secret["data"]["ca.pem"].as_str().unwrap())
         .unwrap();
     assert_eq!(String::from_utf8(stored).unwrap(), ca_pem);
+
+    // Injected pods find the anchors in a ConfigMap of their namespace.
+    eventually(Duration::from_secs(5), || {
+        let cm = api.get("/api/v1", "configmaps", "shop", "ferrymesh-trust-anchors");
+        let expected = ca_pem.clone();
+        async move {
+            cm.is_some_and(|c| {
+                c["data"]["ca.pem"]
+                    .as_str()
+                    .is_some_and(|p| p.trim() == expected.trim())
+            })
+        }
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {:?}\n{}",
+            api.get("/api/v1", "configmaps", "shop", "ferrymesh-trust-anchors"),
+            mesh.controller.log_text()
+        )
+    });
 
     // Tokens as the kubelet would project them: one per service account, for our audience.
     let token = |sa: &str| std::fs::read_to_string(mesh.token(sa)).unwrap();

@@ -646,6 +646,18 @@ fn patch(
         target.namespace.clone().unwrap_or_default(),
         name.to_owned(),
     );
+    let exists = state
+        .lock()
+        .expect("state lock")
+        .objects
+        .get(&target.resource)
+        .is_some_and(|m| m.contains_key(&key));
+    // Server-side apply creates what does not exist yet.
+    if content_type.starts_with("application/apply-patch") && !exists && !target.status {
+        let mut body = body.clone();
+        body["metadata"]["name"] = json!(name);
+        return create(target, body, state, events);
+    }
     let mut s = state.lock().expect("state lock");
     let Some(mut object) = s
         .objects

@@ -107,3 +107,60 @@ pub async fn follow(
         }
     }
 }
+
+/// The ConfigMap injected pods mount as their trust anchors (API.md 2.c).
+pub const TRUST_CONFIGMAP: &str = "ferrymesh-trust-anchors";
+
+/// Keeps `ferrymesh-trust-anchors` (`ca.pem`: every anchor of the bundle) in every namespace
+/// but Kubernetes' own, so any injected pod finds it (server-side apply, every `every`).
+pub async fn publish_trust_anchors(
+    client: kube::Client,
+    ca: std::sync::Arc<super::Ca>,
+    every: Duration,
+) {
+    use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+    use kube::api::{ListParams, Patch, PatchParams};
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    loop {
+        let pem = pem::encode_many_config(
+            &ca.bundle()
+                .into_iter()
+                .map(|der| pem::Pem::new("CERTIFICATE", der))
+                .collect::<Vec<_>>(),
+            pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+        );
+        match namespaces.list(&ListParams::default()).await {
+            Ok(list) => {
+                for ns in list.items {
+                    let Some(name) = ns.metadata.name else {
+                        continue;
+                    };
+                    if name.starts_with("kube-") {
+                        continue;
+                    }
+                    let api: Api<ConfigMap> = Api::namespaced(client.clone(), &name);
+                    let body = serde_json::json!({
+                        "apiVersion": "v1", "kind": "ConfigMap",
+                        "metadata": {"name": TRUST_CONFIGMAP, "namespace": name,
+                                     "labels": {"app.kubernetes.io/part-of": "ferrymesh"}},
+                        "data": {"ca.pem": pem},
+                    });
+                    if let Err(e) = api
+                        .patch(
+                            TRUST_CONFIGMAP,
+                            &PatchParams::apply("ferrymesh-controller").force(),
+                            &Patch::Apply(&body),
+                        )
+                        .await
+                    {
+                        tracing::warn!(namespace = %name, error = %e, "trust anchors not published");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "namespaces not listed; trust anchors not published")
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
+}
