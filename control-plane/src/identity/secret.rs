@@ -158,7 +158,7 @@ pub async fn publish_trust_anchors(
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "namespaces not listed; trust anchors not published")
+                tracing::warn!(error = %e, "namespaces not listed; trust anchors not published");
             }
         }
         tokio::time::sleep(every).await;
