@@ -123,7 +123,8 @@ impl FileSource {
     }
 }
 
-/// Config files below `dir`, sorted, hidden files and editor temporaries left out.
+/// Config files below `dir`, sorted, hidden files, editor temporaries and kustomize
+/// `kustomization.yaml` files left out.
 pub fn list(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_owned()];
@@ -137,7 +138,13 @@ pub fn list(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
             }
             if entry.file_type()?.is_dir() {
                 stack.push(path);
-            } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml")
+                // A kustomization says how to assemble objects; it is not one.
+                && !matches!(
+                    name.to_string_lossy().as_ref(),
+                    "kustomization.yaml" | "kustomization.yml"
+                )
+            {
                 out.push(path);
             }
         }
