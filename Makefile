@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo test lint bench build crds
+.PHONY: demo test lint bench build crds images kind-up kind-load kind-deploy kind-down
 
 ## demo: release build, then the controller, the shop (each instance with a sidecar) and the storefront on 127.0.0.1:8080
 demo:
@@ -29,3 +29,36 @@ bench:
 ## crds: regenerate manifests/crds/ from the Rust types (a test fails when they are stale)
 crds:
 	$(CARGO) run -q -p ferrymesh-controller -- crds --out manifests/crds
+
+# === Kubernetes (kind): docs/install-kind.md walks through these ===
+KIND ?= kind
+CLUSTER ?= ferrymesh
+VERSION ?= 0.1.0
+IMAGES = proxy controller shop:ferry-shop ferryctl
+
+## images: build the four images from the one Dockerfile (needs Docker)
+images:
+	@for i in $(IMAGES); do target=$${i%%:*}; name=$${i##*:}; \
+	  echo "docker build --target $$target -t ferrymesh/$$name:$(VERSION) ."; \
+	  docker build --target $$target -t ferrymesh/$$name:$(VERSION) . || exit 1; done
+
+## kind-up: a kind cluster from kind-config.yaml (installs kind into ~/.local/bin if missing)
+kind-up:
+	@command -v $(KIND) >/dev/null || scripts/install-kind.sh
+	$(KIND) create cluster --config kind-config.yaml --name $(CLUSTER)
+
+## kind-load: copy the images into the cluster's nodes
+kind-load:
+	$(KIND) load docker-image --name $(CLUSTER) ferrymesh/proxy:$(VERSION) ferrymesh/controller:$(VERSION) ferrymesh/ferry-shop:$(VERSION)
+
+## kind-deploy: the mesh, then the shop (injected), then Jaeger and Prometheus
+kind-deploy:
+	kubectl apply --server-side -k manifests/base
+	kubectl -n ferrymesh-system rollout status deployment/ferrymesh-controller --timeout=180s
+	kubectl apply --server-side -k manifests/demo
+	kubectl apply --server-side -k manifests/observability
+	kubectl -n shop wait --for=condition=Available deployment --all --timeout=300s
+
+## kind-down: delete the cluster
+kind-down:
+	$(KIND) delete cluster --name $(CLUSTER)

@@ -23,7 +23,15 @@ pub struct CheckArgs {
     /// The report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Check the Kubernetes install instead of a folder: CRDs, controller, webhook, proxies.
+    #[arg(long)]
+    pub kube: bool,
+    /// With `--kube`: a kubeconfig (default: KUBECONFIG, then ~/.kube/config).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
 }
+
+pub mod kube;
 
 /// Builds the report.
 ///
@@ -48,7 +56,10 @@ pub fn report(dir: &Path, rps: f64) -> anyhow::Result<Report> {
 ///
 /// # Errors
 /// Errors in the folder, or findings with `--strict`.
-pub fn run(args: &CheckArgs) -> anyhow::Result<()> {
+pub async fn run(args: &CheckArgs) -> anyhow::Result<()> {
+    if args.kube {
+        return kube::run(args.kubeconfig.as_deref()).await;
+    }
     let report = report(&args.dir, args.rps)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

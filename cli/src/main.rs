@@ -61,7 +61,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Up(args) => up::run(&cli.state_dir, args).await,
         Cmd::Status { json } => status::run(&cli.state_dir, *json).await,
         Cmd::Chaos(args) => chaos::run(&cli.state_dir, args).await,
-        Cmd::Check(args) => check::run(args),
+        Cmd::Check(args) => check::run(args).await,
         Cmd::Inject(args) => inject::run(args),
         Cmd::Breaker(args) => breaker::run(&cli.state_dir, args).await,
         Cmd::Stat(args) => stat::run(&cli.state_dir, args).await,
