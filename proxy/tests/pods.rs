@@ -295,3 +295,90 @@ fn curl_root(url: &str) -> (u16, String) {
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
     (code.trim().parse().unwrap_or(0), body.to_owned())
 }
+
+/// The nat rules of one pod, as iptables-save prints them (`backend`: nft or legacy).
+fn nat_rules(pod: &Pod, backend: &str, family: &str) -> String {
+    let tool = format!("{family}-{backend}-save");
+    let out = Network::exec(pod, Path::new(&tool))
+        .args(["-t", "nat"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{tool}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn init_iptables_is_idempotent_keeps_other_rules_and_cleans_up() {
+    let Some(mut net) = Network::create("pods::init_iptables") else {
+        return;
+    };
+    let proxy_bin = bin("ferrymesh-proxy");
+    for backend in ["nft", "legacy"] {
+        let pod = net.pod(&format!("rules-{backend}"));
+        // Someone else's rule, which must survive both the install and the cleanup.
+        let out = Network::exec(&pod, Path::new(&format!("iptables-{backend}")))
+            .args([
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-o",
+                "eth0",
+                "-j",
+                "MASQUERADE",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let init = |extra: &[&str]| {
+            let out = Network::exec(&pod, &proxy_bin)
+                .args([
+                    "init-iptables",
+                    &format!("--backend={backend}"),
+                    "--skip-subnets=10.0.0.0/8,fd00::/8",
+                ])
+                .args(extra)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{backend}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        init(&[]);
+        init(&[]);
+        let v4 = nat_rules(&pod, backend, "iptables");
+        assert_eq!(
+            v4.matches("-j FERRYMESH_INBOUND").count(),
+            1,
+            "{backend}, twice: one set\n{v4}"
+        );
+        assert_eq!(v4.matches("-j FERRYMESH_OUTPUT").count(), 1, "{v4}");
+        assert!(v4.contains("--uid-owner 2340 -j RETURN"), "{v4}");
+        assert!(
+            v4.contains("-d 10.0.0.0/8 -j RETURN") && !v4.contains("fd00::"),
+            "{v4}"
+        );
+        assert!(v4.contains("-j REDIRECT --to-ports 4340"), "{v4}");
+        assert!(v4.contains("-A POSTROUTING -o eth0 -j MASQUERADE"), "{v4}");
+        let v6 = nat_rules(&pod, backend, "ip6tables");
+        assert!(
+            v6.contains("-d fd00::/8 -j RETURN") && v6.contains("--to-ports 4343"),
+            "{v6}"
+        );
+        init(&["--cleanup"]);
+        let v4 = nat_rules(&pod, backend, "iptables");
+        assert!(!v4.contains("FERRYMESH"), "{backend}: cleaned up\n{v4}");
+        assert!(v4.contains("-A POSTROUTING -o eth0 -j MASQUERADE"), "{v4}");
+        assert!(!nat_rules(&pod, backend, "ip6tables").contains("FERRYMESH"));
+    }
+}
