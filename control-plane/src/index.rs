@@ -53,6 +53,7 @@ struct Index {
     fault_ttl: std::time::Duration,
     default_inbound: i32,
     trust_bundle: Option<Arc<pb::Resource>>,
+    telemetry: Option<Arc<pb::Resource>>,
     /// The SPIFFE trust domain of Pod identities (`cluster.local` until set).
     trust_domain: Option<String>,
 }
@@ -88,6 +89,8 @@ pub struct Snapshot {
     pub default_inbound: i32,
     /// The trust anchors proxies must use (TRUST_BUNDLE), when the mesh has identities.
     pub trust_bundle: Option<Arc<pb::Resource>>,
+    /// Where proxies export spans (TELEMETRY).
+    pub telemetry: Option<Arc<pb::Resource>>,
 }
 
 /// An AuthorizationPolicy's rules for a Namespace or a Service.
@@ -247,6 +250,12 @@ impl IndexHandle {
         }
     }
 
+    /// Serves TELEMETRY `*`: the OTLP collector (empty: no export) and the sampling ratio.
+    pub fn set_telemetry(&self, otlp_endpoint: &str, sampling: f64) {
+        let r = translate::telemetry(otlp_endpoint, sampling);
+        self.update(|index| index.telemetry = Some(Arc::new(r)));
+    }
+
     /// The trust domain Pod identities are issued in (`spiffe://<td>/ns/<ns>/sa/<sa>`).
     pub fn set_trust_domain(&self, trust_domain: &str) {
         self.update(|index| index.trust_domain = Some(trust_domain.to_owned()));
@@ -400,6 +409,7 @@ impl Index {
             authz,
             default_inbound: self.default_inbound,
             trust_bundle: self.trust_bundle.clone(),
+            telemetry: self.telemetry.clone(),
         }
     }
 }

@@ -83,6 +83,12 @@ pub struct RunArgs {
     /// default), all-authenticated, cluster-authenticated or deny.
     #[arg(long, default_value = "all-unauthenticated", value_parser = parse_default_inbound, env = "FERRYMESH_DEFAULT_INBOUND_POLICY")]
     pub default_inbound_policy: ferrymesh_proto::config::v1::DefaultPolicy,
+    /// Where proxies send spans (OTLP/gRPC, e.g. `http://127.0.0.1:4317`); unset: no export.
+    #[arg(long, default_value = "", env = "FERRYMESH_OTLP_ENDPOINT")]
+    pub otlp_endpoint: String,
+    /// Share of new traces proxies sample (0..1); requests with a trace context follow it.
+    #[arg(long, default_value_t = 1.0, value_parser = parse_ratio, env = "FERRYMESH_TRACE_SAMPLING")]
+    pub trace_sampling: f64,
     /// The injection webhook's HTTPS address (needs the CA); off when unset.
     #[arg(long, env = "FERRYMESH_CONTROLLER_WEBHOOK_LISTEN")]
     pub webhook_listen: Option<SocketAddr>,
@@ -95,6 +101,13 @@ pub struct RunArgs {
     /// Lifetime of workload certificates.
     #[arg(long, default_value = "24h", value_parser = parse_duration, env = "FERRYMESH_CONTROLLER_CERT_LIFETIME")]
     pub cert_lifetime: Duration,
+}
+
+fn parse_ratio(text: &str) -> Result<f64, String> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|r| (0.0..=1.0).contains(r))
+        .ok_or_else(|| format!("{text:?}: a ratio 0..1"))
 }
 
 /// Linkerd's names for the default inbound policy.
@@ -288,6 +301,7 @@ pub async fn run(args: RunArgs, shutdown: watch::Receiver<bool>) -> anyhow::Resu
     let index = IndexHandle::with_fault_ttl(args.fault_ttl);
     index.set_default_inbound(args.default_inbound_policy);
     index.set_trust_domain(&args.trust_domain);
+    index.set_telemetry(&args.otlp_endpoint, args.trace_sampling);
     let metrics = Arc::new(Metrics::new());
     let source = start_source(&args, &index, &metrics, shutdown.clone()).await?;
 

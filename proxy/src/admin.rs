@@ -66,6 +66,7 @@ pub fn handle(
                 "version": env!("CARGO_PKG_VERSION"),
             });
             dump["targets"] = ctx.outbound.dump();
+            dump["tracing"] = ctx.tracing.dump();
             let body = serde_json::to_string_pretty(&dump).unwrap_or_default();
             text(StatusCode::OK, "application/json", body + "\n")
         }

@@ -46,6 +46,8 @@ pub struct Context {
     pub identity: Option<Arc<crate::identity::Identity>>,
     /// Live listeners to the requests (`/tap`).
     pub tap: crate::access_log::Tap,
+    /// Spans, when the controller names a collector.
+    pub tracing: crate::trace::Tracing,
 }
 
 /// The bound addresses, printed at start and announced to the controller.
@@ -149,8 +151,21 @@ impl App {
             .as_ref()
             .map(|i| crate::identity::Identity::new(&config.workload, i).map(Arc::new))
             .transpose()?;
+        let tracing = crate::trace::Tracing::new(
+            service_label.clone(),
+            vec![
+                opentelemetry::KeyValue::new(
+                    "k8s.namespace.name",
+                    config.workload.namespace.clone(),
+                ),
+                opentelemetry::KeyValue::new("ferrymesh.workload", config.workload.name.clone()),
+                opentelemetry::KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+            ],
+            config.trace_sampling,
+        );
         let ctx = Arc::new(Context {
             identity,
+            tracing,
             tap: crate::access_log::Tap::default(),
             config,
             discovery,
@@ -278,6 +293,10 @@ impl App {
                 ctx.discovery.watch(pb::ResourceType::TrustBundle, "*"),
             ));
         }
+        tokio::spawn(follow_telemetry(
+            ctx.clone(),
+            ctx.discovery.watch(pb::ResourceType::Telemetry, "*"),
+        ));
         let stream = tokio::spawn(client::run(ctx.discovery.clone(), commands, node, leave));
         let readiness = tokio::spawn(readiness(ctx.clone(), drain.clone()));
 
@@ -437,6 +456,28 @@ fn spawn_accept<F, Fut>(
             }
         }
     });
+}
+
+/// Follows TELEMETRY: the collector and sampling the controller sets (none: tracing off).
+async fn follow_telemetry(
+    ctx: Arc<Context>,
+    mut telemetry: watch::Receiver<crate::discovery::State>,
+) {
+    loop {
+        let (endpoint, sampling) = match &*telemetry.borrow_and_update() {
+            crate::discovery::State::Found(held) => match &held.value {
+                crate::discovery::Value::Telemetry { endpoint, sampling } => {
+                    (endpoint.clone(), *sampling)
+                }
+                _ => (String::new(), 0.0),
+            },
+            _ => (String::new(), 0.0),
+        };
+        ctx.tracing.apply(&endpoint, sampling);
+        if telemetry.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Applies every TRUST_BUNDLE the controller pushes (a CA rotation serves the old and the new

@@ -43,6 +43,9 @@ pub struct Config {
     /// Injected into a Kubernetes pod (`run --mode=sidecar`) rather than started locally: the
     /// controller learns the pod's endpoints from EndpointSlices, not from this proxy.
     pub sidecar: bool,
+    /// This workload's share of new traces (`FERRYMESH_TRACE_SAMPLING`, the injector's
+    /// `trace-sampling` annotation), over the controller's.
+    pub trace_sampling: Option<f64>,
     /// Ports whose connections are never sniffed for HTTP (server-speaks-first protocols),
     /// by original destination port.
     pub opaque_ports: Vec<ferrymesh_proto::ports::Ports>,
@@ -396,6 +399,7 @@ impl Config {
             p.0.push("spec: the proxy needs at least one of inbound, outbound.listen, outbound.listeners".into());
         }
         let app_probes = app_probes(&mut p, &s.app_probes, &env);
+        let trace_sampling = trace_sampling(&mut p, &env);
         let opaque_ports = env("FERRYMESH_OPAQUE_PORTS")
             .or(s.opaque_ports)
             .map(|o| {
@@ -422,6 +426,7 @@ impl Config {
             app_probes,
             sidecar: false,
             opaque_ports,
+            trace_sampling,
         })
     }
 }
@@ -502,6 +507,19 @@ impl Config {
         config.sidecar = true;
         Ok(config)
     }
+}
+
+/// `FERRYMESH_TRACE_SAMPLING` (the injector's `trace-sampling` annotation).
+fn trace_sampling(p: &mut Problems, env: &impl Fn(&str) -> Option<String>) -> Option<f64> {
+    env("FERRYMESH_TRACE_SAMPLING").and_then(|v| {
+        let r = v.parse::<f64>().ok().filter(|r| (0.0..=1.0).contains(r));
+        if r.is_none() {
+            p.0.push(format!(
+                "FERRYMESH_TRACE_SAMPLING: {v:?} is not a ratio 0..1"
+            ));
+        }
+        r
+    })
 }
 
 /// `FERRYMESH_PROXY_WORKERS` or `workers`, default 1.

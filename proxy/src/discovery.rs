@@ -27,6 +27,13 @@ pub enum Value {
     InboundPolicy(Arc<InboundPolicy>),
     /// TRUST_BUNDLE: the anchors (DER) peers' chains must end at.
     TrustBundle(#[serde(skip)] Arc<Vec<rustls::pki_types::CertificateDer<'static>>>),
+    /// TELEMETRY: the OTLP collector (empty: off) and the sampling ratio of new traces.
+    Telemetry {
+        /// `otlpEndpoint`.
+        endpoint: String,
+        /// `sampling`.
+        sampling: f64,
+    },
 }
 
 /// An object a resource was built from.

@@ -264,7 +264,37 @@ async fn handle(
             std::time::SystemTime::now(),
         )
     });
-    let rsp = respond(ctx, inbound, req, caller).await;
+    // The server span, under the caller's attempt span (or whatever context the client sent).
+    let span = ctx.tracing.start(
+        format!("{} {}", req.method(), req.uri().path()),
+        opentelemetry::trace::SpanKind::Server,
+        &crate::trace::extract(req.headers()),
+        {
+            let mut attrs = crate::trace::request_attributes(&req, None);
+            if let Some(peer) = &caller.peer {
+                attrs.push(opentelemetry::KeyValue::new(
+                    "ferrymesh.peer.identity",
+                    peer.clone(),
+                ));
+            }
+            if let Some(addr) = caller.addr {
+                attrs.push(opentelemetry::KeyValue::new(
+                    "client.address",
+                    addr.to_string(),
+                ));
+            }
+            attrs
+        },
+    );
+    let mut decisions = Vec::new();
+    let rsp = respond(ctx, inbound, req, caller, span.as_ref(), &mut decisions).await;
+    if let Some(cx) = &span {
+        let error = rsp
+            .headers()
+            .get(&crate::http::FERRYMESH_ERROR)
+            .and_then(|v| v.to_str().ok());
+        crate::trace::finish(cx, rsp.status(), error, &decisions);
+    }
     ctx.metrics.request(
         Direction::inbound,
         &ctx.service_label,
@@ -301,6 +331,8 @@ async fn respond(
     inbound: &Inbound,
     mut req: Request<Incoming>,
     caller: &Caller,
+    span: Option<&opentelemetry::Context>,
+    decisions: &mut Vec<String>,
 ) -> Response<Body> {
     // Identity headers are ours to set: whatever the caller sent is dropped.
     req.headers_mut().remove(&PEER_IDENTITY);
@@ -310,6 +342,15 @@ async fn respond(
         req.headers_mut().insert(&PEER_IDENTITY, v);
     }
     if let Err(rsp) = authorize(ctx, inbound, &mut req, caller) {
+        if span.is_some() {
+            decisions.push(format!(
+                "authorization denied ({})",
+                rsp.headers()
+                    .get(&crate::http::FERRYMESH_ERROR)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("forbidden")
+            ));
+        }
         return rsp;
     }
     let authority = req
@@ -339,7 +380,14 @@ async fn respond(
         )
         .await
     {
+        if span.is_some() {
+            decisions.push(format!("fault injected: {}", rsp.status().as_u16()));
+        }
         return rsp;
+    }
+    // The app's own calls become children of this server span.
+    if let Some(cx) = span {
+        crate::trace::inject(cx, req.headers_mut());
     }
     let timeouts = CallTimeouts {
         request: None,

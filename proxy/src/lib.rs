@@ -30,4 +30,5 @@ pub mod policy;
 pub mod pool;
 pub mod probes;
 pub mod server;
+pub mod trace;
 pub mod transparent;

@@ -330,13 +330,27 @@ async fn handle(
     };
     let authority = named.unwrap_or_else(|| target.authority.clone());
     let mut req = req.map(boxed);
-    // Decisions are collected when the caller asked (`ferrymesh-explain: 1`) or for the log.
+    // The client span of this call, under the context the app sent (if any).
+    let span = ctx.tracing.start(
+        format!("{} {}", req.method(), target.authority),
+        opentelemetry::trace::SpanKind::Client,
+        &crate::trace::extract(req.headers()),
+        crate::trace::request_attributes(&req, Some(target.authority.as_str())),
+    );
+    if let Some(cx) = &span {
+        req.extensions_mut()
+            .insert(crate::trace::TraceCx(cx.clone()));
+    }
+    // Decisions are collected when the caller asked (`ferrymesh-explain: 1`), for the log, or
+    // for the span's events.
     let logged = ctx
         .config
         .access_log
         .is_some_and(crate::access_log::sampled);
-    let recorded =
-        logged || ctx.tap.active() || crate::access_log::trace_id(req.headers()).is_some();
+    let recorded = logged
+        || ctx.tap.active()
+        || crate::access_log::trace_id(req.headers()).is_some()
+        || span.as_ref().is_some_and(crate::trace::recording);
     let explain = crate::explain::Explain::from_request(req.headers_mut())
         .or_else(|| recorded.then(crate::explain::Explain::silent));
     if let Some(e) = &explain {
@@ -354,6 +368,22 @@ async fn handle(
     let (rsp, service) = forward(&ctx, &target, authority, req).await;
     ctx.metrics
         .request(Direction::outbound, &service, rsp.status(), start.elapsed());
+    if let Some(cx) = &span {
+        use opentelemetry::trace::TraceContextExt as _;
+        cx.span().set_attribute(opentelemetry::KeyValue::new(
+            "ferrymesh.service",
+            service.clone(),
+        ));
+        let error = rsp
+            .headers()
+            .get(&crate::http::FERRYMESH_ERROR)
+            .and_then(|v| v.to_str().ok());
+        let notes = explain
+            .as_ref()
+            .map(crate::explain::Explain::notes)
+            .unwrap_or_default();
+        crate::trace::finish(cx, rsp.status(), error, &notes);
+    }
     if let Some(head) = head {
         let entry = (explain.as_ref(), service.as_str(), &rsp, start.elapsed());
         log(&ctx, logged, head, entry);

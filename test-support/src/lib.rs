@@ -9,6 +9,7 @@
 pub mod kube_api;
 pub mod mesh;
 pub mod netns;
+pub mod otlp;
 pub mod process;
 pub mod upstream;
 

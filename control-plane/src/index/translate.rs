@@ -503,6 +503,17 @@ fn client_policy(
     (policy, sources)
 }
 
+/// The TELEMETRY resource: the collector and the sampling ratio.
+pub(super) fn telemetry(otlp_endpoint: &str, sampling: f64) -> pb::Resource {
+    resource(
+        pb::resource::Body::Telemetry(cfg::Telemetry {
+            otlp_endpoint: otlp_endpoint.to_owned(),
+            sampling,
+        }),
+        Vec::new(),
+    )
+}
+
 /// The TRUST_BUNDLE resource for `anchors` (DER).
 pub fn trust_bundle(trust_domain: &str, anchors: Vec<Vec<u8>>) -> pb::Resource {
     resource(
@@ -629,6 +640,13 @@ pub(super) fn lookup(
                 Lookup::Invalid(format!(
                     "{name:?}: inbound policy names are \"*\" or a port number"
                 ))
+            };
+        }
+        pb::ResourceType::Telemetry => {
+            return match (&snapshot.telemetry, name) {
+                (_, n) if n != "*" => Lookup::Invalid(format!("{n:?}: telemetry is named \"*\"")),
+                (Some(t), _) => found(t),
+                (None, _) => Lookup::NotFound,
             };
         }
         pb::ResourceType::TrustBundle => {

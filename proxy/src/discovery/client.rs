@@ -205,6 +205,21 @@ fn convert(ty: pb::ResourceType, resource: pb::Resource) -> Result<Held, String>
             crate::identity::roots(&anchors).map_err(|e| format!("trust bundle: {e:#}"))?;
             Value::TrustBundle(Arc::new(anchors))
         }
+        (pb::ResourceType::Telemetry, Some(Body::Telemetry(t))) => {
+            if !(0.0..=1.0).contains(&t.sampling) {
+                return Err(format!(
+                    "telemetry: sampling {} is not a ratio 0..1",
+                    t.sampling
+                ));
+            }
+            if !t.otlp_endpoint.is_empty() && t.otlp_endpoint.parse::<http::Uri>().is_err() {
+                return Err(format!("telemetry: {:?} is not a URL", t.otlp_endpoint));
+            }
+            Value::Telemetry {
+                endpoint: t.otlp_endpoint,
+                sampling: t.sampling,
+            }
+        }
         (ty, _) => {
             return Err(format!(
                 "body does not match resource type {}",

@@ -516,6 +516,8 @@ impl tower::Service<Request<ReplayBody<Body>>> for Attempter {
                     tokio::time::timeout(FIRST_CERTIFICATE_WAIT, held.wait_for(Option::is_some))
                         .await;
             }
+            let mut req = req;
+            let span = attempt_span(&this.ctx, &mut req, number, addr);
             let rsp = send(
                 &this.ctx.pool,
                 addr,
@@ -525,22 +527,24 @@ impl tower::Service<Request<ReplayBody<Body>>> for Attempter {
                 peer.as_ref(),
             )
             .await;
-            if rsp.headers().contains_key(&FERRYMESH_ERROR) && rsp.status().is_server_error() {
+            let proxy_error = rsp
+                .headers()
+                .get(&FERRYMESH_ERROR)
+                .and_then(|v| v.to_str().ok());
+            if let Some(cx) = &span {
+                crate::trace::finish(cx, rsp.status(), proxy_error, &[]);
+            }
+            if proxy_error.is_some() && rsp.status().is_server_error() {
                 drop(pick); // released without a latency sample: errors are not fast responses
             } else {
                 pick.complete();
             }
             if let Some(e) = &explain {
-                let cause = rsp
-                    .headers()
-                    .get(&FERRYMESH_ERROR)
-                    .and_then(|v| v.to_str().ok())
-                    .map(|c| format!(" ({c})"))
-                    .unwrap_or_default();
+                let cause = proxy_error.map(|c| format!(" ({c})")).unwrap_or_default();
+                let ms = started.elapsed().as_millis();
                 e.note(format!(
-                    "attempt {number} {addr} {}{cause} {}ms",
-                    rsp.status().as_u16(),
-                    started.elapsed().as_millis()
+                    "attempt {number} {addr} {}{cause} {ms}ms",
+                    rsp.status().as_u16()
                 ));
             }
             if let (Some(permit), Some((_, failed))) = (permit, &this.breaker) {
@@ -552,6 +556,28 @@ impl tower::Service<Request<ReplayBody<Body>>> for Attempter {
             Ok(rsp)
         })
     }
+}
+
+/// A child span of the request's client span for one attempt; the next hop gets its context.
+fn attempt_span<B>(
+    ctx: &Context,
+    req: &mut Request<B>,
+    number: u32,
+    addr: std::net::SocketAddr,
+) -> Option<opentelemetry::Context> {
+    let parent = req.extensions().get::<crate::trace::TraceCx>()?;
+    let cx = ctx.tracing.start(
+        format!("attempt {number}"),
+        opentelemetry::trace::SpanKind::Client,
+        &parent.0,
+        vec![
+            opentelemetry::KeyValue::new("network.peer.address", addr.ip().to_string()),
+            opentelemetry::KeyValue::new("network.peer.port", i64::from(addr.port())),
+            opentelemetry::KeyValue::new("http.request.resend_count", i64::from(number) - 1),
+        ],
+    )?;
+    crate::trace::inject(&cx, req.headers_mut());
+    Some(cx)
 }
 
 /// The balancer's way of picking for this request.
