@@ -57,6 +57,8 @@ kind-deploy:
 	kubectl -n ferrymesh-system rollout status deployment/ferrymesh-controller --timeout=180s
 	kubectl apply --server-side -k manifests/demo
 	kubectl apply --server-side -k manifests/observability
+	kubectl -n ferrymesh-system rollout restart deployment/ferrymesh-controller
+	kubectl -n ferrymesh-system rollout status deployment/ferrymesh-controller --timeout=180s
 	kubectl -n shop wait --for=condition=Available deployment --all --timeout=300s
 
 ## kind-down: delete the cluster

@@ -163,14 +163,17 @@ impl App {
             ],
             config.trace_sampling,
         );
+        let metrics = Metrics::new();
+        discovery.count_updates(metrics.config_updates.clone());
+        let pool = Arc::new(Pool::counting(metrics.tls_handshakes.clone()));
         let ctx = Arc::new(Context {
             identity,
             tracing,
             tap: crate::access_log::Tap::default(),
             config,
             discovery,
-            pool: Arc::default(),
-            metrics: Metrics::new(),
+            pool,
+            metrics,
             outbound: Outbound::default(),
             service_label,
             inbound_policy,

@@ -115,6 +115,7 @@ struct Inner {
     connected: AtomicBool,
     ready: AtomicBool,
     address: String,
+    updates: std::sync::OnceLock<crate::metrics::ConfigUpdates>,
 }
 
 /// The receiving half of the command channel, owned by the stream task.
@@ -132,6 +133,7 @@ impl Discovery {
             connected: AtomicBool::new(false),
             ready: AtomicBool::new(false),
             address,
+            updates: std::sync::OnceLock::new(),
         };
         (
             Self {
@@ -139,6 +141,22 @@ impl Discovery {
             },
             Commands(rx),
         )
+    }
+
+    /// Counts every applied or rejected update into `updates` (the proxy's metrics).
+    pub fn count_updates(&self, updates: crate::metrics::ConfigUpdates) {
+        let _ = self.inner.updates.set(updates);
+    }
+
+    /// Counts one response of `ty`.
+    pub(crate) fn counted(&self, ty: pb::ResourceType, applied: bool) {
+        if let Some(u) = self.inner.updates.get() {
+            u.get_or_create(&crate::metrics::ConfigLabels {
+                r#type: ty.as_str_name().to_owned(),
+                outcome: if applied { "applied" } else { "rejected" },
+            })
+            .inc();
+        }
     }
 
     /// Watches a name, subscribing it on first use.

@@ -66,13 +66,18 @@ pub async fn serve<I>(
     }
     let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config());
     let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
-        Ok(Ok(stream)) => stream,
+        Ok(Ok(stream)) => {
+            ctx.metrics.tls_handshake("ok");
+            stream
+        }
         Ok(Err(e)) => {
+            ctx.metrics.tls_handshake("failed");
             ctx.metrics.tls_refused("handshake");
             tracing::info!(error = %e, "mTLS handshake refused");
             return;
         }
         Err(_) => {
+            ctx.metrics.tls_handshake("timeout");
             ctx.metrics.tls_refused("timeout");
             return;
         }

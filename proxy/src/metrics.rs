@@ -84,6 +84,10 @@ pub struct Metrics {
     /// The live retry budget of each service and route, read at each scrape.
     budgets: Mutex<HashMap<(String, String), RetryBudget>>,
     registry: Registry,
+    /// TLS handshakes (the pool counts the outbound ones into the same family).
+    pub tls_handshakes: Handshakes,
+    /// Discovery updates (the discovery client counts into it).
+    pub config_updates: ConfigUpdates,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -98,6 +102,30 @@ struct DecisionLabels {
     decision: &'static str,
     reason: &'static str,
 }
+
+/// Labels of `ferrymesh_proxy_config_updates_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConfigLabels {
+    /// The resource type, e.g. `CLIENT_POLICY`.
+    pub r#type: String,
+    /// `applied` or `rejected`.
+    pub outcome: &'static str,
+}
+
+/// Discovery updates by type and outcome (shared with the discovery client).
+pub type ConfigUpdates = Family<ConfigLabels, Counter>;
+
+/// Labels of `ferrymesh_proxy_tls_handshakes_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    /// Inbound (we are the server) or outbound (we are the client).
+    pub direction: Direction,
+    /// `ok`, `failed` or `timeout`.
+    pub result: &'static str,
+}
+
+/// TLS handshakes by direction and result (shared with the connection pool).
+pub type Handshakes = Family<HandshakeLabels, Counter>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonOnly {
@@ -125,6 +153,21 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// The families the pool and the discovery client count into.
+fn connection_metrics(registry: &mut Registry) -> (Handshakes, ConfigUpdates) {
+    let handshakes = registered(
+        registry,
+        "tls_handshakes",
+        "mTLS handshakes with peers, by direction (inbound: we serve, outbound: we call) and result (ok, failed, timeout)",
+    );
+    let updates = registered(
+        registry,
+        "config_updates",
+        "Discovery updates by resource type and outcome (applied, rejected: NACKed, the previous version stays)",
+    );
+    (handshakes, updates)
 }
 
 impl Metrics {
@@ -198,6 +241,7 @@ impl Metrics {
             "inbound_connections_refused",
             "Inbound connections closed before reaching the app, by reason (plaintext on a Strict port, handshake refused, timeout)",
         );
+        let (tls_handshakes, config_updates) = connection_metrics(&mut registry);
         let tcp: Family<ServiceLabels, Counter> = registered(
             &mut registry,
             "tcp_connections",
@@ -217,6 +261,8 @@ impl Metrics {
             cache,
             budget,
             tls_refused,
+            tls_handshakes,
+            config_updates,
             authz,
             budgets: Mutex::default(),
             registry,
@@ -330,6 +376,16 @@ impl Metrics {
     pub fn authz(&self, decision: &'static str, reason: &'static str) {
         self.authz
             .get_or_create(&DecisionLabels { decision, reason })
+            .inc();
+    }
+
+    /// An inbound TLS handshake ended with `result`.
+    pub fn tls_handshake(&self, result: &'static str) {
+        self.tls_handshakes
+            .get_or_create(&HandshakeLabels {
+                direction: Direction::inbound,
+                result,
+            })
             .inc();
     }
 

@@ -222,8 +222,13 @@ where
             identity: expected,
             own_not_after: identity.held().map(|h| h.not_after),
         });
-    let upstream =
-        crate::pool::connect_tls(addr, ctx.config.outbound.connect_timeout, tls.as_ref()).await;
+    let upstream = crate::pool::connect_tls(
+        addr,
+        ctx.config.outbound.connect_timeout,
+        tls.as_ref(),
+        &ctx.pool.handshakes,
+    )
+    .await;
     let Ok((mut upstream, _)) = upstream else {
         tracing::info!(%addr, "opaque connection: connect failed");
         return;

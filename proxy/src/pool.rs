@@ -118,6 +118,8 @@ impl<S> Pooled<S> {
 pub struct Pool {
     h1: Mutex<HashMap<Key, Vec<Pooled<http1::SendRequest<Body>>>>>,
     h2: Mutex<HashMap<Key, Pooled<http2::SendRequest<Body>>>>,
+    /// Outbound TLS handshakes, counted into the proxy's metrics.
+    pub handshakes: crate::metrics::Handshakes,
 }
 
 /// Connections are pooled by address and by the peer identity they were verified for (none:
@@ -133,6 +135,16 @@ pub struct Tls {
     pub identity: Arc<str>,
     /// When our own certificate expires.
     pub own_not_after: Option<std::time::SystemTime>,
+}
+
+impl Pool {
+    /// A pool that counts its TLS handshakes into `handshakes`.
+    pub fn counting(handshakes: crate::metrics::Handshakes) -> Pool {
+        Pool {
+            handshakes,
+            ..Pool::default()
+        }
+    }
 }
 
 impl Pool {
@@ -223,7 +235,8 @@ impl Pool {
                 },
             }
         }
-        let (io, valid_until) = connect_tls(addr, timeouts.connect, tls.as_ref()).await?;
+        let (io, valid_until) =
+            connect_tls(addr, timeouts.connect, tls.as_ref(), &self.handshakes).await?;
         let (mut sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
@@ -291,7 +304,8 @@ impl Pool {
             s
         } else {
             {
-                let (io, valid_until) = connect_tls(addr, timeouts.connect, tls.as_ref()).await?;
+                let (io, valid_until) =
+                    connect_tls(addr, timeouts.connect, tls.as_ref(), &self.handshakes).await?;
                 let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                     .handshake(io)
                     .await
@@ -333,6 +347,7 @@ pub async fn connect_tls(
     addr: SocketAddr,
     timeout: Duration,
     tls: Option<&Tls>,
+    handshakes: &crate::metrics::Handshakes,
 ) -> Result<(TokioIo<EndpointIo>, Option<Instant>), PoolError> {
     let started = Instant::now();
     let tcp = connect(addr, timeout).await?.into_inner();
@@ -343,13 +358,28 @@ pub async fn connect_tls(
     // checked.
     let name = rustls::pki_types::ServerName::try_from("ferrymesh.peer").expect("a valid name");
     let left = timeout.saturating_sub(started.elapsed());
+    let count = |result: &'static str| {
+        handshakes
+            .get_or_create(&crate::metrics::HandshakeLabels {
+                direction: crate::metrics::Direction::outbound,
+                result,
+            })
+            .inc();
+    };
     let stream = tokio::time::timeout(
         left,
         tokio_rustls::TlsConnector::from(tls.config.clone()).connect(name, tcp),
     )
     .await
-    .map_err(|_| PoolError::ConnectTimeout { addr, timeout })?
-    .map_err(|source| PoolError::Tls { addr, source })?;
+    .map_err(|_| {
+        count("timeout");
+        PoolError::ConnectTimeout { addr, timeout }
+    })?
+    .map_err(|source| {
+        count("failed");
+        PoolError::Tls { addr, source }
+    })?;
+    count("ok");
     let peer_end = stream
         .get_ref()
         .1

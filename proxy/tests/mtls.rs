@@ -68,6 +68,29 @@ async fn calls_cross_sidecars_over_mtls_and_the_app_learns_the_callers_identity(
     for p in [&s.server, &s.client] {
         assert_eq!(get(p.addr("health"), "/ready").await.unwrap().0, 200);
     }
+    // The handshake is counted on both sides, and every config update the client applied.
+    let counter = ferrymesh_test_support::mesh::counter;
+    let handshakes = "ferrymesh_proxy_tls_handshakes_total";
+    let out = counter(
+        s.client.addr("health"),
+        handshakes,
+        "direction=\"outbound\",result=\"ok\"",
+    )
+    .await;
+    let inb = counter(
+        s.server.addr("health"),
+        handshakes,
+        "direction=\"inbound\",result=\"ok\"",
+    )
+    .await;
+    assert!(out >= 1 && inb >= 1, "outbound {out}, inbound {inb}");
+    let applied = counter(
+        s.client.addr("health"),
+        "ferrymesh_proxy_config_updates_total",
+        "type=\"CLIENT_POLICY\",outcome=\"applied\"",
+    )
+    .await;
+    assert!(applied >= 1, "{applied}");
 }
 
 /// The mesh CA, loaded from the controller's folder, to mint test certificates.
@@ -239,6 +262,16 @@ async fn a_strict_port_refuses_every_connection_without_a_valid_mesh_certificate
     )
     .await;
     assert!(refused >= 4, "every refusal is counted: {refused}");
+    let failed = ferrymesh_test_support::mesh::counter(
+        s.server.addr("health"),
+        "ferrymesh_proxy_tls_handshakes_total",
+        "direction=\"inbound\",result=\"failed\"",
+    )
+    .await;
+    assert!(
+        failed >= 3,
+        "refused handshakes are failed handshakes: {failed}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -169,8 +169,10 @@ fn apply(discovery: &Discovery, response: pb::DiscoveryResponse) -> pb::Discover
             details: Vec::new(),
         });
         ack.rejected = rejected;
+        discovery.counted(ty, false);
         return ack;
     }
+    discovery.counted(ty, true);
     for (name, held) in converted {
         discovery.set(ty, &name, State::Found(Arc::new(held)));
     }
