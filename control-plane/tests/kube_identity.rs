@@ -104,11 +104,15 @@ async fn workloads_are_certified_by_token_review_from_a_ca_kept_in_a_secret() {
     // another audience. Neither gets a certificate, so neither becomes ready.
     for (sa, why) in [("thief", "belongs to"), ("elsewhere", "not valid")] {
         let p = mesh.proxy(&ProxySpec::app(sa, sa, echo.addr));
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        // Refused at least twice (it retries), and still not ready.
+        eventually(Duration::from_secs(10), || {
+            let refusals = p.log_text().matches(why).count();
+            async move { refusals >= 2 }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{sa}: {e}: {}", p.log_text()));
         let (status, _) = get(p.addr("health"), "/ready").await.unwrap();
         assert_eq!(status, 503, "{sa} must not be certified");
-        let log = p.log_text();
-        assert!(log.contains(why), "{sa}: {log}");
     }
 
     // A new controller with an empty CA folder loads the same CA from the Secret.
