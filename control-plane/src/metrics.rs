@@ -22,6 +22,7 @@ pub struct Metrics {
     pushes: Family<TypeLabel, Counter>,
     nacks: Family<TypeLabel, Counter>,
     watch_errors: Family<KindLabel, Counter>,
+    watch_lag: Family<KindLabel, prometheus_client::metrics::histogram::Histogram>,
     status_writes: Family<KindLabel, Counter>,
     registry: Registry,
 }
@@ -65,6 +66,16 @@ impl Metrics {
             "Kubernetes watch failures (each is retried with backoff, then relisted)",
             watch_errors.clone(),
         );
+        let watch_lag = Family::<KindLabel, prometheus_client::metrics::histogram::Histogram>::new_with_constructor(|| {
+            prometheus_client::metrics::histogram::Histogram::new(
+                [0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0],
+            )
+        });
+        registry.register(
+            "watch_lag_seconds",
+            "From an object's last write in the API (its managedFields time, whole seconds) to the controller applying it",
+            watch_lag.clone(),
+        );
         let status_writes = Family::<KindLabel, Counter>::default();
         registry.register(
             "status_writes",
@@ -76,6 +87,7 @@ impl Metrics {
             pushes,
             nacks,
             watch_errors,
+            watch_lag,
             status_writes,
             registry,
         }
@@ -97,6 +109,15 @@ impl Metrics {
                 kind: kind.to_owned(),
             })
             .inc();
+    }
+
+    /// An object of `kind` changed `lag` ago in the API and is applied now.
+    pub fn watch_lag(&self, kind: &str, lag: std::time::Duration) {
+        self.watch_lag
+            .get_or_create(&KindLabel {
+                kind: kind.to_owned(),
+            })
+            .observe(lag.as_secs_f64());
     }
 
     /// A status of `kind` was written.

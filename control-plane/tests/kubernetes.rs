@@ -217,6 +217,29 @@ async fn policies_applied_changed_and_deleted_reach_the_proxies_with_status() {
     .expect("the deleted policy leaves the proxy");
 }
 
+/// The controller measured how far behind the API it applied the change.
+async fn watch_lag_measured(mesh: &Mesh) {
+    let (_, metrics) = ferrymesh_test_support::mesh::get(mesh.controller.addr("admin"), "/metrics")
+        .await
+        .unwrap();
+    let count = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("ferrymesh_controller_watch_lag_seconds_count{kind=\"EndpointSlice\"}")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(count >= 1, "{metrics}");
+    assert!(
+        metrics.contains(
+            "ferrymesh_controller_watch_lag_seconds_bucket{le=\"2.0\",kind=\"EndpointSlice\"}"
+        ) || metrics.contains(
+            "ferrymesh_controller_watch_lag_seconds_bucket{kind=\"EndpointSlice\",le=\"2.0\"}"
+        ),
+        "{metrics}"
+    );
+}
+
 #[tokio::test]
 async fn a_service_scaled_from_two_to_three_endpoints_updates_proxies_within_a_second() {
     let Setup {
@@ -234,6 +257,7 @@ async fn a_service_scaled_from_two_to_three_endpoints_updates_proxies_within_a_s
     .await
     .expect("the third endpoint arrives");
     assert!(took < Duration::from_secs(1), "took {took:?}");
+    watch_lag_measured(&mesh).await;
     // Traffic reaches the new endpoint (round robin: the default, PeakEWMA, rightly prefers
     // the endpoints whose connections are already warm over a short run).
     apply(

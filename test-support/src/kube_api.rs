@@ -183,6 +183,17 @@ impl State {
     fn bump(&mut self, object: &mut Value) {
         self.rv += 1;
         object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        // The API server records each write's time (to the second) in managedFields.
+        let now = time::OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_default();
+        object["metadata"]["managedFields"] =
+            json!([{"manager": "test", "operation": "Update", "apiVersion": "v1", "time": now}]);
     }
 }
 

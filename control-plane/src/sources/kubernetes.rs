@@ -270,6 +270,24 @@ fn parse(
     (path, result)
 }
 
+/// How long ago the object was last written, by its newest managedFields time (the API
+/// server records one per write, to the second).
+fn lag(object: &DynamicObject) -> Option<std::time::Duration> {
+    let newest = object
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|f| serde_json::to_value(f.time.as_ref()?).ok())
+        .filter_map(|t| {
+            time::OffsetDateTime::parse(t.as_str()?, &time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .max()?;
+    let age = time::OffsetDateTime::now_utc() - newest;
+    std::time::Duration::try_from(age).ok()
+}
+
 /// Watches one kind until the process ends, feeding the index.
 pub async fn watch(
     client: kube::Client,
@@ -298,6 +316,9 @@ pub async fn watch(
                 index.replace_prefix(&kind.prefix(), entries);
             }
             Ok(Event::Apply(object)) => {
+                if let Some(lag) = lag(&object) {
+                    metrics.watch_lag(kind.kind, lag);
+                }
                 let (path, result) = parse(&kind, &object, &seen);
                 index.apply_file(&path, result);
             }
