@@ -107,7 +107,7 @@ fn authorize(
     inbound: &Inbound,
     req: &mut Request<Incoming>,
     caller: &Caller,
-) -> Result<(), Response<Body>> {
+) -> Result<&'static str, Response<Body>> {
     let path = match crate::authz::normalize(req.uri().path()) {
         Ok(p) => p,
         Err(why) => {
@@ -162,7 +162,7 @@ fn authorize(
     match decision {
         crate::authz::Decision::Allow(why) => {
             ctx.metrics.authz("allow", why);
-            Ok(())
+            Ok(why)
         }
         crate::authz::Decision::Deny(why) => {
             ctx.metrics.authz("deny", "policy");
@@ -346,17 +346,24 @@ async fn respond(
     {
         req.headers_mut().insert(&PEER_IDENTITY, v);
     }
-    if let Err(rsp) = authorize(ctx, inbound, &mut req, caller) {
-        if span.is_some() {
-            decisions.push(format!(
-                "authorization denied ({})",
-                rsp.headers()
-                    .get(&crate::http::FERRYMESH_ERROR)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("forbidden")
-            ));
+    match authorize(ctx, inbound, &mut req, caller) {
+        Ok(why) => {
+            if span.is_some() {
+                decisions.push(format!("authorization allowed ({why})"));
+            }
         }
-        return rsp;
+        Err(rsp) => {
+            if span.is_some() {
+                decisions.push(format!(
+                    "authorization denied ({})",
+                    rsp.headers()
+                        .get(&crate::http::FERRYMESH_ERROR)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("forbidden")
+                ));
+            }
+            return rsp;
+        }
     }
     let authority = req
         .uri()

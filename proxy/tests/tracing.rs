@@ -149,20 +149,7 @@ async fn a_request_through_three_hops_is_one_trace_with_its_retry() {
 
 /// The links and events of the traced request's spans.
 fn check(all: Vec<Received>) {
-    let summary: Vec<String> = all
-        .iter()
-        .map(|s| {
-            format!(
-                "{} {:?} trace={} span={} parent={}",
-                s.service,
-                s.span.name,
-                hex(&s.span.trace_id),
-                hex(&s.span.span_id),
-                hex(&s.span.parent_span_id)
-            )
-        })
-        .collect();
-    eprintln!("SPANS:\n{}", summary.join("\n"));
+    print_summary(&all);
     let page = all
         .iter()
         .find(|s| s.span.name == "GET /page")
@@ -205,6 +192,9 @@ fn check(all: Vec<Received>) {
         front_server.span.parent_span_id, client_attempt.span.span_id,
         "server under the attempt that reached it"
     );
+    // The authorization decision, as an event of the server span.
+    let authz = event(front_server, "authorization");
+    assert!(authz.contains("authorization allowed (default)"), "{authz}");
     let front_client = one("shop/front", "GET back.shop");
     assert_eq!(
         front_client.span.parent_span_id, front_server.span.span_id,
@@ -242,12 +232,34 @@ fn check(all: Vec<Received>) {
     );
 
     // The retry and its reason, as an event of the client span.
-    let retry = front_client
+    let retry = event(front_client, "retry");
+    assert!(retry.contains("5xx"), "{retry}");
+}
+
+/// The attributes of a span's event by name, printed for matching.
+fn event(r: &Received, name: &str) -> String {
+    let e = r
         .span
         .events
         .iter()
-        .find(|e| e.name == "retry")
-        .unwrap_or_else(|| panic!("no retry event: {:#?}", front_client.span.events));
-    let decision = format!("{:?}", retry.attributes);
-    assert!(decision.contains("5xx"), "{decision}");
+        .find(|e| e.name == name)
+        .unwrap_or_else(|| panic!("no {name} event on {:?}: {:#?}", r.span.name, r.span.events));
+    format!("{:?}", e.attributes)
+}
+
+fn print_summary(all: &[Received]) {
+    let summary: Vec<String> = all
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {:?} trace={} span={} parent={}",
+                s.service,
+                s.span.name,
+                hex(&s.span.trace_id),
+                hex(&s.span.span_id),
+                hex(&s.span.parent_span_id)
+            )
+        })
+        .collect();
+    eprintln!("SPANS:\n{}", summary.join("\n"));
 }
