@@ -57,6 +57,20 @@ async fn held(admin: SocketAddr) -> (Option<Value>, usize) {
     (policy, endpoints)
 }
 
+/// Every endpoint the proxy holds for echo, ready or not.
+async fn listed(admin: SocketAddr) -> usize {
+    let dump = get_json(admin, "/config_dump").await;
+    dump["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["type"] == "ENDPOINTS" && r["name"] == "echo.shop.svc.cluster.local:80")
+        .unwrap()["value"]["endpoints"]
+        .as_array()
+        .unwrap()
+        .len()
+}
+
 /// The whole-request timeout the proxy applies, in seconds.
 fn request_timeout(policy: Option<&Value>) -> Option<u64> {
     policy?["request_timeout"]["secs"].as_u64()
@@ -306,16 +320,7 @@ async fn a_service_scaled_from_two_to_three_endpoints_updates_proxies_within_a_s
     })
     .await
     .expect("the relisted set");
-    let dump = get_json(admin, "/config_dump").await;
-    let endpoints = dump["resources"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["type"] == "ENDPOINTS" && r["name"] == "echo.shop.svc.cluster.local:80")
-        .unwrap()["value"]["endpoints"]
-        .as_array()
-        .unwrap()
-        .len();
+    let endpoints = listed(admin).await;
     assert_eq!(endpoints, 3, "no endpoint lost or duplicated");
     // The relist came from a 410: the controller counted the expired watch and listed again.
     let (_, metrics) = ferrymesh_test_support::mesh::get(mesh.controller.addr("admin"), "/metrics")
@@ -336,4 +341,80 @@ async fn a_service_scaled_from_two_to_three_endpoints_updates_proxies_within_a_s
             >= 2,
         "{log}"
     );
+}
+
+/// Status patches written so far for one resiliencepolicy.
+fn patches_for(api: &FakeApi, name: &str) -> usize {
+    let key = format!("shop/{name}");
+    api.status_patches()
+        .iter()
+        .filter(|(plural, n, _, _)| plural == "resiliencepolicies" && *n == key)
+        .count()
+}
+
+#[tokio::test]
+async fn a_restarted_controller_serves_the_same_state_and_rewrites_no_status() {
+    let Setup {
+        api,
+        client,
+        _mesh: mut mesh,
+        proxy,
+        echoes,
+    } = setup().await;
+    let admin = proxy.addr("admin");
+    apply(&client, &policy("3s")).await;
+    eventually(Duration::from_secs(5), || async {
+        request_timeout(held(admin).await.0.as_ref()) == Some(3)
+            && condition(&status_of(&api, "echo-timeouts"), "Programmed")
+                .is_some_and(|c| c["status"] == "True")
+    })
+    .await
+    .expect("the policy is served and programmed");
+    let status_before = status_of(&api, "echo-timeouts");
+    let writes_before = patches_for(&api, "echo-timeouts");
+
+    // SIGKILL and a new controller on the same address; traffic goes on meanwhile.
+    mesh.restart_controller();
+    let http = proxied(proxy.addr("outbound"));
+    for _ in 0..20 {
+        let r = http.get("http://echo.shop/").send().await.unwrap();
+        assert_eq!(r.status(), 200, "no request lost to the restart");
+    }
+
+    // The new controller has run its status pass once it writes a new policy's status.
+    apply(
+        &client,
+        &policy("2s")
+            .replace("echo-timeouts", "ghost-timeouts")
+            .replace("name: echo}", "name: ghost}"),
+    )
+    .await;
+    eventually(Duration::from_secs(10), || async {
+        condition(&status_of(&api, "ghost-timeouts"), "Accepted")
+            .is_some_and(|c| c["reason"] == "TargetNotFound")
+    })
+    .await
+    .expect("the new controller writes statuses");
+    assert_eq!(
+        status_of(&api, "echo-timeouts"),
+        status_before,
+        "an unchanged status keeps its transition times"
+    );
+    assert_eq!(
+        patches_for(&api, "echo-timeouts"),
+        writes_before,
+        "nothing rewritten"
+    );
+
+    // The proxy is served by the new controller: a change arrives, and it holds each endpoint
+    // once and the policy still.
+    apply(&client, &slice("echo-3", echoes[2].addr, true)).await;
+    eventually(Duration::from_secs(10), || async move {
+        held(admin).await.1 == 3
+    })
+    .await
+    .expect("the new controller streams to the proxy");
+    let listed = listed(admin).await;
+    assert_eq!(listed, 3, "no endpoint lost or duplicated");
+    assert_eq!(request_timeout(held(admin).await.0.as_ref()), Some(3));
 }

@@ -155,6 +155,8 @@ pub struct Observed {
     pub backends: Vec<(String, String)>,
     /// `None` when it parsed, else why it was refused.
     pub error: Option<String>,
+    /// The status the object carries now (written by us, or by an earlier controller).
+    pub status: Option<serde_json::Value>,
 }
 
 impl PartialEq for Kind {
@@ -261,6 +263,7 @@ fn parse(
                     .as_ref()
                     .err()
                     .map(|e| format!("{}: {}", e.field, e.message)),
+                status: object.data.get("status").cloned(),
             }),
         );
     }

@@ -4,7 +4,8 @@
 //! fallback Service that does not exist) and `Programmed` (True once accepted and served), each
 //! with `observedGeneration`, rolled up at the top and repeated per target in `ancestors`
 //! (GEP-713). A condition keeps its `lastTransitionTime` until its status changes; unchanged
-//! statuses are not written again.
+//! statuses are not written again, also not by a restarted controller or a second replica,
+//! which compare against the status the object already carries.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -215,9 +216,13 @@ pub async fn run(
             .unwrap_or_default();
         for o in seen.all() {
             let key = (o.kind.kind.to_owned(), o.namespace.clone(), o.name.clone());
-            let last = written.get(&key);
+            // The object's own status comes first: after a restart (or from another replica)
+            // it is what we wrote before, so its transition times are kept and nothing is
+            // rewritten. What we wrote last covers the moment before the watch shows it.
+            let last = o.status.as_ref().or_else(|| written.get(&key));
             let next = status(&o, &snapshot, last, &now);
-            if last.is_some_and(|l| comparable(l) == comparable(&next)) {
+            let same = |l: &Value| comparable(l) == comparable(&next);
+            if o.status.as_ref().is_some_and(same) || written.get(&key).is_some_and(same) {
                 continue;
             }
             let api: Api<DynamicObject> =
