@@ -444,10 +444,16 @@ async fn forward(
                 connect: ctx.config.outbound.connect_timeout,
                 idle: crate::pool::DEFAULT_IDLE,
             };
-            (
-                logical::send(&ctx.pool, addr, &authority, req, timeouts, None).await,
-                PASSTHROUGH.to_owned(),
-            )
+            // One attempt, traced and noted like a mesh call's (the next hop joins the trace
+            // under it; the access log names the upstream).
+            let mut req = req;
+            let span = concrete::attempt_span(&ctx, &mut req, 1, addr);
+            let explain = req.extensions().get::<crate::explain::Explain>().cloned();
+            let started = tokio::time::Instant::now();
+            let rsp = logical::send(&ctx.pool, addr, &authority, req, timeouts, None).await;
+            let attempt = (1, addr, started.elapsed());
+            concrete::finish_attempt(span.as_ref(), explain.as_ref(), attempt, &rsp);
+            (rsp, PASSTHROUGH.to_owned())
         }
         Route::Error(rsp) => (rsp, PASSTHROUGH.to_owned()),
     }

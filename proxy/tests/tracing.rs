@@ -147,6 +147,76 @@ async fn a_request_through_three_hops_is_one_trace_with_its_retry() {
     check(collector.spans());
 }
 
+/// A call to a host outside the mesh (passthrough) is traced too: the client span, one attempt
+/// under it, and the unmeshed server receives the attempt's context, so its own spans join.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passthrough_call_has_its_attempt_span_and_passes_the_context_on() {
+    let collector = Collector::start().await;
+    let endpoint = collector.endpoint();
+    let mesh = Mesh::start_with(
+        &[("shop.yaml", &service("front"))],
+        &["--otlp-endpoint", &endpoint, "--trace-sampling", "1"],
+    );
+    let received: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let got = received.clone();
+    let outside = app(move |req| {
+        if let Some(v) = req.headers().get("traceparent") {
+            got.lock().unwrap().push(v.to_str().unwrap().to_owned());
+        }
+        async { status(200) }
+    })
+    .await;
+    let client = mesh.proxy(&ProxySpec::client("client"));
+    let admin = client.addr("admin");
+    eventually(Duration::from_secs(10), || async move {
+        let dump = ferrymesh_test_support::mesh::get_json(admin, "/config_dump").await;
+        dump["tracing"]["sampling"] == 1.0
+    })
+    .await
+    .expect("tracing configured from the controller");
+    let rsp = proxied(client.addr("outbound"))
+        .get(format!("http://{outside}/outside"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rsp.status(), 200);
+
+    let name = format!("GET {outside}");
+    eventually(Duration::from_secs(10), || {
+        let n = collector
+            .spans()
+            .iter()
+            .filter(|s| s.span.name == name || s.span.name == "attempt 1")
+            .count();
+        async move { n >= 2 }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:#?}", collector.spans()));
+    let spans = collector.spans();
+    let call = spans.iter().find(|s| s.span.name == name).unwrap();
+    assert_eq!(
+        call.attr("ferrymesh.service").as_deref(),
+        Some("passthrough")
+    );
+    let attempt = spans.iter().find(|s| s.span.name == "attempt 1").unwrap();
+    assert_eq!(attempt.span.parent_span_id, call.span.span_id);
+    assert_eq!(attempt.span.trace_id, call.span.trace_id);
+    assert_eq!(
+        attempt.attr("network.peer.port").as_deref(),
+        Some(outside.port().to_string().as_str())
+    );
+    // traceparent: 00-<trace id>-<parent span id>-<flags>
+    let headers = received.lock().unwrap().clone();
+    assert_eq!(
+        headers,
+        vec![format!(
+            "00-{}-{}-01",
+            hex(&call.span.trace_id),
+            hex(&attempt.span.span_id)
+        )]
+    );
+}
+
 /// The links and events of the traced request's spans.
 fn check(all: Vec<Received>) {
     print_summary(&all);

@@ -527,26 +527,14 @@ impl tower::Service<Request<ReplayBody<Body>>> for Attempter {
                 peer.as_ref(),
             )
             .await;
-            let proxy_error = rsp
-                .headers()
-                .get(&FERRYMESH_ERROR)
-                .and_then(|v| v.to_str().ok());
-            if let Some(cx) = &span {
-                crate::trace::finish(cx, rsp.status(), proxy_error, &[]);
-            }
-            if proxy_error.is_some() && rsp.status().is_server_error() {
+            let failed_here = rsp.headers().contains_key(&FERRYMESH_ERROR);
+            if failed_here && rsp.status().is_server_error() {
                 drop(pick); // released without a latency sample: errors are not fast responses
             } else {
                 pick.complete();
             }
-            if let Some(e) = &explain {
-                let cause = proxy_error.map(|c| format!(" ({c})")).unwrap_or_default();
-                let ms = started.elapsed().as_millis();
-                e.note(format!(
-                    "attempt {number} {addr} {}{cause} {ms}ms",
-                    rsp.status().as_u16()
-                ));
-            }
+            let attempt = (number, addr, started.elapsed());
+            finish_attempt(span.as_ref(), explain.as_ref(), attempt, &rsp);
             if let (Some(permit), Some((_, failed))) = (permit, &this.breaker) {
                 permit.record(failed(&rsp));
             }
@@ -558,8 +546,33 @@ impl tower::Service<Request<ReplayBody<Body>>> for Attempter {
     }
 }
 
+/// Ends an attempt (number, endpoint, time taken): its span gets the outcome, and the explain
+/// note reads `attempt 2 10.0.0.7:8080 503 (connect-failed) 3ms`.
+pub(super) fn finish_attempt(
+    span: Option<&opentelemetry::Context>,
+    explain: Option<&Explain>,
+    (number, addr, elapsed): (u32, std::net::SocketAddr, std::time::Duration),
+    rsp: &Response<Body>,
+) {
+    let proxy_error = rsp
+        .headers()
+        .get(&FERRYMESH_ERROR)
+        .and_then(|v| v.to_str().ok());
+    if let Some(cx) = span {
+        crate::trace::finish(cx, rsp.status(), proxy_error, &[]);
+    }
+    if let Some(e) = explain {
+        let cause = proxy_error.map(|c| format!(" ({c})")).unwrap_or_default();
+        let ms = elapsed.as_millis();
+        e.note(format!(
+            "attempt {number} {addr} {}{cause} {ms}ms",
+            rsp.status().as_u16()
+        ));
+    }
+}
+
 /// A child span of the request's client span for one attempt; the next hop gets its context.
-fn attempt_span<B>(
+pub(super) fn attempt_span<B>(
     ctx: &Context,
     req: &mut Request<B>,
     number: u32,
