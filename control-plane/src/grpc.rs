@@ -5,6 +5,11 @@
 //! for each name. It wakes on requests from the proxy and on every new index snapshot, and sends
 //! only resources whose version changed, `removed` for names that stopped existing, and
 //! `not_found` for names that never did.
+//!
+//! When the controller is the mesh's CA, Discovery is served over mTLS: a stream needs the
+//! proxy's mesh certificate, and the node it announces must be that certificate's workload
+//! (namespace and service account, and the identity it registers for its inbound port), else
+//! PERMISSION_DENIED: a process cannot claim another workload's place (API.md 2.b).
 
 use std::collections::{BTreeMap, HashSet};
 use std::pin::Pin;
@@ -30,6 +35,8 @@ pub struct DiscoveryService {
     metrics: Arc<Metrics>,
     next_stream: Arc<AtomicU64>,
     shutdown: watch::Receiver<bool>,
+    /// Set (the trust domain) when streams must come with a mesh certificate.
+    mtls: Option<String>,
 }
 
 impl DiscoveryService {
@@ -40,7 +47,34 @@ impl DiscoveryService {
             metrics,
             next_stream: Arc::new(AtomicU64::new(1)),
             shutdown,
+            mtls: None,
         }
+    }
+
+    /// Streams must present a certificate of `trust_domain` naming the node they announce
+    /// (serve it with TLS and the CA as client root).
+    #[must_use]
+    pub fn require_mtls(mut self, trust_domain: &str) -> Self {
+        self.mtls = Some(trust_domain.to_owned());
+        self
+    }
+
+    /// Over mTLS: the trust domain and the SPIFFE id of the caller's certificate
+    /// (UNAUTHENTICATED without one); `None` when Discovery is plaintext.
+    fn peer<T>(&self, request: &Request<T>) -> Result<Option<(String, String)>, Status> {
+        let Some(trust_domain) = &self.mtls else {
+            return Ok(None);
+        };
+        let id = request
+            .peer_certs()
+            .and_then(|chain| Some(ferrymesh_proto::spiffe_ids(chain.first()?)))
+            .and_then(|ids| ids.into_iter().next())
+            .ok_or_else(|| {
+                Status::unauthenticated(
+                    "Discovery needs the proxy's mesh certificate (mTLS); certify first",
+                )
+            })?;
+        Ok(Some((trust_domain.clone(), id)))
     }
 
     /// As a tonic service.
@@ -59,6 +93,7 @@ impl pb::discovery_server::Discovery for DiscoveryService {
         &self,
         request: Request<Streaming<pb::DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
+        let peer = self.peer(&request)?;
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(16);
         let stream = StreamTask {
@@ -72,6 +107,7 @@ impl pb::discovery_server::Discovery for DiscoveryService {
             opened: false,
             node: None,
             with_ttl: BTreeMap::new(),
+            peer,
         };
         // NOTE: the task ends when the proxy hangs up, when the response channel closes, or on
         // shutdown; it never outlives the server.
@@ -83,6 +119,7 @@ impl pb::discovery_server::Discovery for DiscoveryService {
         &self,
         request: Request<pb::FetchRequest>,
     ) -> Result<Response<pb::FetchResponse>, Status> {
+        self.peer(&request)?;
         let req = request.into_inner();
         let ty = resource_type(req.r#type)?;
         let snapshot = self.index.snapshot();
@@ -96,6 +133,30 @@ impl pb::discovery_server::Discovery for DiscoveryService {
         }
         Ok(Response::new(response))
     }
+}
+
+/// The node a certificate `id` may announce: its own namespace and service account, and no
+/// other identity for its inbound port.
+fn check_node(trust_domain: &str, id: &str, node: &pb::Node) -> Result<(), Status> {
+    let claimed = format!(
+        "spiffe://{trust_domain}/ns/{}/sa/{}",
+        node.namespace, node.service_account
+    );
+    if id != claimed {
+        return Err(Status::permission_denied(format!(
+            "the certificate names {id}; the node announces {claimed}"
+        )));
+    }
+    if let Some(w) = &node.local_workload
+        && !w.identity.is_empty()
+        && w.identity != id
+    {
+        return Err(Status::permission_denied(format!(
+            "the certificate names {id}; the workload registers {}",
+            w.identity
+        )));
+    }
+    Ok(())
 }
 
 fn resource_type(raw: i32) -> Result<pb::ResourceType, Status> {
@@ -130,6 +191,8 @@ struct StreamTask {
     node: Option<pb::Node>,
     /// Names whose last resource had a TTL: re-sent before it lapses (heartbeat).
     with_ttl: BTreeMap<pb::ResourceType, HashSet<String>>,
+    /// Over mTLS: (trust domain, the SPIFFE id of the proxy's certificate).
+    peer: Option<(String, String)>,
 }
 
 impl StreamTask {
@@ -211,6 +274,9 @@ impl StreamTask {
                 .node
                 .as_ref()
                 .ok_or_else(|| Status::invalid_argument("the first request must carry node"))?;
+            if let Some((trust_domain, id)) = &self.peer {
+                check_node(trust_domain, id, node)?;
+            }
             tracing::info!(stream = self.id, workload = %node.workload, "proxy connected");
             self.index.stream_opened(self.id, node);
             self.node = Some(node.clone());

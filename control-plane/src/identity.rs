@@ -187,6 +187,18 @@ impl Ca {
         anchors
     }
 
+    /// [`Ca::bundle`] as PEM.
+    pub fn bundle_pem(&self) -> String {
+        pem::encode_many_config(
+            &self
+                .bundle()
+                .into_iter()
+                .map(|der| pem::Pem::new("CERTIFICATE", der))
+                .collect::<Vec<_>>(),
+            pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+        )
+    }
+
     /// The trust domain.
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain

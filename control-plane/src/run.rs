@@ -356,10 +356,23 @@ pub async fn run(args: RunArgs, shutdown: watch::Receiver<bool>) -> anyhow::Resu
             })
             .await
     });
+    // With the CA on, Discovery is mTLS: the controller's server certificate, and the proxies'
+    // mesh certificates checked against the node each announces.
+    let discovery_tls = identity
+        .as_ref()
+        .map(|(ca, _)| discovery_tls(ca))
+        .transpose()?;
     let identity_task = spawn_identity(&args, identity, &index, &shutdown).await?;
-    let service = DiscoveryService::new(index, metrics, shutdown.clone());
+    let mut service = DiscoveryService::new(index, metrics, shutdown.clone());
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = discovery_tls {
+        service = service.require_mtls(&args.trust_domain);
+        server = server
+            .tls_config(tls)
+            .context("the Discovery server's TLS")?;
+    }
     let mut grpc_shutdown = shutdown.clone();
-    tonic::transport::Server::builder()
+    server
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(3)))
         .add_service(service.into_server())
@@ -427,6 +440,17 @@ async fn bind_identity(args: &RunArgs) -> anyhow::Result<Option<(Arc<Ca>, TcpLis
         .await
         .with_context(|| format!("binding the Identity listener on {}", args.identity_listen))?;
     Ok(Some((ca, listener)))
+}
+
+/// Discovery's TLS: a server certificate from the CA; client certificates asked for and
+/// checked against every anchor of the CA, optional at the handshake so that a proxy without
+/// one gets a gRPC status saying what is missing rather than a bare TLS alert.
+fn discovery_tls(ca: &Ca) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+    let (cert, key) = ca.server_identity()?;
+    Ok(tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(cert, key))
+        .client_ca_root(tonic::transport::Certificate::from_pem(ca.bundle_pem()))
+        .client_auth_optional(true))
 }
 
 /// Serves `Identity.Certify` over TLS with a server certificate from `ca` itself.

@@ -3,6 +3,7 @@
 //! - [`discovery::v1`]: the Discovery service (one delta stream per proxy, ACK/NACK by nonce).
 //! - [`config::v1`]: the resources it carries (endpoints, client and inbound policy).
 //! - [`identity::v1`]: the certificate authority (`Certify`).
+//! - [`spiffe_ids`]: the workload identities a certificate names (both sides check them).
 #![allow(
     clippy::pedantic,
     unreachable_pub,
@@ -61,3 +62,25 @@ pub use ferrymesh::{config, discovery, identity};
 
 pub mod duration;
 pub mod ports;
+
+/// The SPIFFE ids a DER certificate names (its `spiffe://` URI SANs); none when it does not
+/// parse.
+#[must_use]
+pub fn spiffe_ids(der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => {
+                Some((*u).to_owned())
+            }
+            _ => None,
+        })
+        .collect()
+}

@@ -300,7 +300,13 @@ impl App {
             ctx.clone(),
             ctx.discovery.watch(pb::ResourceType::Telemetry, "*"),
         ));
-        let stream = tokio::spawn(client::run(ctx.discovery.clone(), commands, node, leave));
+        let stream = tokio::spawn(client::run(
+            ctx.discovery.clone(),
+            commands,
+            node,
+            ctx.identity.clone(),
+            leave,
+        ));
         let readiness = tokio::spawn(readiness(ctx.clone(), drain.clone()));
 
         for (listener, full) in [(admin, true), (health, false)] {

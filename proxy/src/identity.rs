@@ -33,25 +33,7 @@ const MIN_RENEW: Duration = Duration::from_secs(10);
 const RETRY_MIN: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
-/// The SPIFFE ids a certificate names (URI SANs).
-pub fn spiffe_ids(der: &[u8]) -> Vec<String> {
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
-        return Vec::new();
-    };
-    let Ok(Some(san)) = cert.subject_alternative_name() else {
-        return Vec::new();
-    };
-    san.value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => {
-                Some((*u).to_owned())
-            }
-            _ => None,
-        })
-        .collect()
-}
+pub use ferrymesh_proto::spiffe_ids;
 
 /// When a certificate stops being valid.
 pub fn not_after(der: &[u8]) -> Option<SystemTime> {
@@ -105,6 +87,9 @@ pub struct Identity {
     anchors_pem: String,
     server: RwLock<Arc<ServerConfig>>,
     clients: Mutex<HashMap<(String, bool), Arc<ClientConfig>>>,
+    /// The current chain and key as PEM, for the controller's Discovery (mTLS). In memory
+    /// only, like the key itself.
+    pem: RwLock<Option<(String, String)>>,
 }
 
 /// The inbound side's TLS config over `roots`.
@@ -181,6 +166,7 @@ impl Identity {
             anchors_pem,
             server: RwLock::new(Arc::new(server)),
             clients: Mutex::default(),
+            pem: RwLock::default(),
         })
     }
 
@@ -274,6 +260,31 @@ impl Identity {
         }
     }
 
+    /// TLS to the controller: its server certificate checked against the trust anchors
+    /// (re-read, so a rotated anchor file counts) for the configured server name.
+    fn controller_tls(&self) -> tonic::transport::ClientTlsConfig {
+        let anchors = std::fs::read_to_string(&self.config.trust_anchors)
+            .unwrap_or_else(|_| self.anchors_pem.clone());
+        tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(anchors))
+            .domain_name(self.config.server_name.clone())
+    }
+
+    /// TLS for the Discovery stream: [`Identity::controller_tls`] with the current certificate
+    /// as the client's, once a valid one is held (waits for it: an expired one would only be
+    /// refused).
+    pub async fn discovery_tls(&self) -> tonic::transport::ClientTlsConfig {
+        let mut held = self.watch();
+        let _ = held
+            .wait_for(|h| h.is_some_and(|h| h.not_after > SystemTime::now()))
+            .await;
+        let tls = self.controller_tls();
+        match self.pem.read().expect("identity lock poisoned").clone() {
+            Some((chain, key)) => tls.identity(tonic::transport::Identity::from_pem(chain, key)),
+            None => tls,
+        }
+    }
+
     /// One Certify round: a fresh key and CSR, the new certificate in use. Returns its lifetime.
     async fn certify(&self) -> anyhow::Result<Duration> {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
@@ -282,9 +293,7 @@ impl Identity {
         let csr = params.serialize_request(&key)?;
         let token = std::fs::read(&self.config.token_file)
             .with_context(|| format!("reading the token {}", self.config.token_file.display()))?;
-        let tls = tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(&self.anchors_pem))
-            .domain_name(self.config.server_name.clone());
+        let tls = self.controller_tls();
         let channel =
             tonic::transport::Endpoint::from_shared(format!("https://{}", self.config.address))?
                 .tls_config(tls)?
@@ -325,6 +334,13 @@ impl Identity {
             .not_after
             .and_then(|t| SystemTime::try_from(t).ok())
             .context("the answer has no expiry")?;
+        let chain_pem = pem::encode_many(
+            &chain
+                .iter()
+                .map(|c| pem::Pem::new("CERTIFICATE", c.to_vec()))
+                .collect::<Vec<_>>(),
+        );
+        *self.pem.write().expect("identity lock poisoned") = Some((chain_pem, key.serialize_pem()));
         *self.slot.0.write().expect("identity lock poisoned") =
             Some(Arc::new(CertifiedKey::new(chain, signer)));
         self.held.send_replace(Some(Held { not_after }));

@@ -27,6 +27,8 @@ const DETECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection waits for the port's first inbound policy.
+const POLICY_WAIT: Duration = Duration::from_secs(10);
 
 /// The header that tells the app who called: set by this proxy only (from the peer's
 /// certificate), removed from whatever arrives.
@@ -44,6 +46,18 @@ pub async fn serve<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // The port's policy (mTLS mode, authorization, faults) decides everything below: until
+    // the controller has answered, a connection waits for it, and is closed if it does not
+    // come in time (fail closed, never served without its policy).
+    let mut policy = ctx.inbound_policy.clone();
+    let known = tokio::time::timeout(POLICY_WAIT, policy.wait_for(State::is_known))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    if !known {
+        ctx.metrics.tls_refused("no-policy");
+        tracing::warn!("inbound connection closed: no inbound policy from the controller yet");
+        return;
+    }
     let caller = Caller {
         peer: None,
         addr: addr.map(|a| a.ip()),

@@ -476,8 +476,8 @@ async fn opaque_tcp_crosses_both_sidecars() {
     // A TCP echo server that speaks no HTTP.
     let tcp_addr = ferrymesh_test_support::upstream::tcp_echo().await;
     let _tcp_proxy = mesh.proxy(&ProxySpec::app("tcp-1", "tcp", tcp_addr));
-    let client_proxy = mesh.proxy(&ProxySpec::client("client"));
-    wait_ready(&client_proxy).await;
+    // Ready, and holding the tcp endpoint (registered once its proxy has its inbound policy).
+    let client_proxy = ferrymesh_test_support::mesh::client_proxy(&mesh, "tcp.shop", 1).await;
     let mut tcp = tunnel(client_proxy.addr("outbound"), "tcp.shop:80").await;
     let payload = b"\x00\x01binary\xffpayload";
     tcp.write_all(payload).await.unwrap();

@@ -340,7 +340,6 @@ async fn rogue(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_presenting_another_identity_never_gets_the_request() {
-    use ferrymesh_proto::discovery::v1 as pb;
     let mesh = Mesh::start_secure(&[("payments.yaml", &service("payments"))], &[]);
     // A workload with a perfectly valid mesh certificate, but for another service account,
     // answering where payments is registered.
@@ -358,21 +357,15 @@ async fn an_endpoint_presenting_another_identity_never_gets_the_request() {
     );
     node.local_workload.as_mut().unwrap().identity =
         "spiffe://cluster.local/ns/shop/sa/payments".into();
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(pb::DiscoveryRequest {
-        node: Some(node),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut registration =
-        pb::discovery_client::DiscoveryClient::connect(format!("http://{}", mesh.discovery))
-            .await
-            .unwrap()
-            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
+    node.service_account = "payments".into();
+    // Registered the only way the controller allows: over mTLS with a payments certificate
+    // (the endpoint's address is then taken over by the intruder).
+    let payments = leaf(
+        Some(&mesh_ca(&mesh)),
+        "spiffe://cluster.local/ns/shop/sa/payments",
+        false,
+    );
+    let (tx, mut registration) = announce(&mesh, Some(&payments), node).await.unwrap();
     let client = client_proxy(&mesh, "payments.shop", 1).await;
     let http = proxied(client.addr("outbound"));
     let rsp = http
@@ -391,6 +384,114 @@ async fn an_endpoint_presenting_another_identity_never_gets_the_request() {
     );
     drop(tx);
     let _ = registration.message().await;
+}
+
+/// Opens a Discovery stream to the mesh's controller over TLS, with `cert` as the client's,
+/// announces `node` and subscribes to its inbound policy. Returns the request sender and the
+/// response stream once answered, or the status it was refused with (UNAVAILABLE when the
+/// connection itself failed).
+async fn announce(
+    mesh: &Mesh,
+    cert: Option<&(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    node: ferrymesh_proto::discovery::v1::Node,
+) -> Result<
+    (
+        tokio::sync::mpsc::Sender<ferrymesh_proto::discovery::v1::DiscoveryRequest>,
+        tonic::Streaming<ferrymesh_proto::discovery::v1::DiscoveryResponse>,
+    ),
+    tonic::Status,
+> {
+    use ferrymesh_proto::discovery::v1 as pb;
+    let ca = std::fs::read_to_string(mesh.identity_dir().join("ca/ca.pem")).unwrap();
+    let mut tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+        .domain_name("localhost");
+    if let Some((chain, key)) = cert {
+        let chain = pem::encode(&pem::Pem::new("CERTIFICATE", chain[0].to_vec()));
+        let key = pem::encode(&pem::Pem::new("PRIVATE KEY", key.secret_der().to_vec()));
+        tls = tls.identity(tonic::transport::Identity::from_pem(chain, key));
+    }
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", mesh.discovery))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("{e:?}")))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::DiscoveryRequest {
+        node: Some(node),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    tx.send(pb::DiscoveryRequest {
+        r#type: pb::ResourceType::InboundPolicy.into(),
+        subscribe: vec!["*".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut responses = pb::discovery_client::DiscoveryClient::new(channel)
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    // Accepted streams answer the subscription; refused ones end with their status.
+    let first = responses.message().await?;
+    assert!(first.is_some(), "the stream ended without an answer");
+    Ok((tx, responses))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_is_mtls_and_a_certificate_speaks_only_for_its_own_workload() {
+    use ferrymesh_proto::discovery::v1 as pb;
+    let mesh = Mesh::start_secure(&[("payments.yaml", &service("payments"))], &[]);
+    let ca = mesh_ca(&mesh);
+    let node = |sa: &str, identity: &str| {
+        let mut n = ferrymesh_test_support::nodes::local("payments-1", "payments", 1, true);
+        n.service_account = sa.into();
+        n.local_workload.as_mut().unwrap().identity = identity.into();
+        n
+    };
+    let payments_id = "spiffe://cluster.local/ns/shop/sa/payments";
+    let intruder_id = "spiffe://cluster.local/ns/shop/sa/intruder";
+
+    // Plaintext: no gRPC at all.
+    let plain =
+        pb::discovery_client::DiscoveryClient::connect(format!("http://{}", mesh.discovery)).await;
+    if let Ok(mut client) = plain {
+        let (_tx, rx) = tokio::sync::mpsc::channel::<pb::DiscoveryRequest>(1);
+        let refused = client
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await;
+        assert!(refused.is_err(), "a plaintext stream was served");
+    }
+    // TLS without a client certificate.
+    let refused = announce(&mesh, None, node("payments", ""))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    assert!(refused.message().contains("certificate"), "{refused:?}");
+    // A foreign CA's certificate for the right name: refused at the handshake.
+    let foreign = leaf(None, payments_id, false);
+    let refused = announce(&mesh, Some(&foreign), node("payments", "")).await;
+    assert!(refused.is_err(), "a foreign certificate was served");
+    // A valid mesh certificate announcing another service account, or registering another
+    // identity for its inbound port.
+    let intruder = leaf(Some(&ca), intruder_id, false);
+    for claimed in [node("payments", ""), node("intruder", payments_id)] {
+        let refused = announce(&mesh, Some(&intruder), claimed)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+        assert!(refused.message().contains(intruder_id), "{refused:?}");
+    }
+    // The workload's own certificate, for itself: served.
+    let payments = leaf(Some(&ca), payments_id, false);
+    let served = announce(&mesh, Some(&payments), node("payments", payments_id)).await;
+    assert!(served.is_ok(), "{:?}", served.err());
 }
 
 /// The `notAfterUnix` of a proxy's current certificate.
@@ -674,4 +775,41 @@ async fn trust_anchors_rotate_with_old_and_new_served_together() {
     .await
     .expect("a removed anchor is no longer trusted");
     assert!(accepted(&current).await);
+}
+
+/// A port is never served without its policy: a connection that arrives before the controller
+/// answered waits for the inbound policy, and the policy then decides (here: denied), rather
+/// than the request going through unchecked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_before_the_inbound_policy_waits_for_it() {
+    let deny = "apiVersion: policy.ferrymesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: echo-closed, namespace: shop}\n\
+                spec:\n  targetRefs: [{group: \"\", kind: Service, name: echo}]\n  action: Deny\n  rules:\n  - to: {paths: [{type: PathPrefix, value: /}]}\n";
+    let mut mesh = Mesh::start(&[("echo.yaml", &service("echo")), ("deny.yaml", deny)]);
+    mesh.controller.kill();
+    let echo = HttpEcho::start("echo-1").await;
+    let server = mesh.proxy(&ProxySpec::app("echo-1", "echo", echo.addr));
+    let inbound = server.addr("inbound");
+    let mut call = tokio::spawn(async move {
+        reqwest::Client::new()
+            .get(format!("http://{inbound}/orders"))
+            .header("host", "echo.shop")
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    // No controller: the connection waits (not served with defaults, not refused at once).
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut call)
+            .await
+            .is_err(),
+        "answered without an inbound policy"
+    );
+    mesh.restart_controller();
+    let status = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("answered once the policy arrived")
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, 403, "the policy that arrived decided");
+    assert_eq!(echo.hits.load(Ordering::SeqCst), 0, "the app never saw it");
 }

@@ -122,13 +122,7 @@ pub async fn publish_trust_anchors(
     use kube::api::{ListParams, Patch, PatchParams};
     let namespaces: Api<Namespace> = Api::all(client.clone());
     loop {
-        let pem = pem::encode_many_config(
-            &ca.bundle()
-                .into_iter()
-                .map(|der| pem::Pem::new("CERTIFICATE", der))
-                .collect::<Vec<_>>(),
-            pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
-        );
+        let pem = ca.bundle_pem();
         match namespaces.list(&ListParams::default()).await {
             Ok(list) => {
                 for ns in list.items {

@@ -1,7 +1,8 @@
 //! The Discovery stream task: connects, announces the node (with the local workload), subscribes
 //! every cached name (with the versions held, so nothing unchanged is resent), applies responses
 //! atomically with ACK/NACK, and reconnects with full-jitter exponential backoff (100ms..10s)
-//! while the cache keeps serving the last good values.
+//! while the cache keeps serving the last good values. With an identity the stream is mTLS,
+//! on the workload's current certificate (each reconnect takes the newest).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -25,12 +26,13 @@ pub async fn run(
     discovery: Discovery,
     mut commands: Commands,
     node: pb::Node,
+    identity: Option<Arc<crate::identity::Identity>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Backoff::default();
     loop {
         let result = tokio::select! {
-            r = serve(&discovery, &mut commands, &node, &mut backoff) => r,
+            r = serve(&discovery, &mut commands, &node, identity.as_deref(), &mut backoff) => r,
             () = async { let _ = shutdown.wait_for(|s| *s).await; } => {
                 discovery.set_connected(false);
                 return;
@@ -77,13 +79,18 @@ async fn serve(
     discovery: &Discovery,
     commands: &mut Commands,
     node: &pb::Node,
+    identity: Option<&crate::identity::Identity>,
     backoff: &mut Backoff,
 ) -> anyhow::Result<()> {
-    let endpoint =
-        tonic::transport::Endpoint::from_shared(format!("http://{}", discovery.inner.address))?
+    let scheme = if identity.is_some() { "https" } else { "http" };
+    let mut endpoint =
+        tonic::transport::Endpoint::from_shared(format!("{scheme}://{}", discovery.inner.address))?
             .connect_timeout(Duration::from_secs(1))
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(3));
+    if let Some(identity) = identity {
+        endpoint = endpoint.tls_config(identity.discovery_tls().await)?;
+    }
     let channel = endpoint.connect().await?;
     let mut client = pb::discovery_client::DiscoveryClient::new(channel);
     let (tx, rx) = mpsc::channel(64);
