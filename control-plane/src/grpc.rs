@@ -108,6 +108,8 @@ impl pb::discovery_server::Discovery for DiscoveryService {
             node: None,
             with_ttl: BTreeMap::new(),
             peer,
+            reported_ready: false,
+            inbound_sent: false,
         };
         // NOTE: the task ends when the proxy hangs up, when the response channel closes, or on
         // shutdown; it never outlives the server.
@@ -193,6 +195,11 @@ struct StreamTask {
     with_ttl: BTreeMap<pb::ResourceType, HashSet<String>>,
     /// Over mTLS: (trust domain, the SPIFFE id of the proxy's certificate).
     peer: Option<(String, String)>,
+    /// The local workload's readiness as its proxy reports it. It becomes an endpoint only
+    /// once this stream was sent its INBOUND_POLICY, so no caller reaches it before its
+    /// proxy holds the port's mTLS mode and authorization.
+    reported_ready: bool,
+    inbound_sent: bool,
 }
 
 impl StreamTask {
@@ -278,12 +285,20 @@ impl StreamTask {
                 check_node(trust_domain, id, node)?;
             }
             tracing::info!(stream = self.id, workload = %node.workload, "proxy connected");
-            self.index.stream_opened(self.id, node);
+            let mut registered = node.clone();
+            if let Some(w) = registered.local_workload.as_mut() {
+                self.reported_ready = w.ready;
+                w.ready = false;
+            }
+            self.index.stream_opened(self.id, &registered);
             self.node = Some(node.clone());
             self.opened = true;
         }
         if let Some(status) = req.workload_status {
-            self.index.workload_ready(self.id, status.ready);
+            self.reported_ready = status.ready;
+            if self.inbound_sent {
+                self.index.workload_ready(self.id, status.ready);
+            }
         }
         if req.r#type == 0
             && req.subscribe.is_empty()
@@ -394,6 +409,13 @@ impl StreamTask {
         response.nonce = format!("{}-{}", self.id, self.nonce);
         response.system_version = snapshot.generation.to_string();
         self.metrics.push(ty);
-        self.tx.send(Ok(response)).await.is_ok()
+        let sent = self.tx.send(Ok(response)).await.is_ok();
+        if sent && ty == pb::ResourceType::InboundPolicy && !self.inbound_sent {
+            self.inbound_sent = true;
+            if self.reported_ready {
+                self.index.workload_ready(self.id, true);
+            }
+        }
+        sent
     }
 }

@@ -55,8 +55,11 @@ struct Stream {
 }
 
 impl Stream {
+    /// Announces `node`; a workload subscribes to its inbound policy, as proxies do (it is an
+    /// endpoint only once that was sent), and the answer is taken here.
     async fn open(server: &mut Server, node: pb::Node) -> Stream {
         let (tx, rx) = mpsc::channel(16);
+        let workload = node.local_workload.is_some();
         tx.send(pb::DiscoveryRequest {
             node: Some(node),
             ..Default::default()
@@ -69,7 +72,19 @@ impl Stream {
             .await
             .unwrap()
             .into_inner();
-        Stream { tx, rx }
+        let mut stream = Stream { tx, rx };
+        if workload {
+            stream
+                .send(pb::DiscoveryRequest {
+                    r#type: pb::ResourceType::InboundPolicy.into(),
+                    subscribe: vec!["*".into()],
+                    ..Default::default()
+                })
+                .await;
+            let answer = stream.next().await;
+            assert_eq!(answer.r#type, i32::from(pb::ResourceType::InboundPolicy));
+        }
+        stream
     }
 
     /// A stream of a proxy with no workload (a client only).
@@ -292,4 +307,50 @@ async fn fetch_answers_a_snapshot() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
+}
+
+/// Whether each endpoint of an ENDPOINTS resource is ready, by port.
+fn readiness(r: &pb::Resource) -> Vec<(u32, bool)> {
+    let Some(pb::resource::Body::Endpoints(e)) = &r.body else {
+        panic!("not endpoints")
+    };
+    e.endpoints
+        .iter()
+        .map(|e| (e.addr.as_ref().unwrap().port, e.ready))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_workload_takes_traffic_only_once_sent_its_inbound_policy() {
+    let mut server = server().await;
+    let mut s = Stream::client(&mut server, "shop/client").await;
+    s.send(subscribe(&[A])).await;
+    assert!(ports(&s.next().await.resources[0]).is_empty());
+    // Announced ready, but its proxy has no inbound policy yet: not an endpoint.
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(pb::DiscoveryRequest {
+        node: Some(workload("a-1", "a", 7002)),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut a1 = server
+        .client
+        .stream(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    s.nothing_for(Duration::from_millis(300)).await;
+    // Its inbound policy sent: ready.
+    tx.send(pb::DiscoveryRequest {
+        r#type: pb::ResourceType::InboundPolicy.into(),
+        subscribe: vec!["*".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let policy = a1.message().await.unwrap().unwrap();
+    assert_eq!(policy.r#type, i32::from(pb::ResourceType::InboundPolicy));
+    let ready = s.next().await;
+    assert_eq!(readiness(&ready.resources[0]), [(7002, true)]);
 }

@@ -71,6 +71,17 @@ async fn listed(admin: SocketAddr) -> usize {
         .len()
 }
 
+/// Waits for the proxy to hold 3 ready endpoints for echo, and checks it holds no other
+/// (none lost, none twice).
+async fn three_endpoints_once(admin: SocketAddr, what: &str) {
+    eventually(Duration::from_secs(10), || async move {
+        held(admin).await.1 == 3
+    })
+    .await
+    .expect(what);
+    assert_eq!(listed(admin).await, 3, "no endpoint lost or duplicated");
+}
+
 /// The whole-request timeout the proxy applies, in seconds.
 fn request_timeout(policy: Option<&Value>) -> Option<u64> {
     policy?["request_timeout"]["secs"].as_u64()
@@ -315,13 +326,7 @@ async fn a_service_scaled_from_two_to_three_endpoints_updates_proxies_within_a_s
     )
     .await;
     apply(&client, &slice("echo-3b", echoes[2].addr, true)).await;
-    eventually(Duration::from_secs(10), || async move {
-        held(admin).await.1 == 3
-    })
-    .await
-    .expect("the relisted set");
-    let endpoints = listed(admin).await;
-    assert_eq!(endpoints, 3, "no endpoint lost or duplicated");
+    three_endpoints_once(admin, "the relisted set").await;
     // The relist came from a 410: the controller counted the expired watch and listed again.
     let (_, metrics) = ferrymesh_test_support::mesh::get(mesh.controller.addr("admin"), "/metrics")
         .await
@@ -409,12 +414,6 @@ async fn a_restarted_controller_serves_the_same_state_and_rewrites_no_status() {
     // The proxy is served by the new controller: a change arrives, and it holds each endpoint
     // once and the policy still.
     apply(&client, &slice("echo-3", echoes[2].addr, true)).await;
-    eventually(Duration::from_secs(10), || async move {
-        held(admin).await.1 == 3
-    })
-    .await
-    .expect("the new controller streams to the proxy");
-    let listed = listed(admin).await;
-    assert_eq!(listed, 3, "no endpoint lost or duplicated");
+    three_endpoints_once(admin, "the new controller streams to the proxy").await;
     assert_eq!(request_timeout(held(admin).await.0.as_ref()), Some(3));
 }
