@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo test lint bench build crds images kind-up kind-load kind-deploy kind-down
+.PHONY: demo test lint bench build crds images kind-up kind-load gateway-api kind-deploy kind-down
 
 ## demo: release build, then the controller, the shop (each instance with a sidecar) and the storefront on 127.0.0.1:8080
 demo:
@@ -35,6 +35,9 @@ KIND ?= kind
 CLUSTER ?= ferrymesh
 VERSION ?= 0.1.0
 IMAGES = proxy controller shop:ferry-shop ferryctl
+# The Gateway API (standard channel: HTTPRoute, GRPCRoute, Gateway), pinned; kind does not ship it.
+GATEWAY_API_VERSION ?= v1.4.0
+GATEWAY_API_URL ?= https://github.com/kubernetes-sigs/gateway-api/releases/download/$(GATEWAY_API_VERSION)/standard-install.yaml
 
 ## images: build the four images from the one Dockerfile (needs Docker)
 images:
@@ -51,8 +54,13 @@ kind-up:
 kind-load:
 	$(KIND) load docker-image --name $(CLUSTER) ferrymesh/proxy:$(VERSION) ferrymesh/controller:$(VERSION) ferrymesh/ferry-shop:$(VERSION)
 
-## kind-deploy: the mesh, then the shop (injected), then Jaeger and Prometheus
-kind-deploy:
+## gateway-api: the Gateway API CRDs (standard channel, GATEWAY_API_VERSION), before the mesh
+gateway-api:
+	kubectl apply --server-side -f $(GATEWAY_API_URL)
+	kubectl wait --for=condition=Established --timeout=60s crd/httproutes.gateway.networking.k8s.io crd/grpcroutes.gateway.networking.k8s.io
+
+## kind-deploy: the Gateway API, the mesh, then the shop (injected), then Jaeger and Prometheus
+kind-deploy: gateway-api
 	kubectl apply --server-side -k manifests/base
 	kubectl -n ferrymesh-system rollout status deployment/ferrymesh-controller --timeout=180s
 	kubectl apply --server-side -k manifests/demo

@@ -91,23 +91,32 @@ async fn up_serves_the_storefront_and_stops_cleanly() {
     );
 
     // status --json lists every service, the 3 catalog replicas, and each proxy's listeners.
-    let out = ferryctl(state.path(), &["status", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let catalog = status["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "catalog")
-        .unwrap();
-    assert_eq!(
-        catalog["ports"][0]["endpoints"].as_array().unwrap().len(),
-        3
-    );
+    // A replica is an endpoint once its proxy holds its inbound policy: the page can be whole
+    // (one catalog replica is enough) a moment before the third is listed.
+    let status_json = || {
+        let out = ferryctl(state.path(), &["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let catalog_endpoints = |status: &Value| {
+        status["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == "catalog")
+            .and_then(|c| c["ports"][0]["endpoints"].as_array().map(Vec::len))
+            .unwrap_or(0)
+    };
+    eventually(Duration::from_secs(10), || async {
+        catalog_endpoints(&status_json()) == 3
+    })
+    .await
+    .expect("the 3 catalog replicas are listed");
+    let status = status_json();
     assert!(
         status["proxies"]
             .as_array()

@@ -16,12 +16,14 @@ use serde::Serialize;
 
 use crate::index::{IndexHandle, Snapshot};
 use crate::metrics::Metrics;
+use crate::sources::kubernetes::watches::{WatchStatus, Watches};
 
 #[derive(Clone, Debug)]
 struct AdminState {
     index: IndexHandle,
     metrics: Arc<Metrics>,
     addrs: Addresses,
+    watches: Watches,
 }
 
 /// Where the controller listens (reported in `/status`).
@@ -40,7 +42,12 @@ pub struct Addresses {
 }
 
 /// The admin router.
-pub fn router(index: IndexHandle, metrics: Arc<Metrics>, addrs: Addresses) -> Router {
+pub fn router(
+    index: IndexHandle,
+    metrics: Arc<Metrics>,
+    addrs: Addresses,
+    watches: Watches,
+) -> Router {
     Router::new()
         .route("/live", get(|| async { "live\n" }))
         .route("/ready", get(|| async { "ready\n" }))
@@ -50,6 +57,7 @@ pub fn router(index: IndexHandle, metrics: Arc<Metrics>, addrs: Addresses) -> Ro
             index,
             metrics,
             addrs,
+            watches,
         })
 }
 
@@ -92,7 +100,9 @@ async fn metrics_text(State(state): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn status(State(state): State<AdminState>) -> impl IntoResponse {
-    axum::Json(Status::from_snapshot(&state.index.snapshot(), &state.addrs))
+    let mut status = Status::from_snapshot(&state.index.snapshot(), &state.addrs);
+    status.watches = state.watches.all();
+    axum::Json(status)
 }
 
 /// `/status`: stable JSON for `ferryctl status --json` and scripts.
@@ -109,6 +119,10 @@ pub struct Status {
     pub file_errors: Vec<crate::sources::ParseError>,
     /// Skipped documents and ignored objects.
     pub warnings: Vec<String>,
+    /// The Kubernetes source's watches (none with the file source): synced, failing, or
+    /// not watched because the API is not installed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub watches: Vec<WatchStatus>,
 }
 
 /// One service.
@@ -312,6 +326,7 @@ impl Status {
             proxies,
             file_errors: snapshot.file_errors.clone(),
             warnings: snapshot.warnings.clone(),
+            watches: Vec::new(),
         }
     }
 }

@@ -88,6 +88,39 @@ pub fn all()
         FaultInjection::crd(),
         Aggregation::crd(),
     ]
+    .into_iter()
+    .map(with_api_server_formats)
+    .collect()
+}
+
+/// schemars names Rust's integer widths (`uint16`, `uint32`, ...) as formats; the API server
+/// knows only `int32` and `int64` for integers (and warns on any other). The bounds stay in
+/// `minimum`/`maximum`, so the width is still enforced.
+fn with_api_server_formats(
+    crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+    fn walk(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if let Some(serde_json::Value::String(f)) = m.get("format") {
+                    let known = match f.as_str() {
+                        "int8" | "int16" | "uint8" | "uint16" => Some("int32"),
+                        "uint32" | "uint64" | "uint" | "int" => Some("int64"),
+                        _ => None,
+                    };
+                    if let Some(k) = known {
+                        m.insert("format".into(), k.into());
+                    }
+                }
+                m.values_mut().for_each(walk);
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    let mut json = serde_json::to_value(&crd).expect("a CRD serialises");
+    walk(&mut json);
+    serde_json::from_value(json).expect("only formats changed")
 }
 
 /// Each CRD as `(file name, YAML)`, as `make crds` writes them under `manifests/crds/`.

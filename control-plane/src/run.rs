@@ -249,6 +249,7 @@ async fn start_source(
     args: &RunArgs,
     index: &IndexHandle,
     metrics: &Arc<Metrics>,
+    watches: &crate::sources::kubernetes::watches::Watches,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>>
 {
@@ -270,12 +271,13 @@ async fn start_source(
             let seen = kubernetes::Seen::default();
             let mut tasks = tokio::task::JoinSet::new();
             for kind in kubernetes::KINDS {
-                tasks.spawn(kubernetes::watch(
+                tasks.spawn(kubernetes::watch_when_installed(
                     client.clone(),
                     *kind,
                     index.clone(),
                     seen.clone(),
                     metrics.clone(),
+                    watches.clone(),
                 ));
             }
             tasks.spawn(kubernetes::status::run(
@@ -303,7 +305,8 @@ pub async fn run(args: RunArgs, shutdown: watch::Receiver<bool>) -> anyhow::Resu
     index.set_trust_domain(&args.trust_domain);
     index.set_telemetry(&args.otlp_endpoint, args.trace_sampling);
     let metrics = Arc::new(Metrics::new());
-    let source = start_source(&args, &index, &metrics, shutdown.clone()).await?;
+    let watches = crate::sources::kubernetes::watches::Watches::default();
+    let source = start_source(&args, &index, &metrics, &watches, shutdown.clone()).await?;
 
     let discovery = TcpListener::bind(args.discovery_listen)
         .await
@@ -347,7 +350,7 @@ pub async fn run(args: RunArgs, shutdown: watch::Receiver<bool>) -> anyhow::Resu
             }
         }
     });
-    let admin_app = admin::router(index.clone(), metrics.clone(), addrs.clone());
+    let admin_app = admin::router(index.clone(), metrics.clone(), addrs.clone(), watches);
     let mut admin_shutdown = shutdown.clone();
     let admin_task = tokio::spawn(async move {
         axum::serve(admin_listener, admin_app)

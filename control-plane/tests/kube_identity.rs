@@ -24,6 +24,7 @@ const AUDIENCE: &str = "identity.ferrymesh.io";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workloads_are_certified_by_token_review_from_a_ca_kept_in_a_secret() {
     let api = FakeApi::start().await;
+    api.install_mesh_crds();
     let client = api.client().await;
     apply(&client, SERVICE).await;
     let mesh = Mesh::start_kubernetes_secure(&api.kubeconfig(), &[]);

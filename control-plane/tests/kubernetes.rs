@@ -1,7 +1,8 @@
 //! The controller on its Kubernetes source, driven through a fake API server with the
 //! production kube client: Services, EndpointSlices and policy CRs created, changed and deleted
-//! change what a real client proxy holds; a bad CR is refused with Accepted=False and the
-//! reason (and the last good generation keeps being served); status is written with
+//! change what a real client proxy holds; a CR the CRD's CEL rules forbid is refused by the API
+//! server, one only the controller can judge gets Accepted=False with the reason (and the last
+//! good generation keeps being served); status is written with
 //! server-side apply and its observedGeneration follows the generation; a watch that expires
 //! (410 Gone) relists without losing or duplicating anything.
 #![allow(clippy::unwrap_used)]
@@ -9,7 +10,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use ferrymesh_test_support::kube_api::{FakeApi, apply, delete_object};
+use ferrymesh_test_support::kube_api::{FakeApi, apply, delete_object, try_apply};
 use ferrymesh_test_support::mesh::{Mesh, ProxySpec, eventually, get_json, proxied};
 use ferrymesh_test_support::upstream::HttpEcho;
 use serde_json::Value;
@@ -114,6 +115,7 @@ struct Setup {
 
 async fn setup() -> Setup {
     let api = FakeApi::start().await;
+    api.install_mesh_crds();
     let client = api.client().await;
     let echoes = vec![
         HttpEcho::start("echo-1").await,
@@ -200,11 +202,16 @@ async fn policies_applied_changed_and_deleted_reach_the_proxies_with_status() {
     .await
     .expect("observedGeneration follows generation");
 
-    // Invalid (perTry above request): refused with the reason; the proxy keeps generation 2.
-    let bad = policy("7s").replace(
+    // perTry above request: the CRD's CEL rule, so the API server itself refuses it.
+    let refused = policy("7s").replace(
         "timeouts: {request: 7s}",
         "timeouts: {request: 1s, perTry: 2s}",
     );
+    let err = try_apply(&client, &refused).await.unwrap_err();
+    assert!(err.to_string().contains("perTry <= request"), "{err}");
+    // A retry condition the schema cannot judge: accepted by the API server, refused by the
+    // controller with the reason; the proxy keeps generation 2.
+    let bad = policy("7s").replace("timeouts: {request: 7s}", "retry: {retryOn: [sometimes]}");
     apply(&client, &bad).await;
     let ok = eventually(Duration::from_secs(5), || async {
         let s = status_of(&api, "echo-timeouts");
@@ -213,7 +220,7 @@ async fn policies_applied_changed_and_deleted_reach_the_proxies_with_status() {
                 && c["reason"] == "Invalid"
                 && c["message"]
                     .as_str()
-                    .is_some_and(|m| m.contains("perTry <= request"))
+                    .is_some_and(|m| m.contains("retryOn is one of"))
                 && c["observedGeneration"] == 3
         })
     })
@@ -416,4 +423,163 @@ async fn a_restarted_controller_serves_the_same_state_and_rewrites_no_status() {
     apply(&client, &slice("echo-3", echoes[2].addr, true)).await;
     three_endpoints_once(admin, "the new controller streams to the proxy").await;
     assert_eq!(request_timeout(held(admin).await.0.as_ref()), Some(3));
+}
+
+/// The slice the EndpointSlice controller leaves when the Service's selector stops matching
+/// a pod (or its last pod goes): written with empty lists, served back as `null`.
+fn emptied(name: &str) -> String {
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: {name}, namespace: shop, labels: {{kubernetes.io/service-name: echo}}}}\n\
+         addressType: IPv4\nports: []\nendpoints: []\n"
+    )
+}
+
+/// Every endpoint the proxy holds for echo (none when the resource lists none).
+async fn held_at_all(admin: SocketAddr) -> usize {
+    let dump = get_json(admin, "/config_dump").await;
+    dump["resources"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["type"] == "ENDPOINTS" && r["name"] == "echo.shop.svc.cluster.local:80")
+        .and_then(|r| r["value"]["endpoints"].as_array().map(Vec::len))
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_slice_emptied_to_null_takes_its_endpoints_away_within_a_second() {
+    let Setup {
+        api,
+        client,
+        _mesh: mesh,
+        proxy,
+        echoes: _echoes,
+    } = setup().await;
+    let admin = proxy.addr("admin");
+    // The selector no longer matches echo-2's pod.
+    apply(&client, &emptied("echo-2")).await;
+    let served = api
+        .get(
+            "/apis/discovery.k8s.io/v1",
+            "endpointslices",
+            "shop",
+            "echo-2",
+        )
+        .unwrap();
+    assert_eq!(served["endpoints"], Value::Null, "{served}");
+    assert_eq!(served["ports"], Value::Null, "{served}");
+    let took = eventually(Duration::from_secs(5), || async move {
+        held_at_all(admin).await == 1
+    })
+    .await
+    .expect("echo-2 leaves");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    // The balancer's view in /config_dump is current too, with no request since.
+    eventually(Duration::from_secs(2), || async move {
+        get_json(admin, "/config_dump").await["targets"]["echo.shop.svc.cluster.local:80"]["endpoints"]
+            .as_array()
+            .is_some_and(|e| e.len() == 1)
+    })
+    .await
+    .expect("the balancer's endpoints follow without a request");
+    // The last pod goes.
+    apply(&client, &emptied("echo-1")).await;
+    let took = eventually(Duration::from_secs(5), || async move {
+        held_at_all(admin).await == 0
+    })
+    .await
+    .expect("echo-1 leaves");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    let r = proxied(proxy.addr("outbound"))
+        .get("http://echo.shop/")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["ferrymesh-error"], "no-endpoints");
+    // No slice was refused on the way.
+    let log = mesh.controller.log_text();
+    assert!(!log.contains("object rejected"), "{log}");
+}
+
+/// The controller's watches as `/status` reports them, by kind.
+async fn watches(mesh: &Mesh) -> std::collections::BTreeMap<String, Value> {
+    get_json(mesh.controller.addr("admin"), "/status").await["watches"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| (w["kind"].as_str().unwrap().to_owned(), w.clone()))
+        .collect()
+}
+
+#[tokio::test]
+async fn gateway_api_is_watched_only_once_installed() {
+    let Setup {
+        api,
+        client,
+        _mesh: mesh,
+        proxy: _proxy,
+        echoes: _echoes,
+    } = setup().await;
+    // No Gateway API on this cluster: reported, not watched, said once in the log.
+    eventually(Duration::from_secs(10), || async {
+        let w = watches(&mesh).await;
+        w.get("HTTPRoute")
+            .is_some_and(|r| r["state"] == "NotInstalled" && r["optional"] == true)
+            && w.get("GRPCRoute")
+                .is_some_and(|r| r["state"] == "NotInstalled")
+            && w.get("ResiliencePolicy")
+                .is_some_and(|r| r["state"] == "Synced")
+    })
+    .await
+    .expect("the routes are reported as not installed");
+    // Two more lookups while it is missing.
+    tokio::time::sleep(2 * ferrymesh_controller::sources::kubernetes::watches::INSTALL_POLL).await;
+    let log = mesh.controller.log_text();
+    let said = log
+        .lines()
+        .filter(|l| l.contains("not watching HTTPRoute"))
+        .count();
+    assert_eq!(said, 1, "{log}");
+    assert!(
+        log.contains("gateway.networking.k8s.io/v1 is not installed"),
+        "{log}"
+    );
+
+    // Installed later: watched from then on, and a route applied reaches the index.
+    api.install_gateway_api();
+    eventually(Duration::from_secs(10), || async {
+        watches(&mesh)
+            .await
+            .get("HTTPRoute")
+            .is_some_and(|r| r["state"] == "Synced")
+    })
+    .await
+    .expect("HTTPRoute is watched once installed");
+    apply(
+        &client,
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\n\
+         spec: {parentRefs: [{group: \"\", kind: Service, name: nowhere, port: 80}], rules: [{backendRefs: [{name: nowhere, port: 80}]}]}\n",
+    )
+    .await;
+    eventually(Duration::from_secs(5), || async {
+        get_json(mesh.controller.addr("admin"), "/status").await["warnings"]
+            .as_array()
+            .is_some_and(|w| {
+                w.iter()
+                    .any(|w| w.as_str().is_some_and(|w| w.contains("nowhere")))
+            })
+    })
+    .await
+    .expect("the route reaches the controller's index");
+    let (_, metrics) = ferrymesh_test_support::mesh::get(mesh.controller.addr("admin"), "/metrics")
+        .await
+        .unwrap();
+    assert!(
+        !metrics.lines().any(|l| l
+            .starts_with("ferrymesh_controller_watch_errors_total{kind=\"HTTPRoute\"}")
+            || l.starts_with("ferrymesh_controller_watch_errors_total{kind=\"GRPCRoute\"}")),
+        "no watch ever failed: {metrics}"
+    );
 }

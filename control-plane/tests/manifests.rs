@@ -87,3 +87,77 @@ fn a_broken_overlay_is_caught_with_the_object_and_field() {
     );
     assert!(out.contains("('timeout' was unexpected)"), "{out}");
 }
+
+/// The objects `kubectl kustomize` renders from an overlay.
+fn render(overlay: &str) -> Vec<serde_json::Value> {
+    let out = Command::new("kubectl")
+        .args(["kustomize"])
+        .arg(root().join("manifests").join(overlay))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_yaml_ng::Deserializer::from_slice(&out.stdout)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|v: &serde_json::Value| v.is_object())
+        .collect()
+}
+
+/// The committed CRDs, by `(group, kind)`: each version's schema.
+fn committed_schemas() -> Vec<(String, String, serde_json::Value)> {
+    ferrymesh_controller::crd::all()
+        .into_iter()
+        .map(|c| {
+            let schema = serde_json::to_value(
+                c.spec.versions[0]
+                    .schema
+                    .clone()
+                    .unwrap()
+                    .open_api_v3_schema
+                    .unwrap(),
+            )
+            .unwrap();
+            (c.spec.group, c.spec.names.kind, schema)
+        })
+        .collect()
+}
+
+/// As a real API server admits them: every CRD in the overlays passes the API server's CRD
+/// rules (no error, no warning), and every custom resource its CRD's schema and CEL rules.
+#[test]
+fn every_object_passes_the_api_servers_own_checks() {
+    use ferrymesh_test_support::kube_api::schema;
+    if python().is_none() {
+        return;
+    }
+    let schemas = committed_schemas();
+    let mut crds = 0;
+    let mut custom = 0;
+    for overlay in ["base", "demo", "observability"] {
+        for object in render(overlay) {
+            let kind = object["kind"].as_str().unwrap_or("");
+            let name = object["metadata"]["name"].as_str().unwrap_or("");
+            if kind == "CustomResourceDefinition" {
+                crds += 1;
+                let problems = schema::check_crd(&object);
+                assert!(problems.is_empty(), "{overlay}: CRD {name}: {problems:?}");
+            }
+            let group = object["apiVersion"]
+                .as_str()
+                .unwrap_or("")
+                .split('/')
+                .next()
+                .unwrap_or("");
+            if let Some((_, _, s)) = schemas.iter().find(|(g, k, _)| g == group && k == kind) {
+                custom += 1;
+                let errors = schema::validate(s, &object);
+                assert!(errors.is_empty(), "{overlay}: {kind} {name}: {errors:?}");
+            }
+        }
+    }
+    assert_eq!(crds, 5, "the base installs every CRD");
+    assert!(custom >= 5, "the demo's policies were checked ({custom})");
+}

@@ -109,6 +109,7 @@ fn patched(original: &Value, response: &Value) -> Option<Value> {
 #[tokio::test]
 async fn the_webhook_injects_pods_of_opted_in_namespaces_over_tls_from_the_mesh_ca() {
     let api = FakeApi::start().await;
+    api.install_mesh_crds();
     let client = api.client().await;
     apply(&client, NAMESPACES).await;
     apply(&client, CONFIGURATION).await;

@@ -113,6 +113,7 @@ impl Outbound {
         targets
             .iter()
             .map(|(name, l)| {
+                l.sync_endpoints();
                 let endpoints: Vec<_> = l
                     .balancer
                     .slots()

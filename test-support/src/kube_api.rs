@@ -3,8 +3,23 @@
 //! bookmarks, `410 Gone` for a watch from a compacted version (the client must relist),
 //! create / replace / delete with `generation` bumped on spec changes only, and status
 //! patches (server-side apply on the `status` subresource) that do not touch `generation`.
-//! Any group, version and plural is served, namespaced or cluster-scoped, so the production
-//! kube client runs against it unchanged: point `KUBECONFIG` at [`FakeApi::kubeconfig`].
+//! Point `KUBECONFIG` at [`FakeApi::kubeconfig`] and the production kube client runs unchanged.
+//!
+//! It holds the rules of a real API server that the controller and our manifests meet:
+//! - **Only installed APIs are served.** The built-in kinds of [`served::BUILTIN`] always; a custom
+//!   kind once its CustomResourceDefinition is created (and no longer once it is deleted).
+//!   Anything else answers `404 page not found`, as a real server does for an API that is not
+//!   installed. Discovery (`/api`, `/apis`, `/apis/<group>/<version>`) lists the same.
+//! - **CRDs are checked as the server checks them** ([`schema::check_crd`]: structural
+//!   schema, defaults valid against their own schema, known formats only (others come back as
+//!   `Warning` headers), list-map keys required, CEL rules compiled and within the cost budget
+//!   estimated as the server does ([`cel_cost`])); a refused CRD is `422 Invalid` with the
+//!   server's field paths.
+//! - **Custom resources are checked against their CRD's schema and CEL rules**
+//!   ([`schema::validate`]) on create, replace and patch.
+//! - **Empty lists come back as `null`** where Go's types serialise a nil slice without
+//!   `omitempty`: an EndpointSlice with no endpoints is served `"endpoints": null` (and
+//!   `"ports": null`), as the real server serves it after the protobuf round trip through etcd.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -20,6 +35,10 @@ use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
+
+pub mod cel_cost;
+pub mod schema;
+pub mod served;
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -48,6 +67,8 @@ struct State {
     uid: u64,
     /// TokenReview answers: token -> (username, audiences it was issued for).
     tokens: BTreeMap<String, (String, Vec<String>)>,
+    /// The custom kinds served (installed CRDs).
+    registry: served::Registry,
 }
 
 /// The fake API server; stops when dropped.
@@ -85,6 +106,27 @@ fn status_error(code: StatusCode, reason: &str, message: &str) -> Response<Body>
         &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                 "message": message, "reason": reason, "code": code.as_u16()}),
     )
+}
+
+fn with_warnings(mut rsp: Response<Body>, warnings: &[String]) -> Response<Body> {
+    for w in warnings {
+        let text = format!("299 - {:?}", w);
+        if let Ok(v) = http::HeaderValue::from_str(&text) {
+            rsp.headers_mut().append("warning", v);
+        }
+    }
+    rsp
+}
+
+/// `404 page not found`, as a real server answers for an API that is not installed.
+fn not_installed() -> Response<Body> {
+    let mut rsp = Response::new(Full::new(Bytes::from_static(b"404 page not found\n")).boxed());
+    *rsp.status_mut() = StatusCode::NOT_FOUND;
+    rsp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    rsp
 }
 
 /// A parsed request path.
@@ -328,6 +370,80 @@ impl FakeApi {
     pub fn watchers(&self) -> usize {
         self.events.receiver_count()
     }
+
+    /// Creates the CustomResourceDefinitions of a YAML text (one or more documents) as
+    /// `kubectl apply` would, through the API server's CRD checks: the warnings it answers
+    /// with, or why it refused (the first refusal; the CRDs before it stay).
+    ///
+    /// # Errors
+    /// The server's `422 Invalid` message.
+    pub fn install_crds(&self, yaml: &str) -> Result<Vec<String>, String> {
+        let mut warnings = Vec::new();
+        for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
+            let crd: Value = serde::Deserialize::deserialize(doc).map_err(|e| e.to_string())?;
+            if !crd.is_object() {
+                continue;
+            }
+            let admitted = served::admit(
+                &self.state.lock().expect("state lock").registry,
+                &served::crd_resource(),
+                &crd,
+            );
+            warnings.extend(admitted?);
+            let target = Target {
+                resource: served::crd_resource(),
+                namespace: None,
+                name: None,
+                status: false,
+            };
+            let rsp = create(&target, crd, &self.state, &self.events);
+            if !rsp.status().is_success() {
+                return Err(format!("CRD not created: {}", rsp.status()));
+            }
+        }
+        Ok(warnings)
+    }
+
+    /// Installs the mesh's committed CRDs (`manifests/crds/`), as `make kind-deploy` does.
+    ///
+    /// # Panics
+    /// When the API server's checks refuse one or warn about one: the committed CRDs must
+    /// install cleanly on a real cluster.
+    pub fn install_mesh_crds(&self) {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/crds");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .expect("manifests/crds")
+            .filter_map(|e| Some(e.ok()?.path()))
+            .filter(|p| p.file_name().is_some_and(|n| n != "kustomization.yaml"))
+            .collect();
+        files.sort();
+        for path in files {
+            let yaml = std::fs::read_to_string(&path).expect("a CRD file");
+            let warnings = self
+                .install_crds(&yaml)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(warnings.is_empty(), "{}: {warnings:?}", path.display());
+        }
+    }
+
+    /// Installs HTTPRoute and GRPCRoute (`gateway.networking.k8s.io/v1`), as the Gateway API's
+    /// standard channel does. Their schema here keeps every field (the upstream CRDs' own
+    /// schema is not needed to test who watches them).
+    ///
+    /// # Panics
+    /// Never: the CRDs are fixed and valid.
+    pub fn install_gateway_api(&self) {
+        for (kind, plural) in [("HTTPRoute", "httproutes"), ("GRPCRoute", "grpcroutes")] {
+            let crd = json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+                "metadata": {"name": format!("{plural}.gateway.networking.k8s.io")},
+                "spec": {"group": "gateway.networking.k8s.io", "scope": "Namespaced",
+                    "names": {"kind": kind, "plural": plural, "listKind": format!("{kind}List"), "singular": kind.to_ascii_lowercase()},
+                    "versions": [{"name": "v1", "served": true, "storage": true, "subresources": {"status": {}},
+                        "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]}});
+            self.install_crds(&crd.to_string())
+                .expect("the Gateway API route CRDs are valid");
+        }
+    }
 }
 
 /// Where a list or event's object kind comes from (for `ERROR` and `BOOKMARK` events).
@@ -344,9 +460,30 @@ async fn handle(
     events: &broadcast::Sender<Event>,
     cut: &Arc<Mutex<broadcast::Sender<()>>>,
 ) -> Response<Body> {
+    if req.method() == Method::GET {
+        let doc = state
+            .lock()
+            .expect("state lock")
+            .registry
+            .discovery(req.uri().path());
+        if let Some(doc) = doc {
+            return json_response(StatusCode::OK, &doc);
+        }
+    }
+    if let Some(rsp) = service_proxy(req.uri().path(), state).await {
+        return rsp;
+    }
     let Some(target) = parse_path(req.uri().path()) else {
-        return status_error(StatusCode::NOT_FOUND, "NotFound", "no such path");
+        return not_installed();
     };
+    if !state
+        .lock()
+        .expect("state lock")
+        .registry
+        .serves(&target.resource)
+    {
+        return not_installed();
+    }
     let q = query(req.uri());
     let method = req.method().clone();
     let content_type = req
@@ -398,6 +535,102 @@ async fn handle(
             "not supported",
         ),
     }
+}
+
+/// The API server's service proxy, `/api/v1/namespaces/<ns>/services/[<scheme>:]<name>[:<port>]/proxy/<path>`
+/// (GET only): to a ready endpoint of the Service's port, found through its EndpointSlices.
+/// `None` when the path is not a service proxy path.
+async fn service_proxy(path: &str, state: &Arc<Mutex<State>>) -> Option<Response<Body>> {
+    let rest = path.strip_prefix("/api/v1/namespaces/")?;
+    let (ns, rest) = rest.split_once("/services/")?;
+    let (spec, tail) = rest.split_once("/proxy")?;
+    let parts: Vec<&str> = spec.split(':').collect();
+    let (name, port) = match parts.as_slice() {
+        [name] => (*name, ""),
+        [name, port] | [_, name, port] => (*name, *port),
+        _ => {
+            return Some(status_error(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                "bad service",
+            ));
+        }
+    };
+    let target = {
+        let s = state.lock().expect("state lock");
+        let service = s
+            .objects
+            .get(&("/api/v1".to_owned(), "services".to_owned()))
+            .and_then(|m| m.get(&(ns.to_owned(), name.to_owned())))
+            .cloned();
+        let Some(service) = service else {
+            return Some(status_error(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                &format!("services {name:?} not found"),
+            ));
+        };
+        let port_name = service["spec"]["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| port.is_empty() || p["name"] == port || p["port"].to_string() == port)
+            .map(|p| p["name"].as_str().unwrap_or("").to_owned());
+        let slices = s
+            .objects
+            .get(&(
+                "/apis/discovery.k8s.io/v1".to_owned(),
+                "endpointslices".to_owned(),
+            ))
+            .cloned()
+            .unwrap_or_default();
+        slices
+            .iter()
+            .filter(|((n, _), o)| {
+                n == ns && o["metadata"]["labels"]["kubernetes.io/service-name"] == name
+            })
+            .find_map(|(_, o)| {
+                let number = o["ports"].as_array()?.iter().find(|p| {
+                    port_name
+                        .as_deref()
+                        .is_none_or(|w| p["name"].as_str().unwrap_or("") == w)
+                })?["port"]
+                    .as_u64()?;
+                let address = o["endpoints"]
+                    .as_array()?
+                    .iter()
+                    .find(|e| e["conditions"]["ready"] != false)?["addresses"][0]
+                    .as_str()?
+                    .to_owned();
+                Some(format!("{address}:{number}"))
+            })
+    };
+    let Some(target) = target else {
+        return Some(status_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            &format!("no endpoints available for service {name:?}"),
+        ));
+    };
+    let url = format!(
+        "http://{target}{}",
+        if tail.is_empty() { "/" } else { tail }
+    );
+    Some(match reqwest::get(&url).await {
+        Ok(r) => {
+            let status = r.status();
+            let body = r.bytes().await.unwrap_or_default();
+            let mut rsp = Response::new(Full::new(body).boxed());
+            *rsp.status_mut() =
+                StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            rsp
+        }
+        Err(e) => status_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            &e.to_string(),
+        ),
+    })
 }
 
 fn list(target: &Target, state: &Arc<Mutex<State>>) -> Response<Body> {
@@ -580,9 +813,17 @@ fn create(
             &format!("{name} already exists"),
         );
     }
+    let warnings = match served::admit(&s.registry, &target.resource, &body) {
+        Ok(w) => w,
+        Err(e) => return status_error(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &e),
+    };
     s.uid += 1;
     if !ns.is_empty() {
         body["metadata"]["namespace"] = json!(ns);
+    }
+    served::normalize(&target.resource, &mut body);
+    if target.resource == served::crd_resource() {
+        s.registry.install(&body);
     }
     body["metadata"]["uid"] = json!(format!("uid-{}", s.uid));
     body["metadata"]["generation"] = json!(1);
@@ -593,7 +834,7 @@ fn create(
         .or_default()
         .insert(key, body.clone());
     s.record(events, &target.resource, "ADDED", &body);
-    json_response(StatusCode::CREATED, &body)
+    with_warnings(json_response(StatusCode::CREATED, &body), &warnings)
 }
 
 fn replace(
@@ -623,6 +864,14 @@ fn replace(
     for field in ["uid", "creationTimestamp", "namespace", "name"] {
         body["metadata"][field] = old["metadata"][field].clone();
     }
+    let warnings = match served::admit(&s.registry, &target.resource, &body) {
+        Ok(w) => w,
+        Err(e) => return status_error(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &e),
+    };
+    served::normalize(&target.resource, &mut body);
+    if target.resource == served::crd_resource() {
+        s.registry.install(&body);
+    }
     let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
     let changed = spec_of(&old) != spec_of(&body);
     body["metadata"]["generation"] = json!(if changed { generation + 1 } else { generation });
@@ -641,7 +890,7 @@ fn replace(
         .or_default()
         .insert(key, body.clone());
     s.record(events, &target.resource, "MODIFIED", &body);
-    json_response(StatusCode::OK, &body)
+    with_warnings(json_response(StatusCode::OK, &body), &warnings)
 }
 
 fn patch(
@@ -705,6 +954,13 @@ fn patch(
             o.remove("status");
         }
         merge(&mut object, &patch);
+        if let Err(e) = served::admit(&s.registry, &target.resource, &object) {
+            return status_error(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &e);
+        }
+        served::normalize(&target.resource, &mut object);
+        if target.resource == served::crd_resource() {
+            s.registry.install(&object);
+        }
         if spec_of(&object) != before {
             let generation = object["metadata"]["generation"].as_i64().unwrap_or(1);
             object["metadata"]["generation"] = json!(generation + 1);
@@ -743,6 +999,12 @@ fn delete(
     };
     s.bump(&mut object);
     s.record(events, &target.resource, "DELETED", &object);
+    if target.resource == served::crd_resource() {
+        // The CRD's kinds stop being served, and their objects go with them.
+        for resource in s.registry.remove(name) {
+            s.objects.remove(&resource);
+        }
+    }
     json_response(StatusCode::OK, &object)
 }
 
@@ -752,6 +1014,19 @@ fn delete(
 /// # Panics
 /// When a document is not a Kubernetes object or the server refuses it.
 pub async fn apply(client: &kube::Client, yaml: &str) {
+    if let Err(e) = try_apply(client, yaml).await {
+        panic!("applying: {e}");
+    }
+}
+
+/// [`apply`], with the server's refusal returned.
+///
+/// # Errors
+/// The API server refused a document (the ones before it are applied).
+///
+/// # Panics
+/// When a document is not a Kubernetes object.
+pub async fn try_apply(client: &kube::Client, yaml: &str) -> Result<(), kube::Error> {
     use kube::api::{Api, DynamicObject, PostParams};
     use kube::discovery::ApiResource;
     for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
@@ -778,21 +1053,18 @@ pub async fn apply(client: &kube::Client, yaml: &str) {
             None => Api::all_with(client.clone(), &ar),
         };
         let name = object.metadata.name.clone().expect("a name");
-        match api.get_opt(&name).await.expect("reading the object") {
+        match api.get_opt(&name).await? {
             None => {
-                api.create(&PostParams::default(), &object)
-                    .await
-                    .expect("creating");
+                api.create(&PostParams::default(), &object).await?;
             }
             Some(old) => {
                 let mut object = object;
                 object.metadata.resource_version = old.metadata.resource_version;
-                api.replace(&name, &PostParams::default(), &object)
-                    .await
-                    .expect("replacing");
+                api.replace(&name, &PostParams::default(), &object).await?;
             }
         }
     }
+    Ok(())
 }
 
 /// Deletes the object a YAML document names.

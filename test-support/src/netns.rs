@@ -116,6 +116,7 @@ impl Network {
         let v6 = format!("{gateway_v6}/64");
         sh("ip", &["-6", "addr", "add", &v6, "dev", &bridge, "nodad"]);
         sh("ip", &["link", "set", &bridge, "up"]);
+        forward_within(&bridge, "-I");
         let dir = tempfile::tempdir().expect("a temporary folder");
         open_up(dir.path());
         Some(Network {
@@ -252,8 +253,24 @@ pub fn open_up(dir: &Path) {
         .expect("opening a folder to the proxy's UID");
 }
 
+/// Lets traffic between the bridge's own ports through the root namespace's FORWARD chain
+/// (`-I`), or takes that rule out again (`-D`). With `br_netfilter` loaded (Docker loads it)
+/// bridged frames pass through iptables, and Docker sets the FORWARD policy to DROP: pod to pod
+/// traffic on our bridge would be dropped. Only our bridge's traffic is allowed, first in the
+/// chain; nothing else of the host's rules changes.
+fn forward_within(bridge: &str, op: &str) {
+    for program in ["iptables", "ip6tables"] {
+        let _ = Command::new(program)
+            .args([
+                "-w", op, "FORWARD", "-i", bridge, "-o", bridge, "-j", "ACCEPT",
+            ])
+            .output();
+    }
+}
+
 impl Drop for Network {
     fn drop(&mut self) {
+        forward_within(&self.bridge, "-D");
         for ns in &self.namespaces {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }

@@ -1,7 +1,11 @@
 //! `ferryctl check --kube`: the health of an install, as a student checks it after
 //! `make kind-deploy`. Each line says ok or FAIL and what to look at:
-//! - the CRDs are installed (every kind `ferrymesh-controller crds` generates);
-//! - the controller Deployment has ready replicas;
+//! - the CRDs are installed (every kind `ferrymesh-controller crds` generates), established,
+//!   and serving the version the controller reads;
+//! - the Gateway API's route CRDs are installed (a warning when not: the controller then does
+//!   not watch routes);
+//! - the controller Deployment has ready replicas, and its watches are healthy (its `/status`,
+//!   read through the API server's service proxy): every kind listed, none failing;
 //! - the injection webhook is configured with the mesh CA (caBundle set on every webhook) and
 //!   its Service has ready endpoints to reach;
 //! - every injected pod's proxy is ready, which it only is once connected to the controller and
@@ -20,6 +24,8 @@ use kube::api::{DynamicObject, ListParams};
 pub struct Line {
     /// Passed.
     pub ok: bool,
+    /// Passed, but something optional is missing.
+    pub warn: bool,
     /// What was checked, and what was found.
     pub text: String,
 }
@@ -27,6 +33,15 @@ pub struct Line {
 fn line(ok: bool, text: impl Into<String>) -> Line {
     Line {
         ok,
+        warn: false,
+        text: text.into(),
+    }
+}
+
+fn warning(text: impl Into<String>) -> Line {
+    Line {
+        ok: true,
+        warn: true,
         text: text.into(),
     }
 }
@@ -37,15 +52,49 @@ const CONTROLLER: &str = "ferrymesh-controller";
 async fn crds(client: &kube::Client) -> Line {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     let mut missing = Vec::new();
+    let mut wrong = Vec::new();
     let all = ferrymesh_controller::crd::all();
     for crd in &all {
         let name = crd.metadata.name.clone().unwrap_or_default();
-        if !matches!(api.get_opt(&name).await, Ok(Some(_))) {
-            missing.push(name);
+        let version = crd.spec.versions[0].name.clone();
+        match api.get_opt(&name).await {
+            Ok(Some(installed)) => {
+                let served = installed
+                    .spec
+                    .versions
+                    .iter()
+                    .any(|v| v.name == version && v.served);
+                let established = installed
+                    .status
+                    .and_then(|s| s.conditions)
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c.type_ == "Established" && c.status == "True");
+                if !served {
+                    wrong.push(format!("{name} does not serve {version}"));
+                } else if !established {
+                    wrong.push(format!("{name} is not Established"));
+                }
+            }
+            _ => missing.push(name),
         }
     }
-    if missing.is_empty() {
-        line(true, format!("CRDs installed ({})", all.len()))
+    if !wrong.is_empty() {
+        line(
+            false,
+            format!(
+                "CRDs not usable: {} (kubectl apply --server-side -k manifests/crds)",
+                wrong.join(", ")
+            ),
+        )
+    } else if missing.is_empty() {
+        line(
+            true,
+            format!(
+                "CRDs installed, established and serving v1alpha1 ({})",
+                all.len()
+            ),
+        )
     } else {
         line(
             false,
@@ -207,9 +256,95 @@ async fn proxies(client: &kube::Client) -> Line {
     }
 }
 
+/// The Gateway API route CRDs (standard channel) the controller watches when present.
+async fn gateway_api(client: &kube::Client) -> Line {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut missing = Vec::new();
+    for name in [
+        "httproutes.gateway.networking.k8s.io",
+        "grpcroutes.gateway.networking.k8s.io",
+    ] {
+        if !matches!(api.get_opt(name).await, Ok(Some(_))) {
+            missing.push(name);
+        }
+    }
+    if missing.is_empty() {
+        line(true, "Gateway API route CRDs installed")
+    } else {
+        warning(format!(
+            "Gateway API CRDs missing: {}: routes are not watched until they are (make gateway-api)",
+            missing.join(", ")
+        ))
+    }
+}
+
+/// The controller's watches, from its `/status` through the API server's service proxy.
+async fn watches(client: &kube::Client) -> Line {
+    let path =
+        format!("/api/v1/namespaces/{SYSTEM}/services/http:{CONTROLLER}:http-admin/proxy/status");
+    let request = match http::Request::get(&path).body(Vec::new()) {
+        Ok(r) => r,
+        Err(e) => return line(false, format!("controller watches: {e}")),
+    };
+    let status: serde_json::Value = match client.request(request).await {
+        Ok(s) => s,
+        Err(e) => {
+            return line(
+                false,
+                format!("controller watches: /status through the service proxy: {e}"),
+            );
+        }
+    };
+    let watches = status["watches"].as_array().cloned().unwrap_or_default();
+    if watches.is_empty() {
+        return line(
+            false,
+            "controller watches: none reported (is the controller on --source kubernetes?)",
+        );
+    }
+    let mut bad = Vec::new();
+    let mut optional = Vec::new();
+    for w in &watches {
+        let kind = w["kind"].as_str().unwrap_or("?");
+        let message = w["message"].as_str().unwrap_or("");
+        match w["state"].as_str().unwrap_or("") {
+            "Synced" => {}
+            "NotInstalled" if w["optional"] == true => optional.push(kind.to_owned()),
+            state => bad.push(format!("{kind} {state}: {message}")),
+        }
+    }
+    let synced = watches.len() - bad.len() - optional.len();
+    if !bad.is_empty() {
+        line(
+            false,
+            format!(
+                "controller watches unhealthy ({synced}/{} synced): {}",
+                watches.len(),
+                bad.join("; ")
+            ),
+        )
+    } else if optional.is_empty() {
+        line(
+            true,
+            format!("controller watches synced ({synced}/{})", watches.len()),
+        )
+    } else {
+        warning(format!(
+            "controller watches synced ({synced}/{}); not watching {} (API not installed)",
+            watches.len(),
+            optional.join(", ")
+        ))
+    }
+}
+
 /// Every check, in order.
 pub async fn checks(client: &kube::Client) -> Vec<Line> {
-    let mut lines = vec![crds(client).await, controller(client).await];
+    let mut lines = vec![
+        crds(client).await,
+        gateway_api(client).await,
+        controller(client).await,
+        watches(client).await,
+    ];
     lines.extend(webhook(client).await);
     lines.push(proxies(client).await);
     lines
@@ -223,7 +358,12 @@ pub async fn run(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<()> {
     let client = ferrymesh_controller::run::kube_client(kubeconfig).await?;
     let lines = checks(&client).await;
     for l in &lines {
-        println!("{} {}", if l.ok { "ok  " } else { "FAIL" }, l.text);
+        let mark = match (l.ok, l.warn) {
+            (false, _) => "FAIL",
+            (true, true) => "WARN",
+            (true, false) => "ok  ",
+        };
+        println!("{mark} {}", l.text);
     }
     let failed = lines.iter().filter(|l| !l.ok).count();
     if failed > 0 {

@@ -10,6 +10,9 @@ use super::PolicyStatus;
 use super::resilience::DURATION;
 use crate::sources::TargetRef;
 
+/// A JWS algorithm name (RFC 7518 3.1, and RFC 8037's EdDSA).
+pub const ALGORITHM: &str = "^((HS|RS|PS|ES)(256|384|512)|EdDSA)$";
+
 /// How callers of the targets authenticate.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[kube(
@@ -47,7 +50,6 @@ use crate::sources::TargetRef;
 #[x_kube(validation = Rule::new("self.targetRefs.all(t, t.group == '' && (t.kind == 'Namespace' || t.kind == 'Service'))").message("targets a Namespace or a Service (its workloads' inbound ports)"))]
 pub struct AuthenticationPolicySpec {
     /// Namespaces or Services, 1 to 16.
-    #[serde(default)]
     #[schemars(length(min = 1, max = 16))]
     pub target_refs: Vec<TargetRef>,
     /// Mutual TLS.
@@ -90,11 +92,14 @@ pub struct Provider {
     pub name: String,
     /// `iss`.
     pub issuer: String,
-    /// Accepted `aud` values.
+    /// Accepted `aud` values, at most 16.
     #[serde(default)]
+    #[schemars(length(max = 16), inner(length(max = 253)))]
     pub audiences: Vec<String>,
-    /// Accepted algorithms.
+    /// Accepted JWS algorithms (RFC 7518 names: HS256, RS256, PS256, ES256, EdDSA, ...), at
+    /// most 12. Bounded so the CEL rule over them fits the API server's cost budget.
     #[serde(default)]
+    #[schemars(length(max = 12), inner(length(max = 5), regex(pattern = ALGORITHM)))]
     pub algorithms: Vec<String>,
     /// Where the keys come from.
     pub jwks: Jwks,

@@ -45,14 +45,12 @@ use crate::sources::TargetRef;
 #[x_kube(validation = Rule::new("self.targetRefs.all(t, t.group == '' && (t.kind == 'Namespace' || t.kind == 'Service'))").message("targets a Namespace or a Service (its workloads' inbound ports)"))]
 pub struct AuthorizationPolicySpec {
     /// Namespaces or Services (their workloads' inbound ports), 1 to 16.
-    #[serde(default)]
     #[schemars(length(min = 1, max = 16))]
     pub target_refs: Vec<TargetRef>,
     /// Allow | Deny.
     #[schemars(extend("enum" = ["Allow", "Deny"]))]
     pub action: String,
     /// 1 to 64 rules; a request matching any rule matches the policy.
-    #[serde(default)]
     #[schemars(length(min = 1, max = 64))]
     pub rules: Vec<AuthzRule>,
 }

@@ -54,7 +54,6 @@ use crate::sources::TargetRef;
 #[x_kube(validation = Rule::new("has(self.duration) && duration(self.duration) >= duration('1m') && duration(self.duration) <= duration('24h')").message("duration is required, 1m..24h"))]
 pub struct FaultInjectionSpec {
     /// Services (and ports) or routes, 1 to 16.
-    #[serde(default)]
     #[schemars(length(min = 1, max = 16))]
     pub target_refs: Vec<TargetRef>,
     /// Server (default: the target's inbound proxies inject) | Client (callers' proxies).

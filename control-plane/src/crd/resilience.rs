@@ -53,7 +53,6 @@ pub const DURATION: &str = "^([0-9]{1,5}(h|m|s|ms)){1,4}$";
 #[x_kube(validation = Rule::new("self.targetRefs.all(t, (t.group == '' && (t.kind == 'Namespace' || t.kind == 'Service')) || (t.group == 'gateway.networking.k8s.io' && (t.kind == 'HTTPRoute' || t.kind == 'GRPCRoute' || t.kind == 'Gateway')))").message("target kinds are Namespace, Service (group \"\"), HTTPRoute, GRPCRoute, Gateway (group gateway.networking.k8s.io)"))]
 pub struct ResiliencePolicySpec {
     /// What the policy applies to: 1 to 16 references in the policy's namespace.
-    #[serde(default)]
     #[schemars(length(min = 1, max = 16))]
     pub target_refs: Vec<TargetRef>,
     /// Whole-request and per-try timeouts.

@@ -235,27 +235,17 @@ fn rules_in(schema: &Value, out: &mut Vec<(Value, String)>) {
 fn every_rule_compiles_and_fits_the_api_servers_cost_budget() {
     let mut count = 0;
     for crd in all() {
-        let schema = serde_json::to_value(
-            crd.spec.versions[0]
-                .schema
-                .clone()
-                .unwrap()
-                .open_api_v3_schema
-                .unwrap(),
-        )
-        .unwrap();
+        let json = serde_json::to_value(&crd).unwrap();
         let mut rules = Vec::new();
-        rules_in(&schema, &mut rules);
-        for (node, rule) in rules {
-            count += 1;
-            let compiled = kube::core::cel::compile_schema(&node);
-            let warnings = kube::core::cel::estimate_rule_cost(&rule, &compiled);
-            assert!(warnings.is_empty(), "{rule}: {warnings:?}");
-            assert!(
-                kube::core::cel::cel::Program::compile(&rule).is_ok(),
-                "{rule} does not compile"
-            );
-        }
+        rules_in(
+            &json["spec"]["versions"][0]["schema"]["openAPIV3Schema"],
+            &mut rules,
+        );
+        count += rules.len();
+        // Compiled and costed as the API server does (unbounded lists and strings at their
+        // largest), along with the other CRD rules: no error and no warning.
+        let problems = ferrymesh_test_support::kube_api::schema::check_crd(&json);
+        assert!(problems.is_empty(), "{:?}: {problems:?}", crd.metadata.name);
     }
     assert!(count >= 15, "{count} rules");
 }

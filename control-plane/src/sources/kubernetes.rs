@@ -10,6 +10,7 @@
 //! duplicated. Policy status is written back with server-side apply ([`status`]).
 
 pub mod status;
+pub mod watches;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -33,6 +34,8 @@ pub struct Kind {
     pub kind: &'static str,
     /// Resource (plural).
     pub plural: &'static str,
+    /// An API a healthy install may lack (Gateway API): watched once it is installed.
+    pub optional: bool,
 }
 
 impl Kind {
@@ -74,60 +77,70 @@ pub const KINDS: &[Kind] = &[
         version: "v1",
         kind: "Service",
         plural: "services",
+        optional: false,
     },
     Kind {
         group: "discovery.k8s.io",
         version: "v1",
         kind: "EndpointSlice",
         plural: "endpointslices",
+        optional: false,
     },
     Kind {
         group: "",
         version: "v1",
         kind: "Pod",
         plural: "pods",
+        optional: false,
     },
     Kind {
         group: "",
         version: "v1",
         kind: "Namespace",
         plural: "namespaces",
+        optional: false,
     },
     Kind {
         group: "policy.ferrymesh.io",
         version: "v1alpha1",
         kind: "ResiliencePolicy",
         plural: "resiliencepolicies",
+        optional: false,
     },
     Kind {
         group: "policy.ferrymesh.io",
         version: "v1alpha1",
         kind: "AuthenticationPolicy",
         plural: "authenticationpolicies",
+        optional: false,
     },
     Kind {
         group: "policy.ferrymesh.io",
         version: "v1alpha1",
         kind: "AuthorizationPolicy",
         plural: "authorizationpolicies",
+        optional: false,
     },
     Kind {
         group: "policy.ferrymesh.io",
         version: "v1alpha1",
         kind: "FaultInjection",
         plural: "faultinjections",
+        optional: false,
     },
     Kind {
         group: "gateway.networking.k8s.io",
         version: "v1",
         kind: "HTTPRoute",
         plural: "httproutes",
+        optional: true,
     },
     Kind {
         group: "gateway.networking.k8s.io",
         version: "v1",
         kind: "GRPCRoute",
         plural: "grpcroutes",
+        optional: true,
     },
 ];
 
@@ -291,6 +304,76 @@ fn lag(object: &DynamicObject) -> Option<std::time::Duration> {
     std::time::Duration::try_from(age).ok()
 }
 
+/// Whether `kind`'s API is served, by API discovery (`/apis/<group>/<version>`): a custom
+/// kind is served only once its CRD is installed.
+///
+/// # Errors
+/// The API server could not be asked (not a 404).
+pub async fn installed(client: &kube::Client, kind: &Kind) -> Result<bool, kube::Error> {
+    if kind.group.is_empty() {
+        return Ok(true);
+    }
+    match client
+        .list_api_group_resources(&kind.api_resource().api_version)
+        .await
+    {
+        Ok(list) => Ok(list.resources.iter().any(|r| r.name == kind.plural)),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Watches one kind until the process ends, feeding the index; a kind whose API is not
+/// installed is looked up again every [`watches::INSTALL_POLL`] and watched once it is (one log
+/// line when it is missing, one when it appears).
+pub async fn watch_when_installed(
+    client: kube::Client,
+    kind: Kind,
+    index: IndexHandle,
+    seen: Seen,
+    metrics: Arc<crate::metrics::Metrics>,
+    watches: watches::Watches,
+) {
+    let api_version = kind.api_resource().api_version;
+    let mut said = false;
+    loop {
+        match installed(&client, &kind).await {
+            Ok(true) => break,
+            Ok(false) => {
+                let why = format!(
+                    "{api_version} is not installed (no {} in API discovery); watched once it is",
+                    kind.plural
+                );
+                if !said {
+                    if kind.optional {
+                        tracing::info!(kind = kind.kind, "not watching {}: {why}", kind.kind);
+                    } else {
+                        tracing::error!(
+                            kind = kind.kind,
+                            "not watching {}: {why} (kubectl apply --server-side -k manifests/crds)",
+                            kind.kind
+                        );
+                    }
+                    said = true;
+                }
+                watches.set(&kind, watches::WatchState::NotInstalled, why);
+            }
+            Err(e) => {
+                tracing::debug!(kind = kind.kind, error = %e, "API discovery failed; asking again");
+            }
+        }
+        tokio::time::sleep(watches::INSTALL_POLL).await;
+    }
+    if said {
+        tracing::info!(
+            kind = kind.kind,
+            "{api_version} is installed now: watching {}",
+            kind.kind
+        );
+    }
+    watch(client, kind, index, seen, metrics, watches).await;
+}
+
 /// Watches one kind until the process ends, feeding the index.
 pub async fn watch(
     client: kube::Client,
@@ -298,7 +381,9 @@ pub async fn watch(
     index: IndexHandle,
     seen: Seen,
     metrics: Arc<crate::metrics::Metrics>,
+    watches: watches::Watches,
 ) {
+    watches.set(&kind, watches::WatchState::Starting, "listing");
     let api: Api<DynamicObject> = Api::all_with(client, &kind.api_resource());
     let mut events = watcher::watcher(api, watcher::Config::default())
         .default_backoff()
@@ -315,6 +400,11 @@ pub async fn watch(
                 let entries = buffer.take().unwrap_or_default();
                 let keep: Vec<PathBuf> = entries.iter().map(|(p, _)| p.clone()).collect();
                 tracing::info!(kind = kind.kind, objects = entries.len(), "listed");
+                watches.set(
+                    &kind,
+                    watches::WatchState::Synced,
+                    format!("{} object(s) at the last list", entries.len()),
+                );
                 seen.retain_prefix(&kind.prefix(), &keep);
                 index.replace_prefix(&kind.prefix(), entries);
             }
@@ -332,6 +422,7 @@ pub async fn watch(
             }
             Err(e) => {
                 metrics.watch_error(kind.kind);
+                watches.set(&kind, watches::WatchState::Failing, e.to_string());
                 tracing::warn!(kind = kind.kind, error = %e, "watch failed; retrying with backoff");
             }
         }

@@ -128,14 +128,18 @@ type FieldError = (String, String);
 fn from_json<T: DeserializeOwned>(json: &serde_json::Value) -> Result<T, FieldError> {
     serde_path_to_error::deserialize(json).map_err(|e| {
         let path = e.path().to_string();
-        (
-            if path.is_empty() {
-                ".".to_owned()
-            } else {
-                path
-            },
-            e.into_inner().to_string(),
-        )
+        let message = e.into_inner().to_string();
+        // A required field that is missing is named by its own path (`spec.targetRefs`).
+        let missing = message
+            .strip_prefix("missing field `")
+            .and_then(|m| m.split('`').next());
+        let path = match (path.as_str(), missing) {
+            ("" | ".", Some(field)) => field.to_owned(),
+            (_, Some(field)) => format!("{path}.{field}"),
+            ("", None) => ".".to_owned(),
+            _ => path,
+        };
+        (path, message)
     })
 }
 
@@ -200,13 +204,23 @@ struct RawService {
     spec: RawServiceSpec,
 }
 
+/// A list the API server may serve as `null` (Go's nil slice without `omitempty`: an
+/// EndpointSlice with no endpoints is `"endpoints": null`), read as empty.
+fn null_as_empty<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
+}
+
 #[derive(Deserialize)]
 struct RawServiceSpec {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     ports: Vec<RawServicePort>,
     #[serde(rename = "clusterIP")]
     cluster_ip: Option<String>,
-    #[serde(rename = "clusterIPs", default)]
+    #[serde(rename = "clusterIPs", default, deserialize_with = "null_as_empty")]
     cluster_ips: Vec<String>,
 }
 
@@ -312,20 +326,22 @@ struct RawSlice {
     metadata: RawMeta,
     #[serde(rename = "addressType")]
     address_type: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     ports: Vec<RawSlicePort>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     endpoints: Vec<RawSliceEndpoint>,
 }
 
 #[derive(Deserialize)]
 struct RawSlicePort {
     name: Option<String>,
-    port: u16,
+    /// Unset: the slice does not restrict ports (nothing for us to route to by number).
+    port: Option<u16>,
 }
 
 #[derive(Deserialize)]
 struct RawSliceEndpoint {
+    #[serde(default, deserialize_with = "null_as_empty")]
     addresses: Vec<String>,
     #[serde(default)]
     conditions: RawConditions,
@@ -372,7 +388,7 @@ fn endpoint_slice(meta: Meta, json: &serde_json::Value) -> Result<Object, FieldE
     let ports = raw
         .ports
         .iter()
-        .map(|p| (p.name.clone().unwrap_or_default(), p.port))
+        .filter_map(|p| Some((p.name.clone().unwrap_or_default(), p.port?)))
         .collect();
     let mut endpoints = Vec::new();
     for (i, e) in raw.endpoints.iter().enumerate() {

@@ -57,6 +57,30 @@ pub struct Logical {
 }
 
 impl Logical {
+    /// Hands the balancer an endpoint set it does not hold yet (by version).
+    fn apply_endpoints(&self, version: &str, endpoints: &[crate::policy::Endpoint]) {
+        let mut applied = self.applied.lock().expect("logical lock poisoned");
+        if applied.as_deref() != Some(version) {
+            self.balancer.update(endpoints);
+            *applied = Some(version.to_owned());
+        }
+    }
+
+    /// Brings the balancer up to the latest endpoints held, without waiting: what
+    /// `/config_dump` shows is then current, not as of this target's last request.
+    pub fn sync_endpoints(&self) {
+        let latest = match &*self.endpoints.borrow() {
+            State::Found(held) => match &held.value {
+                Value::Endpoints(e) => Some((held.version.clone(), e.endpoints.clone())),
+                _ => None,
+            },
+            _ => None,
+        };
+        if let Some((version, endpoints)) = latest {
+            self.apply_endpoints(&version, &endpoints);
+        }
+    }
+
     /// Subscribes `name` (if not yet) and returns its target.
     pub fn new(discovery: &Discovery, name: String) -> Self {
         Self {
@@ -92,13 +116,7 @@ impl Logical {
         let Value::Endpoints(endpoints) = &e.value else {
             return Ok(Resolution::Unknown);
         };
-        {
-            let mut applied = self.applied.lock().expect("logical lock poisoned");
-            if applied.as_deref() != Some(e.version.as_str()) {
-                self.balancer.update(&endpoints.endpoints);
-                *applied = Some(e.version.clone());
-            }
-        }
+        self.apply_endpoints(&e.version, &endpoints.endpoints);
         let policy = match p {
             Ok(State::Found(held)) => match &held.value {
                 // A client-side fault whose TTL lapsed (a dead controller) no longer applies.

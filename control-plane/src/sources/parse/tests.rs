@@ -820,3 +820,32 @@ fn authentication_policies_set_the_mtls_mode() {
     let e = parse(&policy("Optional")).unwrap_err();
     assert_eq!(e.field, "spec.mtls.mode");
 }
+
+#[test]
+fn an_empty_slice_as_the_api_server_serves_it_has_no_endpoints() {
+    // A real API server serves an EndpointSlice with no endpoints (the Service's selector
+    // matches no pod any more) as `"endpoints": null`, and `"ports": null` likewise.
+    let parsed = parse(
+        "{\"apiVersion\": \"discovery.k8s.io/v1\", \"kind\": \"EndpointSlice\",\
+          \"metadata\": {\"name\": \"a-x\", \"namespace\": \"shop\", \"labels\": {\"kubernetes.io/service-name\": \"a\"}},\
+          \"addressType\": \"IPv4\", \"ports\": null, \"endpoints\": null}",
+    )
+    .unwrap();
+    let Object::EndpointSlice(slice) = &parsed.objects[0] else {
+        panic!("{:?}", parsed.objects)
+    };
+    assert!(slice.endpoints.is_empty());
+    assert!(slice.ports.is_empty());
+    let svc = |ports: &str| {
+        parse(&format!(
+            "{{\"apiVersion\": \"v1\", \"kind\": \"Service\", \"metadata\": {{\"name\": \"a\", \"namespace\": \"shop\"}},\
+              \"spec\": {{\"ports\": {ports}, \"clusterIPs\": null}}}}"
+        ))
+    };
+    assert!(svc("[{\"port\": 80}]").is_ok());
+    // No ports at all is still refused for what it is, not as a type error.
+    assert_eq!(
+        svc("null").unwrap_err().message,
+        "a Service needs at least one port"
+    );
+}
