@@ -81,14 +81,14 @@ pub struct AncestorRef {
 pub fn all()
 -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
-    vec![
+    [
         ResiliencePolicy::crd(),
         AuthenticationPolicy::crd(),
         AuthorizationPolicy::crd(),
         FaultInjection::crd(),
         Aggregation::crd(),
     ]
-    .into_iter()
+    .iter()
     .map(with_api_server_formats)
     .collect()
 }
@@ -97,7 +97,7 @@ pub fn all()
 /// knows only `int32` and `int64` for integers (and warns on any other). The bounds stay in
 /// `minimum`/`maximum`, so the width is still enforced.
 fn with_api_server_formats(
-    crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 ) -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
     fn walk(v: &mut serde_json::Value) {
         match v {
@@ -118,7 +118,7 @@ fn with_api_server_formats(
             _ => {}
         }
     }
-    let mut json = serde_json::to_value(&crd).expect("a CRD serialises");
+    let mut json = serde_json::to_value(crd).expect("a CRD serialises");
     walk(&mut json);
     serde_json::from_value(json).expect("only formats changed")
 }

@@ -110,7 +110,7 @@ fn status_error(code: StatusCode, reason: &str, message: &str) -> Response<Body>
 
 fn with_warnings(mut rsp: Response<Body>, warnings: &[String]) -> Response<Body> {
     for w in warnings {
-        let text = format!("299 - {:?}", w);
+        let text = format!("299 - {w:?}");
         if let Ok(v) = http::HeaderValue::from_str(&text) {
             rsp.headers_mut().append("warning", v);
         }
@@ -574,7 +574,11 @@ async fn service_proxy(path: &str, state: &Arc<Mutex<State>>) -> Option<Response
             .as_array()
             .into_iter()
             .flatten()
-            .find(|p| port.is_empty() || p["name"] == port || p["port"].to_string() == port)
+            .find(|p| {
+                port.is_empty()
+                    || p["name"] == port
+                    || (!port.is_empty() && port.parse::<u64>().ok() == p["port"].as_u64())
+            })
             .map(|p| p["name"].as_str().unwrap_or("").to_owned());
         let slices = s
             .objects

@@ -251,7 +251,7 @@ impl Coster {
             Expr::Call(call) => {
                 let target = call.target.as_ref().map(|t| self.cost(&t.expr));
                 let args: Vec<Est> = call.args.iter().map(|a| self.cost(&a.expr)).collect();
-                self.call(&call.func_name, target, &args)
+                Self::call(&call.func_name, target.as_ref(), &args)
             }
             _ => Est::new(1, Ty::Dyn),
         }
@@ -292,12 +292,12 @@ impl Coster {
     }
 
     #[allow(clippy::too_many_lines)]
-    fn call(&mut self, name: &str, target: Option<Est>, args: &[Est]) -> Est {
+    fn call(name: &str, target: Option<&Est>, args: &[Est]) -> Est {
         let args_cost = args.iter().fold(0u64, |sum, a| sum.saturating_add(a.cost));
-        let target_cost = target.as_ref().map_or(0, |t| t.cost);
+        let target_cost = target.map_or(0, |t| t.cost);
         let both = args_cost.saturating_add(target_cost);
         let arg = |i: usize| args.get(i).map_or(UNKNOWN, Est::size);
-        let this = target.as_ref().map_or(UNKNOWN, Est::size);
+        let this = target.map_or(UNKNOWN, Est::size);
         let is_str = |e: Option<&Est>| matches!(e.map(|e| &e.ty), Some(Ty::Str(_)));
         match name {
             "_&&_" | "_||_" => Est::new(args_cost, Ty::Bool),

@@ -221,6 +221,7 @@ fn type_matches(ty: &str, value: &Value) -> bool {
     }
 }
 
+#[allow(clippy::too_many_lines)] // one keyword after another, as go-openapi checks them
 /// go-openapi's findings for `value` against `schema`, each as `<path>: <message>` with the
 /// path relative to `at` (`.spec.targetRefs`...).
 fn validate_value(schema: &Value, value: &Value, at: &str) -> Vec<String> {
