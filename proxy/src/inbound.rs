@@ -35,6 +35,11 @@ const POLICY_WAIT: Duration = Duration::from_secs(10);
 pub static PEER_IDENTITY: http::HeaderName =
     http::HeaderName::from_static("x-ferrymesh-peer-identity");
 
+/// `X-Forwarded-Client-Cert` (Envoy's format, `By=<this workload>;URI=<the caller>`): set from
+/// the verified peer certificate only; a caller's own copy never reaches the app.
+pub static FORWARDED_CLIENT_CERT: http::HeaderName =
+    http::HeaderName::from_static("x-forwarded-client-cert");
+
 /// Handles one accepted inbound connection: with identity on, mTLS (detected on the first
 /// bytes) or, on a Permissive port only, plaintext.
 pub async fn serve<I>(
@@ -353,12 +358,22 @@ async fn respond(
     span: Option<&opentelemetry::Context>,
     decisions: &mut Vec<String>,
 ) -> Response<Body> {
-    // Identity headers are ours to set: whatever the caller sent is dropped.
+    // Identity headers are ours to set: whatever the caller sent is dropped (Envoy's
+    // SANITIZE_SET for X-Forwarded-Client-Cert), then set from the verified peer certificate.
     req.headers_mut().remove(&PEER_IDENTITY);
+    req.headers_mut().remove(&FORWARDED_CLIENT_CERT);
     if let Some(peer) = &caller.peer
         && let Ok(v) = http::HeaderValue::from_str(peer)
     {
         req.headers_mut().insert(&PEER_IDENTITY, v);
+        let by = ctx
+            .identity
+            .as_ref()
+            .map(|i| format!("By={};", i.spiffe()))
+            .unwrap_or_default();
+        if let Ok(v) = http::HeaderValue::from_str(&format!("{by}URI={peer}")) {
+            req.headers_mut().insert(&FORWARDED_CLIENT_CERT, v);
+        }
     }
     match authorize(ctx, inbound, &mut req, caller) {
         Ok(why) => {

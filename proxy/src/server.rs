@@ -40,9 +40,14 @@ pub async fn serve_http<I, H, F>(
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    let service = hyper::service::service_fn(move |req| {
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let handler = handler.clone();
-        async move { Ok::<_, Infallible>(handler(req).await) }
+        async move {
+            if let Some(rsp) = refuse_bad_host(&req) {
+                return Ok::<_, Infallible>(rsp);
+            }
+            Ok::<_, Infallible>(handler(req).await)
+        }
     });
     let io = TokioIo::new(io);
     let result = match version {
@@ -69,6 +74,26 @@ pub async fn serve_http<I, H, F>(
     if let Err(e) = result {
         tracing::debug!(error = %e, "HTTP server connection ended with an error");
     }
+}
+
+/// RFC 9112 section 3.2: an HTTP/1.1 request with no `Host`, or with more than one, is answered
+/// 400 (a proxy that picked one of two would route differently from the next hop).
+fn refuse_bad_host(req: &Request<Incoming>) -> Option<Response<Body>> {
+    if req.version() != http::Version::HTTP_11 {
+        return None;
+    }
+    let hosts = req.headers().get_all(http::header::HOST).iter().count();
+    (hosts != 1).then(|| {
+        crate::http::proxy_response(
+            http::StatusCode::BAD_REQUEST,
+            "bad-request",
+            if hosts == 0 {
+                "an HTTP/1.1 request needs a Host header"
+            } else {
+                "more than one Host header"
+            },
+        )
+    })
 }
 
 /// Drives `conn` to its end; on drain, asks it to finish gracefully first (`graceful` is the

@@ -91,7 +91,7 @@ async fn send_batches(http: &reqwest::Client, batches: usize) {
 struct TwoHops {
     _mesh: Mesh,
     _apps: (HttpEcho, GrpcServer),
-    _servers: Vec<Spawned>,
+    servers: Vec<Spawned>,
     client: Spawned,
 }
 
@@ -111,7 +111,7 @@ async fn two_hops() -> TwoHops {
     TwoHops {
         _mesh: mesh,
         _apps: (echo, grpc),
-        _servers: servers,
+        servers,
         client,
     }
 }
@@ -653,4 +653,54 @@ async fn the_callers_deadline_is_honoured_and_passed_on_shrunk() {
         "{:?}",
         start.elapsed()
     );
+}
+
+/// Sends raw bytes to `addr` and returns the status line's code and the whole answer.
+async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http11_request_without_exactly_one_host_is_refused() {
+    let t = two_hops().await;
+    let outbound = t.client.addr("outbound");
+    // RFC 9112 section 3.2: no Host, or two, is a 400 from the proxy itself; nothing is routed.
+    let (code, text) = raw_exchange(
+        outbound,
+        b"GET http://echo.shop/ HTTP/1.1\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(code, 400, "{text}");
+    assert!(text.contains("ferrymesh-error: bad-request"), "{text}");
+    let (code, text) = raw_exchange(
+        outbound,
+        b"GET http://echo.shop/ HTTP/1.1\r\nhost: echo.shop\r\nhost: evil.shop\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(code, 400, "{text}");
+    assert!(text.contains("more than one Host header"), "{text}");
+    // The inbound side holds the same rule.
+    let inbound = t.servers[0].addr("inbound");
+    let (code, text) = raw_exchange(inbound, b"GET / HTTP/1.1\r\nconnection: close\r\n\r\n").await;
+    assert_eq!(code, 400, "{text}");
+    // One Host, and HTTP/1.0 without one, are served.
+    let (code, text) = raw_exchange(
+        outbound,
+        b"GET http://echo.shop/ HTTP/1.1\r\nhost: echo.shop\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(code, 200, "{text}");
+    let (code, text) = raw_exchange(outbound, b"GET http://echo.shop/ HTTP/1.0\r\n\r\n").await;
+    assert_eq!(code, 200, "{text}");
 }

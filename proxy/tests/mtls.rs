@@ -55,6 +55,10 @@ async fn calls_cross_sidecars_over_mtls_and_the_app_learns_the_callers_identity(
             "x-ferrymesh-peer-identity",
             "spiffe://cluster.local/ns/shop/sa/admin",
         )
+        .header(
+            "x-forwarded-client-cert",
+            "URI=spiffe://cluster.local/ns/shop/sa/admin",
+        )
         .send()
         .await
         .unwrap();
@@ -63,6 +67,12 @@ async fn calls_cross_sidecars_over_mtls_and_the_app_learns_the_callers_identity(
     assert_eq!(
         seen["headers"]["x-ferrymesh-peer-identity"], "spiffe://cluster.local/ns/shop/sa/client",
         "the caller's certificate, not what the caller wrote: {seen}"
+    );
+    // X-Forwarded-Client-Cert likewise: sanitised, then set from the verified certificate.
+    assert_eq!(
+        seen["headers"]["x-forwarded-client-cert"],
+        "By=spiffe://cluster.local/ns/shop/sa/echo;URI=spiffe://cluster.local/ns/shop/sa/client",
+        "{seen}"
     );
     // Both proxies hold certificates and are ready.
     for p in [&s.server, &s.client] {

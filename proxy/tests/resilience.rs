@@ -1111,3 +1111,131 @@ async fn the_response_cache_revalidates_and_serves_stale_on_error() {
     assert_eq!(outcomes(r#"reason="stale""#).await, 1);
     assert_eq!(outcomes(r#"reason="hit""#).await, 1, "the chunked answer");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)] // one cache, RFC 9111's sections in order
+async fn the_response_cache_cannot_be_poisoned_and_honours_the_request() {
+    let c = Cached::start().await;
+    let body = |rsp: reqwest::Response| async move {
+        let outcome = rsp
+            .headers()
+            .get("ferrymesh-cache")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        (rsp.status().as_u16(), outcome, rsp.bytes().await.unwrap())
+    };
+    let get = |path: &'static str, headers: &'static [(&'static str, &'static str)]| {
+        let mut req = c.http.get(format!("http://echo.shop{path}"));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.send()
+    };
+    // 3.4: one caller's range is neither stored nor served to the next caller.
+    let (status, _, bytes) = body(
+        get("/cc/max-age=100", &[("range", "bytes=0-2")])
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, bytes.len()), (206, 3));
+    let (status, outcome, full) = body(get("/cc/max-age=100", &[]).await.unwrap()).await;
+    assert_eq!(
+        (status, outcome.as_str()),
+        (200, "miss"),
+        "the 206 was not stored"
+    );
+    assert!(full.len() > 3);
+    let (status, outcome, again) = body(get("/cc/max-age=100", &[]).await.unwrap()).await;
+    assert_eq!((status, outcome.as_str(), &again), (200, "hit", &full));
+    let before = c.hits();
+    let (status, _, bytes) = body(
+        get("/cc/max-age=100", &[("range", "bytes=1-4")])
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, &bytes[..]),
+        (206, &full[1..=4]),
+        "a range is not cut from the full entry"
+    );
+    assert_eq!(c.hits() - before, 1);
+
+    // 4.4: a successful unsafe request drops what is stored for its URI.
+    let rsp = c
+        .http
+        .post("http://echo.shop/cc/max-age=100")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rsp.status(), 200);
+    assert_eq!(
+        body(get("/cc/max-age=100", &[]).await.unwrap()).await.1,
+        "miss"
+    );
+
+    // 5.2.1: the request's own directives.
+    assert_eq!(
+        body(get("/cc/max-age=100", &[]).await.unwrap()).await.1,
+        "hit"
+    );
+    for cc in [
+        &[("cache-control", "no-cache")][..],
+        &[("cache-control", "max-age=0")][..],
+    ] {
+        let before = c.hits();
+        let (_, outcome, _) = body(get("/cc/max-age=100", cc).await.unwrap()).await;
+        assert_ne!(outcome, "hit", "{cc:?}");
+        assert_eq!(c.hits() - before, 1, "{cc:?} went upstream");
+    }
+    let rsp = get("/cc/never-stored", &[("cache-control", "only-if-cached")])
+        .await
+        .unwrap();
+    assert_eq!(rsp.status(), 504);
+    assert_eq!(rsp.headers()["ferrymesh-error"], "cache-miss");
+    let (status, outcome, _) = body(
+        get("/cc/max-age=100", &[("cache-control", "only-if-cached")])
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, outcome.as_str()), (200, "hit"));
+
+    // 4.3.2: a conditional request a fresh entry satisfies gets 304 from the cache.
+    assert_eq!(
+        body(get("/etag/max-age=7200", &[]).await.unwrap()).await.1,
+        "miss"
+    );
+    let before = c.hits();
+    let (status, outcome, bytes) = body(
+        get("/etag/max-age=7200", &[("if-none-match", "\"v1\"")])
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, outcome.as_str(), bytes.len()), (304, "hit", 0));
+    let (status, outcome, _) = body(
+        get("/etag/max-age=7200", &[("if-none-match", "\"v0\"")])
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, outcome.as_str()), (200, "hit"));
+    assert_eq!(c.hits(), before, "both answered from the cache");
+
+    // 5.1: `Age: 7200, 0` is 7200 s old (the first member), so max-age=3599 is stale on arrival.
+    assert_eq!(
+        body(get("/badage/max-age=3599", &[]).await.unwrap())
+            .await
+            .1,
+        "miss"
+    );
+    assert_ne!(
+        body(get("/badage/max-age=3599", &[]).await.unwrap())
+            .await
+            .1,
+        "hit"
+    );
+}

@@ -160,6 +160,7 @@ async fn echo(
     // test has to wait for time to pass.
     for (prefix, vary, etag) in [
         ("/cc/", false, false),
+        ("/badage/", false, false),
         ("/vary/", true, false),
         ("/etag/", false, true),
         ("/aged/", false, false),
@@ -170,6 +171,10 @@ async fn echo(
             rsp = rsp.header("cache-control", cc);
             if prefix == "/aged/" || prefix == "/etag/" || prefix == "/modified/" {
                 rsp = rsp.header("age", "3600");
+            }
+            if prefix == "/badage/" {
+                // A list where RFC 9111 5.1 wants one number: the first member counts.
+                rsp = rsp.header("age", "7200, 0");
             }
             if prefix == "/chunked/" {
                 rsp = rsp.header(CHUNKED, "1");
@@ -208,8 +213,28 @@ async fn echo(
     if failing.load(Ordering::SeqCst) {
         rsp = rsp.status(StatusCode::SERVICE_UNAVAILABLE);
     }
-    rsp.body(Full::new(Bytes::from(doc.to_string())))
-        .expect("a valid response")
+    ranged(rsp, &parts.headers, Bytes::from(doc.to_string()))
+}
+
+/// `Range: bytes=a-b`: 206 with those bytes (RFC 9110 14); otherwise the whole body.
+fn ranged(
+    rsp: http::response::Builder,
+    request: &http::HeaderMap,
+    body: Bytes,
+) -> Response<Full<Bytes>> {
+    if let Some((a, b)) = request
+        .get(http::header::RANGE)
+        .and_then(|r| r.to_str().ok()?.strip_prefix("bytes=")?.split_once('-'))
+        .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)))
+        .filter(|(a, b)| a <= b && *b < body.len())
+    {
+        return rsp
+            .status(StatusCode::PARTIAL_CONTENT)
+            .header("content-range", format!("bytes {a}-{b}/{}", body.len()))
+            .body(Full::new(body.slice(a..=b)))
+            .expect("a valid response");
+    }
+    rsp.body(Full::new(body)).expect("a valid response")
 }
 
 /// A TCP server on loopback that sends back every byte it gets (no HTTP), for opaque-TCP

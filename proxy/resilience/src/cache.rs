@@ -16,10 +16,10 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, Method, StatusCode, header};
 use tokio::time::Instant;
 
-/// Statuses cacheable by default (RFC 9110 15.1; Envoy's list).
-const CACHEABLE: [u16; 13] = [
-    200, 203, 204, 206, 300, 301, 308, 404, 405, 410, 414, 451, 501,
-];
+/// Statuses cacheable by default (RFC 9110 15.1; Envoy's list), less 206: this cache does not
+/// serve ranges, so a partial response is never stored (RFC 9111 3.4), nor answered from a full
+/// entry.
+const CACHEABLE: [u16; 12] = [200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 451, 501];
 
 /// The `Cache-Control` directives that matter here.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -39,6 +39,8 @@ pub struct Directives {
     pub max_age: Option<u64>,
     /// `s-maxage`.
     pub s_maxage: Option<u64>,
+    /// `only-if-cached` (a request directive).
+    pub only_if_cached: bool,
 }
 
 /// Parses every `Cache-Control` header.
@@ -61,6 +63,7 @@ pub fn directives(headers: &HeaderMap) -> Directives {
                 "must-revalidate" | "proxy-revalidate" => d.must_revalidate = true,
                 "max-age" => d.max_age = arg.and_then(|a| a.parse().ok()),
                 "s-maxage" => d.s_maxage = arg.and_then(|a| a.parse().ok()),
+                "only-if-cached" => d.only_if_cached = true,
                 _ => {}
             }
         }
@@ -87,6 +90,8 @@ pub enum NotStored {
     TooLarge,
     /// No freshness information and no default TTL.
     NoFreshness,
+    /// An `Age` that is not a non-negative integer (RFC 9111 5.1: ignore the response).
+    InvalidAge,
 }
 
 /// The cache policy the rules need.
@@ -142,6 +147,9 @@ pub fn storable(
     if body_len > rules.max_body_bytes {
         return Err(NotStored::TooLarge);
     }
+    if rsp.contains_key(header::AGE) && parse_age(rsp).is_none() {
+        return Err(NotStored::InvalidAge);
+    }
     if freshness_lifetime(rules, rsp).is_zero() && !r.no_cache {
         return Err(NotStored::NoFreshness);
     }
@@ -167,11 +175,68 @@ pub fn freshness_lifetime(rules: &Rules, rsp: &HeaderMap) -> Duration {
     explicit.unwrap_or(rules.default_ttl).min(rules.max_ttl)
 }
 
-/// The age a stored response had on arrival (its `Age` header).
+/// The `Age` field as RFC 9111 5.1 reads it: of a list (or repeated lines) the first member;
+/// `None` when that is not a non-negative integer (digits only).
+fn parse_age(rsp: &HeaderMap) -> Option<u64> {
+    let first = rsp
+        .get(header::AGE)?
+        .to_str()
+        .ok()?
+        .split(',')
+        .next()?
+        .trim();
+    if first.is_empty() || !first.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // Larger than fits: as old as can be (2^31 seconds, RFC 9111 1.2.2).
+    Some(first.parse::<u64>().unwrap_or(1 << 31))
+}
+
+/// The age a stored response had on arrival (its `Age` header, RFC 9111 5.1).
 pub fn age(rsp: &HeaderMap) -> Duration {
-    rsp.get(header::AGE)
-        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
-        .map_or(Duration::ZERO, Duration::from_secs)
+    parse_age(rsp).map_or(Duration::ZERO, Duration::from_secs)
+}
+
+/// What the request's own `Cache-Control` allows of a stored response (RFC 9111 5.2.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestAllows {
+    /// Serve it if fresh.
+    Fresh,
+    /// Validate it with the origin first (`no-cache`, or older than the request's `max-age`).
+    Revalidate,
+}
+
+/// Reads the request's directives against a stored entry.
+pub fn request_allows(req: &HeaderMap, entry: &Entry) -> RequestAllows {
+    let d = directives(req);
+    let too_old = d
+        .max_age
+        .is_some_and(|max| entry.current_age() > Duration::from_secs(max));
+    if d.no_cache || too_old || req.get(header::PRAGMA).is_some_and(|p| p == "no-cache") {
+        RequestAllows::Revalidate
+    } else {
+        RequestAllows::Fresh
+    }
+}
+
+/// Whether a conditional request (`If-None-Match`, else `If-Modified-Since`) is satisfied by
+/// the stored entry, so a 304 answers it (RFC 9111 4.3.2, RFC 9110 13.1).
+pub fn not_modified(req: &HeaderMap, entry: &Entry) -> bool {
+    if let Some(inm) = req.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
+        let Some(etag) = entry
+            .headers
+            .get(header::ETAG)
+            .and_then(|v| v.to_str().ok())
+        else {
+            return false;
+        };
+        // Weak comparison: W/ is ignored on both sides.
+        let bare = |t: &str| t.trim().trim_start_matches("W/").to_owned();
+        return inm.trim() == "*" || inm.split(',').any(|t| bare(t) == bare(etag));
+    }
+    let since = http_date(req, &header::IF_MODIFIED_SINCE);
+    let modified = http_date(&entry.headers, &header::LAST_MODIFIED);
+    matches!((since, modified), (Some(s), Some(m)) if m <= s)
 }
 
 /// A stored response.
@@ -347,6 +412,19 @@ impl Store {
         self.clock += 1;
         *used = self.clock;
         self.lru.insert(self.clock, key.to_owned());
+    }
+
+    /// Drops every stored response (all methods and variants) for a target URI: what a
+    /// successful unsafe request to it does (RFC 9111 4.4).
+    pub fn invalidate(&mut self, authority: &str, path: &str) {
+        for method in [Method::GET, Method::HEAD] {
+            let key = Self::key(&method, authority, path);
+            if let Some((used, vs)) = self.entries.remove(&key) {
+                self.lru.remove(&used);
+                self.bytes -= vs.iter().map(Entry::size).sum::<usize>();
+                self.count -= vs.len();
+            }
+        }
     }
 
     /// Stored responses.

@@ -5,6 +5,14 @@
 //! (`ferrymesh_resilience::cache`). A miss streams to the caller and is stored once its body has
 //! ended within `maxBodyBytes` (known length or chunked). Every answer for a cached method says `ferrymesh-cache: hit | miss |
 //! stale | revalidated`.
+//!
+//! What a shared cache must also get right (RFC 9111), and this one does: a request with
+//! `Range` passes by the cache both ways (ranges are not served, and a 206 is never stored, so
+//! one caller's range cannot poison everyone's full answer, 3.4); a successful POST, PUT, PATCH
+//! or DELETE drops what is stored for its URI (4.4); the request's own `Cache-Control` counts
+//! (`no-cache` and `max-age` revalidate, `no-store` stores nothing, `only-if-cached` gets 504
+//! when nothing usable is stored, 5.2.1); a conditional request a stored response satisfies is
+//! answered 304 (4.3.2); an `Age` that is not a number is not stored (5.1).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -13,7 +21,10 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use ferrymesh_resilience::cache::{Entry, Rules, Store, age, freshness_lifetime, storable};
+use ferrymesh_resilience::cache::{
+    Entry, RequestAllows, Rules, Store, age, directives, freshness_lifetime, not_modified,
+    request_allows, storable,
+};
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body::{Body as _, Frame};
 use http_body_util::Full;
@@ -55,6 +66,16 @@ impl ResponseCache {
     }
 }
 
+/// A stored response answering a conditional request the caller's validators match: 304 with
+/// the stored headers and no body.
+fn answer_not_modified(e: &Entry, outcome: &'static str) -> Response<Body> {
+    let mut r = answer(e, outcome);
+    *r.status_mut() = StatusCode::NOT_MODIFIED;
+    *r.body_mut() = boxed(Full::new(Bytes::new()));
+    r.headers_mut().remove(header::CONTENT_LENGTH);
+    r
+}
+
 fn answer(e: &Entry, outcome: &'static str) -> Response<Body> {
     let mut r = Response::new(boxed(Full::new(e.body.clone())));
     *r.status_mut() = e.status;
@@ -80,14 +101,30 @@ where
     Fut: Future<Output = Response<Body>>,
 {
     let method = req.method().clone();
-    if !cache.rules.methods.contains(&method) {
-        return call(req).await;
-    }
     let path = req
         .uri()
         .path_and_query()
         .map_or("/", http::uri::PathAndQuery::as_str)
         .to_owned();
+    if !cache.rules.methods.contains(&method) {
+        if method.is_safe() {
+            return call(req).await;
+        }
+        // 4.4: a successful unsafe request invalidates what is stored for its URI.
+        let rsp = call(req).await;
+        if rsp.status().is_success() || rsp.status().is_redirection() {
+            cache
+                .store
+                .lock()
+                .expect("cache lock poisoned")
+                .invalidate(authority, &path);
+        }
+        return rsp;
+    }
+    // 3.4: ranges are not served from, nor stored into, this cache.
+    if req.headers().contains_key(header::RANGE) {
+        return call(req).await;
+    }
     let explain = req.extensions().get::<Explain>().cloned();
     let outcome = |what: &'static str| {
         metrics.cache(service, what);
@@ -102,12 +139,20 @@ where
         &path,
         &request_headers,
     );
+    let conditional = request_headers.contains_key(header::IF_NONE_MATCH)
+        || request_headers.contains_key(header::IF_MODIFIED_SINCE);
     if let Some(e) = &stored {
-        if e.is_fresh() {
+        if e.is_fresh() && request_allows(&request_headers, e) == RequestAllows::Fresh {
             outcome("hit");
+            if conditional && not_modified(&request_headers, e) {
+                return answer_not_modified(e, "hit");
+            }
             return answer(e, "hit");
         }
-        // Stale: ask the upstream whether it changed.
+        // Stale: ask the upstream whether it changed, with the stored response's validators
+        // (so a 304 speaks of it); the caller's are answered from the result.
+        req.headers_mut().remove(header::IF_NONE_MATCH);
+        req.headers_mut().remove(header::IF_MODIFIED_SINCE);
         if let Some(etag) = e.headers.get(header::ETAG) {
             req.headers_mut()
                 .insert(header::IF_NONE_MATCH, etag.clone());
@@ -116,6 +161,15 @@ where
             req.headers_mut()
                 .insert(header::IF_MODIFIED_SINCE, modified.clone());
         }
+    }
+    // 5.2.1.7: only-if-cached and nothing usable stored.
+    if directives(&request_headers).only_if_cached {
+        outcome("miss");
+        return crate::http::proxy_response(
+            StatusCode::GATEWAY_TIMEOUT,
+            "cache-miss",
+            "only-if-cached and no fresh stored response",
+        );
     }
     let rsp = call(req).await;
     if let Some(mut e) = stored {
@@ -138,6 +192,9 @@ where
                 e.clone(),
             );
             outcome("revalidated");
+            if conditional && not_modified(&request_headers, &e) {
+                return answer_not_modified(&e, "revalidated");
+            }
             return answer(&e, "revalidated");
         }
         if rsp.status().is_server_error() && e.is_usable_stale(cache.stale_grace) {

@@ -297,3 +297,37 @@ async fn the_store_is_bounded_and_drops_the_least_recently_used() {
     );
     assert!(tiny.is_empty(), "larger than the whole store");
 }
+
+#[test]
+fn age_is_one_non_negative_integer_and_partial_content_is_never_stored() {
+    let fresh = headers(&[("cache-control", "max-age=60")]);
+    let with_age = |age: &'static str| headers(&[("cache-control", "max-age=60"), ("age", age)]);
+    // RFC 9111 5.1: of a list, the first member; anything else than digits: not stored.
+    assert_eq!(age(&with_age("7200, 0")), Duration::from_hours(2));
+    assert_eq!(age(&with_age("30")), Duration::from_secs(30));
+    for bad in ["-1", "abc", "1.5", ""] {
+        assert_eq!(
+            storable(
+                &rules(),
+                &Method::GET,
+                &HeaderMap::new(),
+                StatusCode::OK,
+                &with_age(bad),
+                10
+            ),
+            Err(NotStored::InvalidAge),
+            "{bad:?}"
+        );
+    }
+    assert_eq!(
+        storable(
+            &rules(),
+            &Method::GET,
+            &HeaderMap::new(),
+            StatusCode::PARTIAL_CONTENT,
+            &fresh,
+            10
+        ),
+        Err(NotStored::Status)
+    );
+}
