@@ -38,6 +38,63 @@ where
     body.map_err(|e| BodyError(e.into())).boxed_unsync()
 }
 
+/// Set once the downstream caller's request body failed (an aborted upload, malformed chunked
+/// framing): what then fails upstream is the caller's fault, never the upstream's. Carried in the
+/// request's extensions, so every attempt of a call shares it.
+#[derive(Debug, Clone, Default)]
+pub struct ClientFault(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl ClientFault {
+    /// The caller's body failed.
+    pub fn is_set(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// The caller's body, noting its failure in a [`ClientFault`].
+struct Downstream<B> {
+    inner: B,
+    fault: ClientFault,
+}
+
+impl<B> http_body::Body for Downstream<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Err(_))) = &polled {
+            self.fault
+                .0
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A request as it arrives from the downstream caller: boxed, with a [`ClientFault`] that
+/// records whether its body failed.
+pub fn from_downstream(req: http::Request<hyper::body::Incoming>) -> http::Request<Body> {
+    let fault = ClientFault::default();
+    let (mut parts, body) = req.into_parts();
+    parts.extensions.insert(fault.clone());
+    http::Request::from_parts(parts, boxed(Downstream { inner: body, fault }))
+}
+
 /// An empty body.
 pub fn empty() -> Body {
     boxed(http_body_util::Empty::new())

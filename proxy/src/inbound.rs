@@ -16,7 +16,7 @@ use crate::config::{Inbound, InboundProtocol};
 use crate::detect::{Detected, PrefixedIo, sniff};
 use crate::discovery::{State, Value};
 use crate::fault;
-use crate::http::{Body, boxed};
+use crate::http::Body;
 use crate::metrics::Direction;
 use crate::outbound::logical::{CallTimeouts, send};
 use crate::policy::MtlsMode;
@@ -439,7 +439,7 @@ async fn respond(
         &ctx.pool,
         inbound.app,
         &authority,
-        req.map(boxed),
+        crate::http::from_downstream(req),
         timeouts,
         None,
     )

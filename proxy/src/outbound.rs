@@ -26,7 +26,7 @@ use self::logical::{CallTimeouts, Logical, Resolution};
 use crate::app::Context;
 use crate::config::UnknownHosts;
 use crate::detect::{Detected, PrefixedIo, sniff};
-use crate::http::{Body, boxed, empty, proxy_response};
+use crate::http::{Body, empty, proxy_response};
 use crate::metrics::Direction;
 use crate::server::{HttpVersion, serve_http};
 
@@ -335,7 +335,7 @@ async fn handle(
         );
     };
     let authority = named.unwrap_or_else(|| target.authority.clone());
-    let mut req = req.map(boxed);
+    let mut req = crate::http::from_downstream(req);
     // The client span of this call, under the context the app sent (if any).
     let span = ctx.tracing.start(
         format!("{} {}", req.method(), target.authority),

@@ -1239,3 +1239,58 @@ async fn the_response_cache_cannot_be_poisoned_and_honours_the_request() {
         "hit"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aborted_uploads_are_the_callers_fault_and_never_open_the_breaker() {
+    use tokio::io::AsyncWriteExt as _;
+    // A breaker that opens after 3 failures of any gateway kind.
+    let spec = "  circuitBreaker:\n    tripWhen: {consecutiveFailures: 3, failureRatio: \"0\"}\n    failureOn: [5xx, gateway-error, connect-failure]\n";
+    let mesh = Mesh::start(&[("echo.yaml", &(service("echo") + &policy("echo", spec)))]);
+    let echo = HttpEcho::start("echo-1").await;
+    let _server = mesh.proxy(&ProxySpec::app("echo-1", "echo", echo.addr));
+    let proxy = client_proxy(&mesh, "echo.shop", 1).await;
+    let outbound = proxy.addr("outbound");
+    let health = proxy.addr("health");
+    let requests = |class: &'static str| {
+        counter(
+            health,
+            "ferrymesh_proxy_requests_total",
+            if class == "4xx" {
+                r#"status_class="4xx""#
+            } else {
+                r#"status_class="5xx""#
+            },
+        )
+    };
+    // Six uploads that stop after 3 of their 100,000 bytes: the caller goes away.
+    for _ in 0..6 {
+        let mut tcp = tokio::net::TcpStream::connect(outbound).await.unwrap();
+        tcp.write_all(
+            b"POST http://echo.shop/upload HTTP/1.1\r\nhost: echo.shop\r\ncontent-length: 100000\r\n\r\nabc",
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(tcp);
+    }
+    eventually(Duration::from_secs(5), || async {
+        requests("4xx").await == 6
+    })
+    .await
+    .expect("six requests answered as the caller's fault");
+    assert_eq!(requests("5xx").await, 0, "none blamed on the upstream");
+    // The service is healthy and its breaker closed: the next caller is served.
+    let rsp = client(outbound)
+        .get("http://echo.shop/after")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rsp.status(), 200);
+    assert!(rsp.headers().get("ferrymesh-error").is_none());
+    let metrics = get(health, "/metrics").await.unwrap().1;
+    let open = metrics
+        .lines()
+        .find(|l| l.starts_with("ferrymesh_proxy_breaker_state") && l.contains(r#"state="open""#))
+        .unwrap_or_else(|| panic!("no breaker state: {metrics}"));
+    assert!(open.ends_with(" 0"), "{open}");
+}

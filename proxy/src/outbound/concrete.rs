@@ -421,6 +421,8 @@ impl Attempter {
             .get(&FERRYMESH_ERROR)
             .and_then(|v| v.to_str().ok());
         let outcome = match (rsp.status().as_u16(), cause) {
+            // The caller's fault says nothing about the endpoint.
+            (_, Some("client-aborted")) => return,
             (_, Some("connect-failed" | "timeout" | "upstream-reset")) | (502..=504, _) => {
                 Outcome::GatewayError
             }
@@ -688,6 +690,10 @@ fn copy_head(req: &http::request::Parts) -> http::request::Builder {
         .version(req.version);
     if let Some(h) = b.headers_mut() {
         h.clone_from(&req.headers);
+    }
+    // The caller's extensions (deadline, explain, client fault) go with every copy.
+    if let Some(e) = b.extensions_mut() {
+        e.clone_from(&req.extensions);
     }
     b
 }

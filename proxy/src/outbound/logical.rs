@@ -222,6 +222,11 @@ pub async fn send(
     };
     // NOTE: boxed with a concrete lifetime: rustc cannot prove `Send` for the tower future
     // over the body's `dyn Error` for every lifetime otherwise (a known higher-ranked limit).
+    let client_fault = req
+        .extensions()
+        .get::<crate::http::ClientFault>()
+        .cloned()
+        .unwrap_or_default();
     let call: std::pin::Pin<Box<dyn Future<Output = _> + Send + '_>> = Box::pin(
         TimeoutLayer::new(timeouts.request)
             .layer(endpoint)
@@ -246,6 +251,15 @@ pub async fn send(
             // NOTE: a refused handshake is a failure to connect (retried as one), never a
             // reason to try plaintext.
             proxy_response(StatusCode::BAD_GATEWAY, "connect-failed", &e.to_string())
+        }
+        Err(TimeoutError::Inner(e @ PoolError::Http { .. })) if client_fault.is_set() => {
+            // The caller's body broke off (aborted upload, bad framing): its fault, answered
+            // as one, and no failure of the upstream's (breaker, outlier detection, retries).
+            proxy_response(
+                StatusCode::BAD_REQUEST,
+                "client-aborted",
+                &format!("the request body failed: {e}"),
+            )
         }
         Err(TimeoutError::Inner(e @ PoolError::Http { .. })) => {
             proxy_response(StatusCode::BAD_GATEWAY, "upstream-reset", &e.to_string())
