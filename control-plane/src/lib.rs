@@ -16,6 +16,7 @@ pub mod check;
 )]
 pub mod crd;
 pub mod grpc;
+pub mod guard;
 pub mod identity;
 pub mod index;
 pub mod inject;

@@ -24,7 +24,14 @@ pub struct Metrics {
     watch_errors: Family<KindLabel, Counter>,
     watch_lag: Family<KindLabel, prometheus_client::metrics::histogram::Histogram>,
     status_writes: Family<KindLabel, Counter>,
+    refused: Family<RefusedLabels, Counter>,
     registry: Registry,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    port: &'static str,
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -82,6 +89,12 @@ impl Metrics {
             "Policy status updates written with server-side apply",
             status_writes.clone(),
         );
+        let refused = Family::<RefusedLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed before their server saw them: over a cap (per-source, total), or a handshake that failed or took too long",
+            refused.clone(),
+        );
         Self {
             streams,
             pushes,
@@ -89,6 +102,7 @@ impl Metrics {
             watch_errors,
             watch_lag,
             status_writes,
+            refused,
             registry,
         }
     }
@@ -99,6 +113,13 @@ impl Metrics {
             .get_or_create(&TypeLabel {
                 r#type: ty.as_str_name().to_owned(),
             })
+            .inc();
+    }
+
+    /// A connection to `port` was closed before its server saw it, for `reason`.
+    pub fn connection_refused(&self, port: &'static str, reason: &'static str) {
+        self.refused
+            .get_or_create(&RefusedLabels { port, reason })
             .inc();
     }
 

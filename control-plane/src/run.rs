@@ -8,7 +8,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::admin::{self, Addresses};
 use crate::grpc::DiscoveryService;
@@ -58,6 +57,10 @@ pub struct RunArgs {
     /// controller refreshes every third of it), so chaos stops when the controller is gone.
     #[arg(long, default_value = "60s", value_parser = parse_duration, env = "FERRYMESH_CONTROLLER_FAULT_TTL")]
     pub fault_ttl: Duration,
+    /// How long a connection to Discovery, Identity or the webhook may take to finish its TLS
+    /// handshake (plaintext: to send its first bytes) before it is closed.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, env = "FERRYMESH_CONTROLLER_HANDSHAKE_TIMEOUT")]
+    pub handshake_timeout: Duration,
     /// The CA's folder (`ca.pem`, `ca.key.pem`; created on first start). Without it the mesh
     /// has no identity: proxies talk plaintext.
     #[arg(long, env = "FERRYMESH_CONTROLLER_CA_DIR")]
@@ -139,6 +142,7 @@ async fn run_webhook(
     args: RunArgs,
     ca: Arc<Ca>,
     listener: TcpListener,
+    metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
 ) {
     let client = match args.source {
@@ -166,7 +170,10 @@ async fn run_webhook(
     // annotation is frozen into it.
     let hook = crate::webhook::Webhook { settings, client };
     let served = match ca.server_identity() {
-        Ok((cert, key)) => crate::webhook::serve(hook, listener, &cert, &key, shutdown).await,
+        Ok((cert, key)) => {
+            let limits = crate::guard::Limits::with_handshake(args.handshake_timeout);
+            crate::webhook::serve(hook, listener, &cert, &key, limits, metrics, shutdown).await
+        }
         Err(e) => Err(e),
     };
     if let Err(e) = served {
@@ -204,6 +211,7 @@ async fn spawn_identity(
     args: &RunArgs,
     identity: Option<(Arc<Ca>, TcpListener)>,
     index: &IndexHandle,
+    metrics: &Arc<Metrics>,
     shutdown: &watch::Receiver<bool>,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<anyhow::Result<()>>>> {
     Ok(match identity {
@@ -236,6 +244,8 @@ async fn spawn_identity(
                 ca,
                 tokens,
                 listener,
+                crate::guard::Limits::with_handshake(args.handshake_timeout),
+                metrics.clone(),
                 shutdown.clone(),
             )))
         }
@@ -300,6 +310,7 @@ async fn start_source(
 /// # Errors
 /// A port cannot be bound or the source cannot be read at start.
 pub async fn run(args: RunArgs, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    crate::guard::raise_fd_limit();
     let index = IndexHandle::with_fault_ttl(args.fault_ttl);
     index.set_default_inbound(args.default_inbound_policy);
     index.set_trust_domain(&args.trust_domain);
@@ -332,7 +343,13 @@ pub async fn run(args: RunArgs, shutdown: watch::Receiver<bool>) -> anyhow::Resu
         webhook: webhook.as_ref().map(|(l, _)| l.local_addr()).transpose()?,
     };
     if let Some((listener, ca)) = webhook {
-        tokio::spawn(run_webhook(args.clone(), ca, listener, shutdown.clone()));
+        tokio::spawn(run_webhook(
+            args.clone(),
+            ca,
+            listener,
+            metrics.clone(),
+            shutdown.clone(),
+        ));
     }
     println!("{LISTENING_PREFIX}{}", serde_json::to_string(&addrs)?);
     tracing::info!(discovery = %addrs.discovery, admin = %addrs.admin, "controller listening");
@@ -365,25 +382,21 @@ pub async fn run(args: RunArgs, shutdown: watch::Receiver<bool>) -> anyhow::Resu
         .as_ref()
         .map(|(ca, _)| discovery_tls(ca))
         .transpose()?;
-    let identity_task = spawn_identity(&args, identity, &index, &shutdown).await?;
-    let mut service = DiscoveryService::new(index, metrics, shutdown.clone());
-    let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = discovery_tls {
+    let identity_task = spawn_identity(&args, identity, &index, &metrics, &shutdown).await?;
+    let mut service = DiscoveryService::new(index, metrics.clone(), shutdown.clone());
+    if discovery_tls.is_some() {
         service = service.require_mtls(&args.trust_domain);
-        server = server
-            .tls_config(tls)
-            .context("the Discovery server's TLS")?;
     }
-    let mut grpc_shutdown = shutdown.clone();
-    server
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(3)))
-        .add_service(service.into_server())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(discovery), async move {
-            let _ = grpc_shutdown.wait_for(|s| *s).await;
-        })
-        .await
-        .context("serving Discovery")?;
+    serve_discovery(
+        discovery,
+        discovery_tls,
+        service,
+        crate::guard::Limits::with_handshake(args.handshake_timeout),
+        metrics,
+        shutdown.clone(),
+    )
+    .await
+    .context("serving Discovery")?;
     admin_task
         .await
         .context("admin task")?
@@ -394,6 +407,43 @@ pub async fn run(args: RunArgs, shutdown: watch::Receiver<bool>) -> anyhow::Resu
     watch_task.await.context("watch task")??;
     expiry_task.await.context("fault expiry task")?;
     Ok(())
+}
+
+/// Serves Discovery until shutdown. Connections reach the server only once through their TLS
+/// handshake (or, in plaintext, once their first bytes arrived), within per-source and total
+/// caps.
+async fn serve_discovery(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    service: DiscoveryService,
+    limits: crate::guard::Limits,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), tonic::transport::Error> {
+    let mut grpc_shutdown = shutdown.clone();
+    let signal = async move {
+        let _ = grpc_shutdown.wait_for(|s| *s).await;
+    };
+    let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(3)))
+        .add_service(service.into_server());
+    if let Some(acceptor) = tls {
+        let handshake = crate::guard::tls(acceptor);
+        let incoming =
+            crate::guard::incoming(listener, "discovery", limits, metrics, handshake, shutdown);
+        router.serve_with_incoming_shutdown(incoming, signal).await
+    } else {
+        let incoming = crate::guard::incoming(
+            listener,
+            "discovery",
+            limits,
+            metrics,
+            crate::guard::first_bytes,
+            shutdown,
+        );
+        router.serve_with_incoming_shutdown(incoming, signal).await
+    }
 }
 
 /// Serves the CA's trust bundle on Discovery, re-reading it every 2 s so anchors added or
@@ -448,12 +498,45 @@ async fn bind_identity(args: &RunArgs) -> anyhow::Result<Option<(Arc<Ca>, TcpLis
 /// Discovery's TLS: a server certificate from the CA; client certificates asked for and
 /// checked against every anchor of the CA, optional at the handshake so that a proxy without
 /// one gets a gRPC status saying what is missing rather than a bare TLS alert.
-fn discovery_tls(ca: &Ca) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+fn discovery_tls(ca: &Ca) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for anchor in rustls::pki_types::CertificateDer::pem_slice_iter(ca.bundle_pem().as_bytes()) {
+        roots.add(anchor.context("a trust anchor")?)?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .allow_unauthenticated()
+    .build()?;
+    server_tls(ca, Some(verifier))
+}
+
+/// A TLS acceptor with the CA's server certificate, speaking h2 (gRPC), with client
+/// certificates checked by `verifier` when given.
+fn server_tls(
+    ca: &Ca,
+    verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use rustls::pki_types::pem::PemObject as _;
     let (cert, key) = ca.server_identity()?;
-    Ok(tonic::transport::ServerTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(cert, key))
-        .client_ca_root(tonic::transport::Certificate::from_pem(ca.bundle_pem()))
-        .client_auth_optional(true))
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .context("the server certificate")?;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes())
+        .context("the server key")?;
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
+    let builder = match verifier {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Serves `Identity.Certify` over TLS with a server certificate from `ca` itself.
@@ -461,16 +544,23 @@ async fn serve_identity(
     ca: Arc<Ca>,
     tokens: Tokens,
     listener: TcpListener,
-    mut shutdown: watch::Receiver<bool>,
+    limits: crate::guard::Limits,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let (cert, key) = ca.server_identity()?;
-    let tls = tonic::transport::ServerTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(cert, key));
+    let acceptor = server_tls(&ca, None).context("the Identity server's TLS")?;
+    let incoming = crate::guard::incoming(
+        listener,
+        "identity",
+        limits,
+        metrics,
+        crate::guard::tls(acceptor),
+        shutdown.clone(),
+    );
+    let mut shutdown = shutdown;
     tonic::transport::Server::builder()
-        .tls_config(tls)
-        .context("the Identity server's TLS")?
         .add_service(IdentityService::new(ca, tokens).into_server())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             let _ = shutdown.wait_for(|s| *s).await;
         })
         .await

@@ -194,7 +194,9 @@ pub async fn serve(
     listener: TcpListener,
     cert_pem: &str,
     key_pem: &str,
-    mut shutdown: watch::Receiver<bool>,
+    limits: crate::guard::Limits,
+    metrics: Arc<crate::metrics::Metrics>,
+    shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     use rustls::pki_types::pem::PemObject as _;
     let certs = rustls::pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes())
@@ -211,22 +213,18 @@ pub async fn serve(
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let hook = Arc::new(hook);
-    loop {
-        let (stream, _) = tokio::select! {
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "webhook accept failed");
-                    continue;
-                }
-            },
-            _ = shutdown.wait_for(|s| *s) => return Ok(()),
-        };
-        let (acceptor, hook) = (acceptor.clone(), hook.clone());
+    // The API server reaches this port; nobody else who can should be able to exhaust it.
+    let mut incoming = crate::guard::incoming(
+        listener,
+        "webhook",
+        limits,
+        metrics,
+        crate::guard::tls(acceptor),
+        shutdown,
+    );
+    while let Some(Ok(tls)) = futures::StreamExt::next(&mut incoming).await {
+        let hook = hook.clone();
         tokio::spawn(async move {
-            let Ok(tls) = acceptor.accept(stream).await else {
-                return;
-            };
             let service = hyper::service::service_fn(move |req| {
                 let hook = hook.clone();
                 async move { Ok::<_, std::convert::Infallible>(handle(hook, req).await) }
@@ -236,4 +234,5 @@ pub async fn serve(
                 .await;
         });
     }
+    Ok(())
 }
