@@ -19,6 +19,7 @@ pub mod detect;
 pub mod discovery;
 pub mod explain;
 pub mod fault;
+pub mod flood;
 pub mod health;
 pub mod http;
 pub mod identity;

@@ -49,9 +49,9 @@ pub async fn serve_http<I, H, F>(
             Ok::<_, Infallible>(handler(req).await)
         }
     });
-    let io = TokioIo::new(io);
     let result = match version {
         HttpVersion::Http1 => {
+            let io = TokioIo::new(io);
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
@@ -60,6 +60,12 @@ pub async fn serve_http<I, H, F>(
             until_drain(conn, drain, http1::UpgradeableConnection::graceful_shutdown).await
         }
         HttpVersion::Http2 => {
+            // Control-frame floods (PING, SETTINGS, PRIORITY, empty frames) end the connection
+            // with GOAWAY(ENHANCE_YOUR_CALM).
+            let io = TokioIo::new(crate::flood::FloodGuard::new(
+                io,
+                crate::flood::Limits::default(),
+            ));
             let conn = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 // NOTE: set both explicitly (Rapid Reset, MadeYouReset): bounded resets per

@@ -704,3 +704,49 @@ async fn an_http11_request_without_exactly_one_host_is_refused() {
     let (code, text) = raw_exchange(outbound, b"GET http://echo.shop/ HTTP/1.0\r\n\r\n").await;
     assert_eq!(code, 200, "{text}");
 }
+
+/// The HTTP/2 frames in `bytes` (after none or the server's preface-less start): `(type, payload)`.
+fn frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    while bytes.len() >= 9 {
+        let len =
+            (usize::from(bytes[0]) << 16) | (usize::from(bytes[1]) << 8) | usize::from(bytes[2]);
+        if bytes.len() < 9 + len {
+            break;
+        }
+        out.push((bytes[3], bytes[9..9 + len].to_vec()));
+        bytes = &bytes[9 + len..];
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_ping_flood_is_cut_off_with_enhance_your_calm() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let t = two_hops().await;
+    for (side, addr) in [
+        ("outbound", t.client.addr("outbound")),
+        ("inbound", t.servers[0].addr("inbound")),
+    ] {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut flood = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        flood.extend([0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS
+        for _ in 0..5_000 {
+            flood.extend([0, 0, 8, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]); // PING
+        }
+        // The proxy may close before taking it all.
+        let _ = tcp.write_all(&flood).await;
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer)).await;
+        assert!(read.is_ok(), "{side}: the connection was closed");
+        let got = frames(&answer);
+        let goaway = got.iter().find(|(kind, _)| *kind == 7);
+        let pongs = got.iter().filter(|(kind, _)| *kind == 6).count();
+        assert!(
+            goaway.is_some_and(|(_, p)| p[4..8] == [0, 0, 0, 0xb]),
+            "{side}: GOAWAY(ENHANCE_YOUR_CALM) expected, got {:?}",
+            got.iter().map(|f| f.0).collect::<Vec<_>>()
+        );
+        assert!(pongs <= 1_001, "{side}: {pongs} PINGs answered");
+    }
+}
