@@ -247,10 +247,11 @@ impl TryFrom<cfg::ClientPolicy> for ClientPolicy {
             connect_timeout: duration(t.connect, "timeouts.connect")?,
             idle_timeout: duration(t.idle, "timeouts.idle")?,
             deadline_propagation,
-            retry: pb
-                .retry
-                .map(|r| resilience::retry(r, pb.budget))
-                .transpose()?,
+            // No retry section: connection failures and refused streams are retried once.
+            retry: Some(match pb.retry {
+                Some(r) => resilience::retry(r, pb.budget)?,
+                None => RetryPolicy::connect_failures(),
+            }),
             breaker: pb.breaker.as_ref().map(resilience::breaker).transpose()?,
             outlier: pb.outlier.map(resilience::outlier).transpose()?,
             health_check: pb.health_check.map(resilience::health_check).transpose()?,

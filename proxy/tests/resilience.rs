@@ -1294,3 +1294,93 @@ async fn aborted_uploads_are_the_callers_fault_and_never_open_the_breaker() {
         .unwrap_or_else(|| panic!("no breaker state: {metrics}"));
     assert!(open.ends_with(" 0"), "{open}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connection_is_retried_once_by_default_and_can_be_turned_off() {
+    // Two endpoints, round robin, one of them gone (its port refuses): what a rolling restart
+    // looks like in the moment before the endpoint set catches up.
+    let live = HttpEcho::start("live").await;
+    let gone = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let files = |spec: &str| {
+        service("legacy")
+            + &yaml::unmeshed("legacy", live.addr)
+            + &yaml::unmeshed("legacy", gone)
+            + &policy("legacy", spec)
+    };
+    let mesh = Mesh::start(&[(
+        "legacy.yaml",
+        &files("  loadBalancer: {algorithm: RoundRobin}\n"),
+    )]);
+    let proxy = client_proxy(&mesh, "legacy.shop", 2).await;
+    let http = client(proxy.addr("outbound"));
+    // No retry section: GETs are retried once on another endpoint; none fails.
+    for _ in 0..20 {
+        let rsp = http.get("http://legacy.shop/x").send().await.unwrap();
+        assert_eq!(rsp.status(), 200);
+    }
+    let mut explained = String::new();
+    for _ in 0..4 {
+        let rsp = http
+            .get("http://legacy.shop/x")
+            .header("ferrymesh-explain", "1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(rsp.status(), 200);
+        explained.push_str(rsp.headers()["ferrymesh-explain"].to_str().unwrap());
+    }
+    assert!(
+        explained.contains("retry on connect-failure"),
+        "{explained}"
+    );
+    // Visible in /config_dump as the policy in force.
+    let dump = ferrymesh_test_support::mesh::get_json(proxy.addr("admin"), "/config_dump").await;
+    let policy = dump["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["type"] == "CLIENT_POLICY" && r["name"] == "legacy.shop.svc.cluster.local:80")
+        .unwrap()["value"]
+        .clone();
+    assert_eq!(policy["retry"]["attempts"], 1, "{policy}");
+    // A POST without an Idempotency-Key is not retried: some fail.
+    let mut failed = 0;
+    for _ in 0..10 {
+        let rsp = http
+            .post("http://legacy.shop/x")
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        failed += usize::from(rsp.status() == 502);
+    }
+    assert!(failed > 0, "POST is never retried without a key");
+    // `attempts: 0` turns it off.
+    mesh.write(
+        "legacy.yaml",
+        &files("  loadBalancer: {algorithm: RoundRobin}\n  retry: {attempts: 0}\n"),
+    );
+    eventually(Duration::from_secs(5), || async {
+        let dump =
+            ferrymesh_test_support::mesh::get_json(proxy.addr("admin"), "/config_dump").await;
+        dump["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["type"] == "CLIENT_POLICY" && r["value"]["retry"]["attempts"] == 0)
+    })
+    .await
+    .expect("the policy without retries arrives");
+    let mut failed = 0;
+    for _ in 0..10 {
+        let rsp = http.get("http://legacy.shop/x").send().await.unwrap();
+        failed += usize::from(rsp.status() == 502);
+    }
+    assert!(
+        failed > 0,
+        "with attempts: 0 a refused connection fails the request"
+    );
+}

@@ -122,6 +122,35 @@ pub struct BudgetPolicy {
     pub window: Duration,
 }
 
+impl RetryPolicy {
+    /// What a service without a retry section gets: one more attempt, on another endpoint,
+    /// when the connection could not be made or the stream was refused (the request never
+    /// reached the app), for idempotent methods only, within the default budget. A rolling
+    /// restart then loses nothing; `retry: {attempts: 0}` turns it off.
+    pub fn connect_failures() -> RetryPolicy {
+        RetryPolicy {
+            attempts: 1,
+            retry_on: vec![RetryOn::ConnectFailure, RetryOn::RefusedStream],
+            retry_on_status: Vec::new(),
+            grpc_retry_on: Vec::new(),
+            methods: [
+                Method::GET,
+                Method::HEAD,
+                Method::OPTIONS,
+                Method::PUT,
+                Method::DELETE,
+            ]
+            .to_vec(),
+            backoff: BackoffStrategy::ExponentialFullJitter,
+            backoff_base: Duration::from_millis(5),
+            backoff_max: Duration::from_millis(25),
+            respect_retry_after: false,
+            max_request_body_bytes: 64 * 1024,
+            budget: BudgetPolicy::default(),
+        }
+    }
+}
+
 impl Default for BudgetPolicy {
     fn default() -> Self {
         Self {
