@@ -37,6 +37,10 @@ pub struct DiscoveryService {
     shutdown: watch::Receiver<bool>,
     /// Set (the trust domain) when streams must come with a mesh certificate.
     mtls: Option<String>,
+    /// Until this turns true (the sources synced, registrations had their grace), an endpoint
+    /// set a reconnecting proxy already holds is not replaced: the workloads behind it may not
+    /// be known again yet, and an empty set would fail every call (503 no-endpoints).
+    released: watch::Receiver<bool>,
 }
 
 impl DiscoveryService {
@@ -48,7 +52,16 @@ impl DiscoveryService {
             next_stream: Arc::new(AtomicU64::new(1)),
             shutdown,
             mtls: None,
+            released: watch::channel(true).1,
         }
+    }
+
+    /// Until `released` turns true, endpoint sets that reconnecting proxies hold (their
+    /// `initial_versions`) are kept as they are; then they are brought up to date.
+    #[must_use]
+    pub fn hold_endpoints_until(mut self, released: watch::Receiver<bool>) -> Self {
+        self.released = released;
+        self
     }
 
     /// Streams must present a certificate of `trust_domain` naming the node they announce
@@ -110,6 +123,8 @@ impl pb::discovery_server::Discovery for DiscoveryService {
             peer,
             reported_ready: false,
             inbound_sent: false,
+            released: self.released.clone(),
+            held: HashSet::new(),
         };
         // NOTE: the task ends when the proxy hangs up, when the response channel closes, or on
         // shutdown; it never outlives the server.
@@ -200,6 +215,11 @@ struct StreamTask {
     /// proxy holds the port's mTLS mode and authorization.
     reported_ready: bool,
     inbound_sent: bool,
+    /// See [`DiscoveryService::hold_endpoints_until`].
+    released: watch::Receiver<bool>,
+    /// ENDPOINTS names this proxy held when it subscribed within the hold: not replaced
+    /// until it ends.
+    held: HashSet<String>,
 }
 
 impl StreamTask {
@@ -215,8 +235,20 @@ impl StreamTask {
         let beat = (self.index.snapshot().fault_ttl / 3).max(std::time::Duration::from_millis(100));
         let mut heartbeat = tokio::time::interval(beat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut released_signal = self.released.clone();
+        let mut released = *released_signal.borrow();
         loop {
             tokio::select! {
+                ok = async { released_signal.wait_for(|r| *r).await.is_ok() }, if !released => {
+                    released = true;
+                    if ok && !self.held.is_empty() {
+                        self.held.clear();
+                        let snapshot = snapshots.borrow().clone();
+                        if !self.push(pb::ResourceType::Endpoints, None, &snapshot, false).await {
+                            break;
+                        }
+                    }
+                }
                 _ = heartbeat.tick() => {
                     let snapshot = snapshots.borrow().clone();
                     let due: Vec<(pb::ResourceType, Vec<String>)> =
@@ -330,11 +362,15 @@ impl StreamTask {
         if req.subscribe.is_empty() {
             return Ok(());
         }
+        let holding = ty == pb::ResourceType::Endpoints && !*self.released.borrow();
         for name in &req.subscribe {
             let sent = req
                 .initial_versions
                 .get(name)
                 .map_or(Sent::Nothing, |v| Sent::Version(v.clone()));
+            if holding && matches!(sent, Sent::Version(_)) {
+                self.held.insert(name.clone());
+            }
             subs.insert(name.clone(), sent);
         }
         // NOTE: every subscribe is answered, even when nothing changed (the proxy's cached
@@ -370,6 +406,9 @@ impl StreamTask {
             let Some(sent) = subs.get_mut(name) else {
                 continue;
             };
+            if ty == pb::ResourceType::Endpoints && self.held.contains(name) {
+                continue;
+            }
             match snapshot.lookup(ty, name, self.node.as_ref()) {
                 Lookup::Found(r) => {
                     let ttl_names = self.with_ttl.entry(ty).or_default();

@@ -61,6 +61,12 @@ pub struct RunArgs {
     /// handshake (plaintext: to send its first bytes) before it is closed.
     #[arg(long, default_value = "10s", value_parser = parse_duration, env = "FERRYMESH_CONTROLLER_HANDSHAKE_TIMEOUT")]
     pub handshake_timeout: Duration,
+    /// File source: after a start, how long endpoint sets that reconnecting proxies already
+    /// hold are kept as they are (their workloads may not have registered again yet; a proxy
+    /// reconnects within 10 s); `0s`: not at all. On Kubernetes they are kept until the
+    /// Service, EndpointSlice and Pod watches have listed.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, env = "FERRYMESH_CONTROLLER_RECONNECT_GRACE")]
+    pub reconnect_grace: Duration,
     /// The CA's folder (`ca.pem`, `ca.key.pem`; created on first start). Without it the mesh
     /// has no identity: proxies talk plaintext.
     #[arg(long, env = "FERRYMESH_CONTROLLER_CA_DIR")]
@@ -367,7 +373,12 @@ pub async fn run(args: RunArgs, shutdown: watch::Receiver<bool>) -> anyhow::Resu
             }
         }
     });
-    let admin_app = admin::router(index.clone(), metrics.clone(), addrs.clone(), watches);
+    let admin_app = admin::router(
+        index.clone(),
+        metrics.clone(),
+        addrs.clone(),
+        watches.clone(),
+    );
     let mut admin_shutdown = shutdown.clone();
     let admin_task = tokio::spawn(async move {
         axum::serve(admin_listener, admin_app)
@@ -383,7 +394,8 @@ pub async fn run(args: RunArgs, shutdown: watch::Receiver<bool>) -> anyhow::Resu
         .map(|(ca, _)| discovery_tls(ca))
         .transpose()?;
     let identity_task = spawn_identity(&args, identity, &index, &metrics, &shutdown).await?;
-    let mut service = DiscoveryService::new(index, metrics.clone(), shutdown.clone());
+    let mut service = DiscoveryService::new(index, metrics.clone(), shutdown.clone())
+        .hold_endpoints_until(release_endpoints(&args, &watches));
     if discovery_tls.is_some() {
         service = service.require_mtls(&args.trust_domain);
     }
@@ -444,6 +456,46 @@ async fn serve_discovery(
         );
         router.serve_with_incoming_shutdown(incoming, signal).await
     }
+}
+
+/// When endpoint sets may replace what reconnecting proxies hold: with files, once
+/// `--reconnect-grace` has passed (local workloads register again on their proxies' streams,
+/// each reconnecting within its backoff); on Kubernetes, once the Service, EndpointSlice and
+/// Pod watches have listed (endpoints come from the API, not from registrations).
+fn release_endpoints(
+    args: &RunArgs,
+    watches: &crate::sources::kubernetes::watches::Watches,
+) -> watch::Receiver<bool> {
+    use crate::sources::kubernetes::watches::WatchState;
+    let (tx, rx) = watch::channel(args.reconnect_grace.is_zero());
+    let grace = args.reconnect_grace;
+    match args.source {
+        SourceKind::Files => {
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                let _ = tx.send(true);
+            });
+        }
+        SourceKind::Kubernetes => {
+            let watches = watches.clone();
+            tokio::spawn(async move {
+                let synced = |kind: &str| {
+                    watches
+                        .all()
+                        .iter()
+                        .any(|w| w.kind == kind && w.state == WatchState::Synced)
+                };
+                while !["Service", "EndpointSlice", "Pod"]
+                    .iter()
+                    .all(|k| synced(k))
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let _ = tx.send(true);
+            });
+        }
+    }
+    rx
 }
 
 /// Serves the CA's trust bundle on Discovery, re-reading it every 2 s so anchors added or

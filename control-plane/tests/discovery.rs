@@ -27,11 +27,19 @@ struct Server {
 }
 
 async fn server() -> Server {
+    server_held(None).await
+}
+
+/// [`server`], holding endpoint sets reconnecting proxies hold until `release` turns true.
+async fn server_held(release: Option<tokio::sync::watch::Receiver<bool>>) -> Server {
     let index = IndexHandle::new();
     let file = Path::new("services.yaml");
     index.apply_file(file, parse_documents(file, SERVICES));
     let (shutdown, rx) = tokio::sync::watch::channel(false);
-    let service = DiscoveryService::new(index.clone(), Arc::new(Metrics::new()), rx);
+    let mut service = DiscoveryService::new(index.clone(), Arc::new(Metrics::new()), rx);
+    if let Some(release) = release {
+        service = service.hold_endpoints_until(release);
+    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(
@@ -353,4 +361,28 @@ async fn a_workload_takes_traffic_only_once_sent_its_inbound_policy() {
     assert_eq!(policy.r#type, i32::from(pb::ResourceType::InboundPolicy));
     let ready = s.next().await;
     assert_eq!(readiness(&ready.resources[0]), [(7002, true)]);
+}
+
+#[tokio::test]
+async fn after_a_restart_a_held_endpoint_set_is_kept_until_release() {
+    // A restarted controller does not yet know every workload: a reconnecting proxy keeps the
+    // set it holds until the sources have synced and registrations had their grace.
+    let (release, held) = tokio::sync::watch::channel(false);
+    let mut server = server_held(Some(held)).await;
+    let mut s = Stream::client(&mut server, "shop/c").await;
+    let mut req = subscribe(&[A]);
+    req.initial_versions
+        .insert(A.to_owned(), "from-before-the-restart".to_owned());
+    s.send(req).await;
+    let answer = s.next().await;
+    assert!(answer.resources.is_empty(), "held: {answer:?}");
+    // A new proxy (nothing held) gets the current set at once.
+    let mut fresh = Stream::client(&mut server, "shop/d").await;
+    fresh.send(subscribe(&[A])).await;
+    assert_eq!(fresh.next().await.resources.len(), 1);
+    // Released: the current set replaces the held one.
+    release.send(true).unwrap();
+    let answer = s.next().await;
+    assert_eq!(answer.resources.len(), 1, "{answer:?}");
+    assert_eq!(answer.resources[0].name, A);
 }

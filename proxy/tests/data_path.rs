@@ -750,3 +750,52 @@ async fn an_http2_ping_flood_is_cut_off_with_enhance_your_calm() {
         assert!(pongs <= 1_001, "{side}: {pongs} PINGs answered");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_controller_fails_no_request_while_workloads_re_register() {
+    let mut mesh = Mesh::start(&[("services.yaml", SERVICES)]);
+    let echo = HttpEcho::start("echo-1").await;
+    let _echo_proxy = mesh.proxy(&ProxySpec::app("echo-1", "echo", echo.addr));
+    let client_proxy = mesh.proxy(&ProxySpec::client("client"));
+    wait_ready(&client_proxy).await;
+    let http = client(client_proxy.addr("outbound"));
+    assert_eq!(
+        http.get("http://echo.shop/").send().await.unwrap().status(),
+        200
+    );
+    let admin = client_proxy.addr("admin");
+    // Steady traffic (50 rps) through a controller restart and the seconds after it, while
+    // the echo's proxy reconnects and registers again.
+    let traffic = {
+        let http = http.clone();
+        tokio::spawn(async move {
+            let mut failed = Vec::new();
+            for _ in 0..300 {
+                let rsp = http.get("http://echo.shop/").send().await.unwrap();
+                if rsp.status() != 200 {
+                    failed.push(format!(
+                        "{} {:?}",
+                        rsp.status(),
+                        rsp.headers().get("ferrymesh-error")
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            failed
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Down long enough for the proxies' reconnect backoffs to spread (full jitter): one comes
+    // back well before the other.
+    mesh.controller.kill();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    mesh.restart_controller();
+    eventually(Duration::from_secs(15), || async move {
+        get_json(admin, "/config_dump").await["controlPlane"]["connected"] == true
+    })
+    .await
+    .expect("the client proxy reconnects");
+    let failed = traffic.await.unwrap();
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    assert_eq!(ready_endpoints(admin, ECHO).await, 1);
+}
