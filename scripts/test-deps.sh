@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # What `make test` needs beyond cargo, installed once: cargo-nextest; Python's
 # kubernetes-validate and jsonschema (in target/test-venv) for the manifest checks; and, as
-# root, iptables, iproute2, util-linux's setpriv and curl for the network-namespace pod tests
-# and kubectl for kustomize. Without root the pod tests skip, saying why.
+# root, iptables, iproute2, util-linux's setpriv and curl for the network-namespace pod tests,
+# kubectl for kustomize and promtool (package prometheus) for the metrics format. Without root the pod tests skip, saying why.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo-nextest >/dev/null || cargo install cargo-nextest --locked
@@ -18,6 +18,8 @@ command -v iptables-restore >/dev/null || missing+=(iptables)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v setpriv >/dev/null || missing+=(util-linux)
 command -v curl >/dev/null || missing+=(curl)
+# promtool (Prometheus' own linter) checks what /metrics serves.
+command -v promtool >/dev/null || missing+=(prometheus)
 # kubectl (its kustomize renders the manifests): Google's package where that source is set
 # up, else Debian's.
 if ! command -v kubectl >/dev/null; then
@@ -26,5 +28,5 @@ fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "test: installing ${missing[*]}"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi

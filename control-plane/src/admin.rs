@@ -61,7 +61,10 @@ pub fn router(
         })
 }
 
-async fn metrics_text(State(state): State<AdminState>) -> impl IntoResponse {
+async fn metrics_text(
+    State(state): State<AdminState>,
+    headers: axum::http::HeaderMap,
+) -> impl IntoResponse {
     let snapshot = state.index.snapshot();
     let mut text = state.metrics.encode();
     let text_end = text.rfind("# EOF").unwrap_or(text.len());
@@ -90,13 +93,10 @@ async fn metrics_text(State(state): State<AdminState>) -> impl IntoResponse {
         snapshot.workloads.len()
     );
     text.push_str("# EOF\n");
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        text,
-    )
+    // OpenMetrics for scrapers that ask for it, the Prometheus text format otherwise.
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let (content_type, body) = ferrymesh_proto::exposition::negotiate(accept, text);
+    ([(header::CONTENT_TYPE, content_type)], body)
 }
 
 async fn status(State(state): State<AdminState>) -> impl IntoResponse {

@@ -279,6 +279,14 @@ impl StreamTask {
                     Ok(None) => break,
                     Err(e) => {
                         tracing::debug!(stream = self.id, error = %e, "discovery stream failed");
+                        // The stream ends with the error, never with OK: an oversized message
+                        // is RESOURCE_EXHAUSTED (the gRPC spec's code; tonic says OUT_OF_RANGE).
+                        let status = if e.code() == tonic::Code::OutOfRange {
+                            Status::resource_exhausted(e.message().to_owned())
+                        } else {
+                            e
+                        };
+                        let _ = self.tx.send(Err(status)).await;
                         break;
                     }
                 },

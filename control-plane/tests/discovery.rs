@@ -386,3 +386,15 @@ async fn after_a_restart_a_held_endpoint_set_is_kept_until_release() {
     assert_eq!(answer.resources.len(), 1, "{answer:?}");
     assert_eq!(answer.resources[0].name, A);
 }
+
+#[tokio::test]
+async fn an_oversized_message_ends_the_stream_with_resource_exhausted() {
+    let mut server = server().await;
+    let mut s = Stream::client(&mut server, "shop/c").await;
+    s.send(subscribe(&[&"x".repeat(5 * 1024 * 1024)])).await;
+    let status = tokio::time::timeout(Duration::from_secs(5), s.rx.message())
+        .await
+        .expect("an answer in time")
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+}

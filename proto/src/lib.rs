@@ -61,6 +61,7 @@ pub mod ferrymesh {
 pub use ferrymesh::{config, discovery, identity};
 
 pub mod duration;
+pub mod exposition;
 pub mod ports;
 
 /// The SPIFFE ids a DER certificate names (its `spiffe://` URI SANs); none when it does not

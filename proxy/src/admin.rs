@@ -51,11 +51,16 @@ pub fn handle(
                 )
             }
         }
-        "/metrics" => text(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            ctx.metrics.encode(),
-        ),
+        "/metrics" => {
+            // OpenMetrics for scrapers that ask for it, the Prometheus text format otherwise.
+            let accept = req
+                .headers()
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok());
+            let (content_type, body) =
+                ferrymesh_proto::exposition::negotiate(accept, ctx.metrics.encode());
+            text(StatusCode::OK, content_type, body)
+        }
         "/config_dump" if full => {
             let mut dump = ctx.discovery.dump();
             dump["proxy"] = serde_json::json!({

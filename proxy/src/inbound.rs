@@ -435,6 +435,17 @@ async fn respond(
         connect: inbound.connect_timeout,
         idle: crate::pool::DEFAULT_IDLE,
     };
+    // An HTTP/2 request (not gRPC, which needs HTTP/2) for an app that speaks HTTP/1.1 only
+    // is sent to it as HTTP/1.1, as Linkerd downgrades.
+    if req.version() == http::Version::HTTP_2
+        && !is_grpc(req.headers())
+        && !ctx.pool.speaks_h2(inbound.app).await
+    {
+        downgrade(&mut req, &authority);
+        if span.is_some() {
+            decisions.push("HTTP/2 downgraded to HTTP/1.1 for the app".to_owned());
+        }
+    }
     send(
         &ctx.pool,
         inbound.app,
@@ -444,4 +455,21 @@ async fn respond(
         None,
     )
     .await
+}
+
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// Makes an HTTP/2 request an HTTP/1.1 one: `:authority` becomes `Host`.
+fn downgrade<B>(req: &mut Request<B>, authority: &http::uri::Authority) {
+    *req.version_mut() = http::Version::HTTP_11;
+    if !req.headers().contains_key(http::header::HOST)
+        && let Ok(v) = http::HeaderValue::from_str(authority.as_str())
+    {
+        req.headers_mut().insert(http::header::HOST, v);
+    }
 }

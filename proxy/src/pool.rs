@@ -118,6 +118,8 @@ impl<S> Pooled<S> {
 pub struct Pool {
     h1: Mutex<HashMap<Key, Vec<Pooled<http1::SendRequest<Body>>>>>,
     h2: Mutex<HashMap<Key, Pooled<http2::SendRequest<Body>>>>,
+    /// Local apps found to speak HTTP/1.1 only, and since when (looked at again after a minute).
+    h1_only: Mutex<HashMap<SocketAddr, Instant>>,
     /// Outbound TLS handshakes, counted into the proxy's metrics.
     pub handshakes: crate::metrics::Handshakes,
 }
@@ -147,7 +149,33 @@ impl Pool {
     }
 }
 
+/// How long an app's answer to the HTTP/2 question is kept.
+const PROTOCOL_PROBE_TTL: Duration = Duration::from_mins(1);
+
 impl Pool {
+    /// Whether the plaintext app at `addr` speaks HTTP/2 with prior knowledge (h2c): asked
+    /// once a minute with a connection of its own that sends the HTTP/2 preface and SETTINGS.
+    /// An HTTP/2 server answers with SETTINGS; an HTTP/1.1-only server answers `HTTP/1.1 4xx`
+    /// or closes. When the app cannot be asked (no connection, no answer in time), the answer
+    /// is yes, and the request goes as it came.
+    pub async fn speaks_h2(&self, addr: SocketAddr) -> bool {
+        {
+            let known = self.h1_only.lock().expect("pool lock poisoned");
+            if let Some(since) = known.get(&addr) {
+                return since.elapsed() > PROTOCOL_PROBE_TTL;
+            }
+        }
+        let h1_only = probe_h1_only(addr).await;
+        if h1_only {
+            tracing::info!(app = %addr, "the app speaks HTTP/1.1 only: HTTP/2 requests to it are downgraded");
+            self.h1_only
+                .lock()
+                .expect("pool lock poisoned")
+                .insert(addr, Instant::now());
+        }
+        !h1_only
+    }
+
     /// Sends `req` to `addr`. For HTTP/1.1 the URI should be in origin form; for HTTP/2 it must
     /// carry a scheme and the authority to send as `:authority`.
     ///
@@ -412,4 +440,24 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TokioIo<TcpS
         .map_err(|source| PoolError::Connect { addr, source })?;
     let _ = stream.set_nodelay(true);
     Ok(TokioIo::new(stream))
+}
+
+/// True when `addr` refuses HTTP/2 prior knowledge as an HTTP/1.1 server does.
+async fn probe_h1_only(addr: SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+    let wait = Duration::from_secs(1);
+    let Ok(Ok(mut tcp)) = tokio::time::timeout(wait, tokio::net::TcpStream::connect(addr)).await
+    else {
+        return false;
+    };
+    if tcp.write_all(PREFACE).await.is_err() {
+        return false;
+    }
+    let mut head = [0u8; 9];
+    match tokio::time::timeout(wait, tcp.read(&mut head)).await {
+        // An HTTP/1.x status line, or closed at once.
+        Ok(Ok(n)) => n == 0 || head.starts_with(b"HTTP/"),
+        _ => false,
+    }
 }

@@ -799,3 +799,70 @@ async fn a_restarted_controller_fails_no_request_while_workloads_re_register() {
     assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
     assert_eq!(ready_endpoints(admin, ECHO).await, 1);
 }
+
+/// An app that speaks HTTP/1.1 only (as nginx does without `http2`): it answers with the
+/// version it saw.
+async fn http1_only_app() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let host = req
+                            .headers()
+                            .get("host")
+                            .map(|h| h.to_str().unwrap().to_owned())
+                            .unwrap_or_default();
+                        let body = format!("{:?} {host}", req.version());
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(Bytes::from(body)),
+                        ))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_call_to_an_http1_only_app_is_downgraded() {
+    let mesh = Mesh::start(&[("services.yaml", SERVICES)]);
+    let app = http1_only_app().await;
+    let _server = mesh.proxy(&ProxySpec::app("echo-1", "echo", app));
+    let client_proxy = mesh.proxy(&ProxySpec::client("client"));
+    wait_ready(&client_proxy).await;
+    // h2c with prior knowledge to the explicit proxy listener, then mTLS h2 between the
+    // sidecars, then HTTP/1.1 to the app.
+    let tcp = tokio::net::TcpStream::connect(client_proxy.addr("outbound"))
+        .await
+        .unwrap();
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for path in ["/a", "/b"] {
+        let rsp = h2
+            .send_request(
+                http::Request::get(format!("http://echo.shop{path}"))
+                    .body(Empty::<Bytes>::new())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            rsp.status(),
+            200,
+            "{:?}",
+            rsp.headers().get("ferrymesh-error")
+        );
+        let body = rsp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"HTTP/1.1 echo.shop");
+    }
+}
