@@ -3,6 +3,11 @@
 use clap::Parser;
 use ferrymesh_controller::run::{RunArgs, run};
 
+/// jemalloc, whose background thread returns freed pages to the system: what thousands of
+/// Discovery streams held comes back when they close.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "ferrymesh-controller",
