@@ -2,18 +2,24 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo test lint bench build crds images kind-up kind-load gateway-api kind-deploy kind-down
+.PHONY: demo test fuzz lint bench build crds images kind-up kind-load gateway-api kind-deploy kind-down
 
 ## demo: release build, then the controller, the shop (each instance with a sidecar) and the storefront on 127.0.0.1:8080
 demo:
 	$(CARGO) build --release --bins
 	./target/release/ferryctl up --config-dir demo-apps/mesh
 
-## test: every test (the integration tests run the real binaries, so those are built first)
+## test: every test (the integration tests run the real binaries, so those are built first),
+## after a short run of every fuzz target
 test:
 	@scripts/test-deps.sh
 	$(CARGO) build --workspace --bins
+	scripts/fuzz.sh
 	$(CARGO) nextest run --workspace --no-fail-fast
+
+## fuzz: every cargo-fuzz target under fuzz/ for FUZZ_SECONDS (default 15) each
+fuzz:
+	scripts/fuzz.sh
 
 ## lint: formatting and clippy, warnings as errors
 lint:

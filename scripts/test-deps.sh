@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# What `make test` needs beyond cargo, installed once: cargo-nextest; Python's
+# What `make test` needs beyond cargo, installed once: cargo-nextest and cargo-fuzz; Python's
 # kubernetes-validate and jsonschema (in target/test-venv) for the manifest checks; and, as
 # root, iptables, iproute2, util-linux's setpriv and curl for the network-namespace pod tests,
 # kubectl for kustomize and promtool (package prometheus) for the metrics format. Without root the pod tests skip, saying why.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo-nextest >/dev/null || cargo install cargo-nextest --locked
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 venv=target/test-venv
 if ! "$venv/bin/python" -c 'import kubernetes_validate, jsonschema, yaml' 2>/dev/null; then
   echo "test: installing kubernetes-validate and jsonschema into $venv"

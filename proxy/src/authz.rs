@@ -293,8 +293,13 @@ pub fn normalize(path: &str) -> Result<String, BadPath> {
             }
             i += 3;
         } else {
-            decoded.push(char::from(bytes[i]));
-            i += 1;
+            // NOTE: a whole character, not a byte: a UTF-8 path must reach the app unchanged.
+            let c = path[i..]
+                .chars()
+                .next()
+                .expect("i is at a character boundary");
+            decoded.push(c);
+            i += c.len_utf8();
         }
     }
     let mut out: Vec<&str> = Vec::new();
@@ -318,6 +323,19 @@ pub fn normalize(path: &str) -> Result<String, BadPath> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_utf8_path_is_kept_as_it_is_and_normalising_twice_changes_nothing() {
+        // Found by the path_normalize fuzz target: bytes were taken for characters.
+        assert_eq!(
+            normalize("/caf\u{e9}/./men\u{fc}").as_deref(),
+            Ok("/caf\u{e9}/men\u{fc}")
+        );
+        for p in ["/a/../\u{e9}", "/%41/b/", "/x/%2e%2e/y"] {
+            let once = normalize(p).unwrap();
+            assert_eq!(normalize(&once).unwrap(), once, "{p}");
+        }
+    }
 
     #[test]
     fn paths_are_normalised_or_refused() {

@@ -62,8 +62,9 @@ pub async fn tls<I: AsyncRead + Unpin>(io: &mut I, timeout: Duration) -> io::Res
     }
 }
 
-/// Decides from the bytes so far, `None` when more are needed.
-fn decide(buf: &[u8]) -> Option<Detected> {
+/// Decides from the bytes so far, `None` when more are needed (pure: the fuzz target `detect`
+/// drives it with any bytes).
+pub fn decide(buf: &[u8]) -> Option<Detected> {
     if buf.is_empty() {
         return None;
     }
