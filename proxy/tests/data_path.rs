@@ -372,11 +372,19 @@ async fn only_ready_workloads_are_endpoints() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn controller_outage_keeps_traffic_and_proxies_resync() {
-    let mut mesh = Mesh::start(&[("services.yaml", SERVICES)]);
+/// One echo instance behind its sidecar and a client sidecar, the first call answered.
+struct EchoAndClient {
+    mesh: Mesh,
+    echo: HttpEcho,
+    echo_proxy: Spawned,
+    client_proxy: Spawned,
+    http: reqwest::Client,
+}
+
+async fn echo_and_client() -> EchoAndClient {
+    let mesh = Mesh::start(&[("services.yaml", SERVICES)]);
     let echo = HttpEcho::start("echo-1").await;
-    let _echo_proxy = mesh.proxy(&ProxySpec::app("echo-1", "echo", echo.addr));
+    let echo_proxy = mesh.proxy(&ProxySpec::app("echo-1", "echo", echo.addr));
     let client_proxy = mesh.proxy(&ProxySpec::client("client"));
     wait_ready(&client_proxy).await;
     let http = client(client_proxy.addr("outbound"));
@@ -384,6 +392,24 @@ async fn controller_outage_keeps_traffic_and_proxies_resync() {
         http.get("http://echo.shop/").send().await.unwrap().status(),
         200
     );
+    EchoAndClient {
+        mesh,
+        echo,
+        echo_proxy,
+        client_proxy,
+        http,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_outage_keeps_traffic_and_proxies_resync() {
+    let EchoAndClient {
+        mut mesh,
+        echo: _echo,
+        echo_proxy: _echo_proxy,
+        client_proxy,
+        http,
+    } = echo_and_client().await;
     wait_endpoints(&client_proxy, ECHO, 1, Duration::from_secs(5))
         .await
         .unwrap();
@@ -753,16 +779,13 @@ async fn an_http2_ping_flood_is_cut_off_with_enhance_your_calm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_controller_fails_no_request_while_workloads_re_register() {
-    let mut mesh = Mesh::start(&[("services.yaml", SERVICES)]);
-    let echo = HttpEcho::start("echo-1").await;
-    let _echo_proxy = mesh.proxy(&ProxySpec::app("echo-1", "echo", echo.addr));
-    let client_proxy = mesh.proxy(&ProxySpec::client("client"));
-    wait_ready(&client_proxy).await;
-    let http = client(client_proxy.addr("outbound"));
-    assert_eq!(
-        http.get("http://echo.shop/").send().await.unwrap().status(),
-        200
-    );
+    let EchoAndClient {
+        mut mesh,
+        echo: _echo,
+        echo_proxy: _echo_proxy,
+        client_proxy,
+        http,
+    } = echo_and_client().await;
     let admin = client_proxy.addr("admin");
     // Steady traffic (50 rps) through a controller restart and the seconds after it, while
     // the echo's proxy reconnects and registers again.
