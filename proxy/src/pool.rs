@@ -118,8 +118,9 @@ impl<S> Pooled<S> {
 pub struct Pool {
     h1: Mutex<HashMap<Key, Vec<Pooled<http1::SendRequest<Body>>>>>,
     h2: Mutex<HashMap<Key, Pooled<http2::SendRequest<Body>>>>,
-    /// Local apps found to speak HTTP/1.1 only, and since when (looked at again after a minute).
-    h1_only: Mutex<HashMap<SocketAddr, Instant>>,
+    /// Whether each local app speaks HTTP/2 (h2c), and since when it is known (asked again
+    /// after a minute).
+    speaks_h2: Mutex<HashMap<SocketAddr, (bool, Instant)>>,
     /// Outbound TLS handshakes, counted into the proxy's metrics.
     pub handshakes: crate::metrics::Handshakes,
 }
@@ -159,21 +160,25 @@ impl Pool {
     /// or closes. When the app cannot be asked (no connection, no answer in time), the answer
     /// is yes, and the request goes as it came.
     pub async fn speaks_h2(&self, addr: SocketAddr) -> bool {
+        if let Some((h2, since)) = self
+            .speaks_h2
+            .lock()
+            .expect("pool lock poisoned")
+            .get(&addr)
+            && since.elapsed() < PROTOCOL_PROBE_TTL
         {
-            let known = self.h1_only.lock().expect("pool lock poisoned");
-            if let Some(since) = known.get(&addr) {
-                return since.elapsed() > PROTOCOL_PROBE_TTL;
-            }
+            return *h2;
         }
-        let h1_only = probe_h1_only(addr).await;
-        if h1_only {
+        // NOTE: two requests may both ask at the first call; the answer is the same.
+        let h2 = !probe_h1_only(addr).await;
+        if !h2 {
             tracing::info!(app = %addr, "the app speaks HTTP/1.1 only: HTTP/2 requests to it are downgraded");
-            self.h1_only
-                .lock()
-                .expect("pool lock poisoned")
-                .insert(addr, Instant::now());
         }
-        !h1_only
+        self.speaks_h2
+            .lock()
+            .expect("pool lock poisoned")
+            .insert(addr, (h2, Instant::now()));
+        h2
     }
 
     /// Sends `req` to `addr`. For HTTP/1.1 the URI should be in origin form; for HTTP/2 it must

@@ -90,7 +90,7 @@ async fn send_batches(http: &reqwest::Client, batches: usize) {
 /// listener for the gRPC service.
 struct TwoHops {
     _mesh: Mesh,
-    _apps: (HttpEcho, GrpcServer),
+    apps: (HttpEcho, GrpcServer),
     servers: Vec<Spawned>,
     client: Spawned,
 }
@@ -110,7 +110,7 @@ async fn two_hops() -> TwoHops {
     wait_ready(&client).await;
     TwoHops {
         _mesh: mesh,
-        _apps: (echo, grpc),
+        apps: (echo, grpc),
         servers,
         client,
     }
@@ -195,6 +195,10 @@ async fn h2c_crosses_two_sidecars_in_a_tunnel_and_with_prior_knowledge() {
         .await
         .unwrap();
     assert_eq!(rsp.status(), 200);
+    // The server's sidecar asked the app once whether it speaks HTTP/2 (one probe connection)
+    // and keeps one HTTP/2 connection to it: not a probe per request.
+    let conns = t.apps.0.conns.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(conns <= 2, "{conns} connections to the app");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
