@@ -301,6 +301,7 @@ async fn start_source(
                 seen,
                 index.subscribe(),
                 metrics.clone(),
+                watches.clone(),
             ));
             Ok(Box::pin(async move {
                 let _ = shutdown.wait_for(|s| *s).await;

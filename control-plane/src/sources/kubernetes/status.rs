@@ -197,13 +197,20 @@ fn comparable(status: &Value) -> Value {
 }
 
 /// Writes statuses as policies and the services they name change, until the process ends.
+/// Nothing is written until every watch has listed once (an optional API may be missing): a
+/// status computed from a half-known cluster (a policy seen before its Service) would be
+/// wrong, and rewriting it a moment later would lose its transition times.
 pub async fn run(
     client: kube::Client,
     seen: Seen,
     mut snapshots: watch::Receiver<Arc<Snapshot>>,
     metrics: Arc<crate::metrics::Metrics>,
+    watches: super::watches::Watches,
 ) {
     let mut written: BTreeMap<(String, String, String), Value> = BTreeMap::new();
+    while !watches.all_listed(super::KINDS) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     loop {
         let snapshot = snapshots.borrow_and_update().clone();
         let now = time::OffsetDateTime::now_utc()

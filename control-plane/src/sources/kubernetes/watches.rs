@@ -65,6 +65,17 @@ impl Watches {
         );
     }
 
+    /// Whether each of `kinds` has listed at least once (an optional one may instead be not
+    /// installed).
+    pub fn all_listed(&self, kinds: &[Kind]) -> bool {
+        let inner = self.inner.lock().expect("watches lock");
+        kinds.iter().all(|k| {
+            inner.get(k.kind).is_some_and(|w| {
+                w.state == WatchState::Synced || (k.optional && w.state == WatchState::NotInstalled)
+            })
+        })
+    }
+
     /// Every watch, by kind.
     pub fn all(&self) -> Vec<WatchStatus> {
         self.inner
