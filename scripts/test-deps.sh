@@ -21,6 +21,8 @@ command -v setpriv >/dev/null || missing+=(util-linux)
 command -v curl >/dev/null || missing+=(curl)
 # promtool (Prometheus' own linter) checks what /metrics serves.
 command -v promtool >/dev/null || missing+=(prometheus)
+# libFuzzer (the fuzz targets) is C++.
+command -v g++ >/dev/null || missing+=(g++)
 # kubectl (its kustomize renders the manifests): Google's package where that source is set
 # up, else Debian's.
 if ! command -v kubectl >/dev/null; then
