@@ -290,10 +290,12 @@ async fn start_source(
                 tasks.spawn(kubernetes::watch_when_installed(
                     client.clone(),
                     *kind,
-                    index.clone(),
-                    seen.clone(),
-                    metrics.clone(),
-                    watches.clone(),
+                    kubernetes::Sinks {
+                        index: index.clone(),
+                        seen: seen.clone(),
+                        metrics: metrics.clone(),
+                        watches: watches.clone(),
+                    },
                 ));
             }
             tasks.spawn(kubernetes::status::run(

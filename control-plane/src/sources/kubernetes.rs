@@ -326,14 +326,8 @@ pub async fn installed(client: &kube::Client, kind: &Kind) -> Result<bool, kube:
 /// Watches one kind until the process ends, feeding the index; a kind whose API is not
 /// installed is looked up again every [`watches::INSTALL_POLL`] and watched once it is (one log
 /// line when it is missing, one when it appears).
-pub async fn watch_when_installed(
-    client: kube::Client,
-    kind: Kind,
-    index: IndexHandle,
-    seen: Seen,
-    metrics: Arc<crate::metrics::Metrics>,
-    watches: watches::Watches,
-) {
+pub async fn watch_when_installed(client: kube::Client, kind: Kind, to: Sinks) {
+    let watches = &to.watches;
     let api_version = kind.api_resource().api_version;
     let mut said = false;
     loop {
@@ -371,18 +365,31 @@ pub async fn watch_when_installed(
             kind.kind
         );
     }
-    watch(client, kind, index, seen, metrics, watches).await;
+    watch(client, kind, &to).await;
+}
+
+/// Where a watch's events go: the index, the policies seen (for status), the metrics and the
+/// watch states.
+#[derive(Debug, Clone)]
+pub struct Sinks {
+    /// The index the objects feed.
+    pub index: IndexHandle,
+    /// Policy objects, for the status writer.
+    pub seen: Seen,
+    /// Watch errors and lag.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Each watch's state.
+    pub watches: watches::Watches,
 }
 
 /// Watches one kind until the process ends, feeding the index.
-pub async fn watch(
-    client: kube::Client,
-    kind: Kind,
-    index: IndexHandle,
-    seen: Seen,
-    metrics: Arc<crate::metrics::Metrics>,
-    watches: watches::Watches,
-) {
+async fn watch(client: kube::Client, kind: Kind, to: &Sinks) {
+    let Sinks {
+        index,
+        seen,
+        metrics,
+        watches,
+    } = to;
     watches.set(&kind, watches::WatchState::Starting, "listing");
     let api: Api<DynamicObject> = Api::all_with(client, &kind.api_resource());
     let mut events = watcher::watcher(api, watcher::Config::default())
@@ -393,7 +400,7 @@ pub async fn watch(
         match event {
             Ok(Event::Init) => buffer = Some(Vec::new()),
             Ok(Event::InitApply(object)) => {
-                let entry = parse(&kind, &object, &seen);
+                let entry = parse(&kind, &object, seen);
                 buffer.get_or_insert_with(Vec::new).push(entry);
             }
             Ok(Event::InitDone) => {
@@ -412,7 +419,7 @@ pub async fn watch(
                 if let Some(lag) = lag(&object) {
                     metrics.watch_lag(kind.kind, lag);
                 }
-                let (path, result) = parse(&kind, &object, &seen);
+                let (path, result) = parse(&kind, &object, seen);
                 index.apply_file(&path, result);
             }
             Ok(Event::Delete(object)) => {
