@@ -100,7 +100,11 @@ async fn metrics_text(
 }
 
 async fn status(State(state): State<AdminState>) -> impl IntoResponse {
-    let mut status = Status::from_snapshot(&state.index.snapshot(), &state.addrs);
+    let mut status = Status::from_snapshot(
+        &state.index.snapshot(),
+        &state.index.streams(),
+        &state.addrs,
+    );
     status.watches = state.watches.all();
     axum::Json(status)
 }
@@ -230,7 +234,11 @@ fn addr(a: Option<&cfg::SocketAddr>) -> Option<String> {
 
 impl Status {
     /// Builds the status document from a snapshot.
-    pub fn from_snapshot(snapshot: &Snapshot, addrs: &Addresses) -> Self {
+    pub fn from_snapshot(
+        snapshot: &Snapshot,
+        streams: &std::collections::BTreeMap<u64, pb::Node>,
+        addrs: &Addresses,
+    ) -> Self {
         let services = snapshot
             .services
             .iter()
@@ -278,8 +286,7 @@ impl Status {
                     .collect(),
             })
             .collect();
-        let proxies = snapshot
-            .streams
+        let proxies = streams
             .iter()
             .map(|(id, node)| {
                 let local = node.local_workload.as_ref();

@@ -2,9 +2,9 @@
 //! updates, nonce-based ACK/NACK (API.md 2.b "Stream semantics").
 //!
 //! Each stream is served by one task that owns the stream's subscriptions and what it last sent
-//! for each name. It wakes on requests from the proxy and on every new index snapshot, and sends
-//! only resources whose version changed, `removed` for names that stopped existing, and
-//! `not_found` for names that never did.
+//! for each name. It wakes on requests from the proxy and when a new index snapshot changed one
+//! of the names it watches (the index's [`Interest`]), and sends only resources whose version
+//! changed, `removed` for names that stopped existing, and `not_found` for names that never did.
 //!
 //! When the controller is the mesh's CA, Discovery is served over mTLS: a stream needs the
 //! proxy's mesh certificate, and the node it announces must be that certificate's workload
@@ -18,11 +18,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use ferrymesh_proto::discovery::v1 as pb;
 use futures::Stream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::index::{IndexHandle, Lookup, Snapshot};
+use crate::index::{IndexHandle, Interest, Lookup, Snapshot};
 use crate::metrics::Metrics;
 
 /// At most this many names on one stream (RESOURCE_EXHAUSTED beyond).
@@ -125,6 +125,8 @@ impl pb::discovery_server::Discovery for DiscoveryService {
             inbound_sent: false,
             released: self.released.clone(),
             held: HashSet::new(),
+            wake: Arc::new(Notify::new()),
+            interest: self.index.interest.clone(),
         };
         // NOTE: the task ends when the proxy hangs up, when the response channel closes, or on
         // shutdown; it never outlives the server.
@@ -220,6 +222,9 @@ struct StreamTask {
     /// ENDPOINTS names this proxy held when it subscribed within the hold: not replaced
     /// until it ends.
     held: HashSet<String>,
+    /// Woken when a resource this stream watches changed.
+    wake: Arc<Notify>,
+    interest: Arc<Interest>,
 }
 
 impl StreamTask {
@@ -228,7 +233,7 @@ impl StreamTask {
         mut requests: Streaming<pb::DiscoveryRequest>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let mut snapshots = self.index.subscribe();
+        let snapshots = self.index.subscribe();
         self.metrics.streams.inc();
         // NOTE: resources with a TTL (faults) are re-sent at a third of it, so a proxy keeps
         // them only while the controller is alive.
@@ -268,10 +273,7 @@ impl StreamTask {
                 }
                 message = requests.message() => match message {
                     Ok(Some(req)) => {
-                        // NOTE: `borrow`, not `borrow_and_update`: a change that arrived meanwhile
-                        // must still be pushed for the names already subscribed.
-                        let snapshot = snapshots.borrow().clone();
-                        if let Err(status) = self.handle(req, &snapshot).await {
+                        if let Err(status) = self.handle(req, &snapshots).await {
                             let _ = self.tx.send(Err(status)).await;
                             break;
                         }
@@ -290,9 +292,8 @@ impl StreamTask {
                         break;
                     }
                 },
-                changed = snapshots.changed() => {
-                    if changed.is_err() { break }
-                    let snapshot = snapshots.borrow_and_update().clone();
+                () = self.wake.notified() => {
+                    let snapshot = snapshots.borrow().clone();
                     let types: Vec<_> = self.subs.keys().copied().collect();
                     for ty in types {
                         if !self.push(ty, None, &snapshot, false).await { break }
@@ -306,6 +307,11 @@ impl StreamTask {
             }
         }
         self.metrics.streams.dec();
+        for (ty, names) in &self.subs {
+            for name in names.keys() {
+                self.interest.remove(*ty, name, self.id);
+            }
+        }
         if self.opened {
             self.index.stream_closed(self.id);
         }
@@ -314,7 +320,7 @@ impl StreamTask {
     async fn handle(
         &mut self,
         req: pb::DiscoveryRequest,
-        snapshot: &Arc<Snapshot>,
+        snapshots: &watch::Receiver<Arc<Snapshot>>,
     ) -> Result<(), Status> {
         if !self.opened {
             let node = req
@@ -360,7 +366,9 @@ impl StreamTask {
         }
         let subs = self.subs.entry(ty).or_default();
         for name in &req.unsubscribe {
-            subs.remove(name);
+            if subs.remove(name).is_some() {
+                self.interest.remove(ty, name, self.id);
+            }
         }
         if subs.len() + req.subscribe.len() > MAX_SUBSCRIPTIONS {
             return Err(Status::resource_exhausted(format!(
@@ -379,11 +387,16 @@ impl StreamTask {
             if holding && matches!(sent, Sent::Version(_)) {
                 self.held.insert(name.clone());
             }
-            subs.insert(name.clone(), sent);
+            if subs.insert(name.clone(), sent).is_none() {
+                self.interest.add(ty, name, self.id, &self.wake);
+            }
         }
+        // NOTE: the snapshot is read after the interest is registered: a rebuild in between
+        // wakes this stream, so no change is missed.
+        let snapshot = snapshots.borrow().clone();
         // NOTE: every subscribe is answered, even when nothing changed (the proxy's cached
         // versions are current): the answer is the proxy's "synced" signal.
-        self.push(ty, Some(&req.subscribe), snapshot, true).await;
+        self.push(ty, Some(&req.subscribe), &snapshot, true).await;
         Ok(())
     }
 
@@ -415,6 +428,12 @@ impl StreamTask {
                 continue;
             };
             if ty == pb::ResourceType::Endpoints && self.held.contains(name) {
+                continue;
+            }
+            // The version first: an unchanged resource is not copied to be compared.
+            if let (Sent::Version(v), Some(current)) = (&*sent, snapshot.version(ty, name))
+                && v == current
+            {
                 continue;
             }
             match snapshot.lookup(ty, name, self.node.as_ref()) {

@@ -290,10 +290,10 @@ async fn handle(
     });
     // The server span, under the caller's attempt span (or whatever context the client sent).
     let span = ctx.tracing.start(
-        format!("{} {}", req.method(), req.uri().path()),
         opentelemetry::trace::SpanKind::Server,
-        &crate::trace::extract(req.headers()),
-        {
+        || format!("{} {}", req.method(), req.uri().path()),
+        || crate::trace::extract(req.headers()),
+        || {
             let mut attrs = crate::trace::request_attributes(&req, None);
             if let Some(peer) = &caller.peer {
                 attrs.push(opentelemetry::KeyValue::new(

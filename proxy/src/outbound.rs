@@ -120,7 +120,8 @@ impl Outbound {
                     .iter()
                     .map(|s| serde_json::json!({"addr": s.endpoint.addr, "ready": s.endpoint.ready, "inFlight": s.pending()}))
                     .collect();
-                (name.clone(), serde_json::json!({ "endpoints": endpoints }))
+                let stacks = l.stack.assembled();
+                (name.clone(), serde_json::json!({ "endpoints": endpoints, "stacksBuilt": stacks }))
             })
             .collect::<serde_json::Map<_, _>>()
             .into()
@@ -338,10 +339,10 @@ async fn handle(
     let mut req = crate::http::from_downstream(req);
     // The client span of this call, under the context the app sent (if any).
     let span = ctx.tracing.start(
-        format!("{} {}", req.method(), target.authority),
         opentelemetry::trace::SpanKind::Client,
-        &crate::trace::extract(req.headers()),
-        crate::trace::request_attributes(&req, Some(target.authority.as_str())),
+        || format!("{} {}", req.method(), target.authority),
+        || crate::trace::extract(req.headers()),
+        || crate::trace::request_attributes(&req, Some(target.authority.as_str())),
     );
     if let Some(cx) = &span {
         req.extensions_mut()

@@ -194,23 +194,25 @@ impl Tracing {
         self.state.read().expect("tracing lock poisoned").is_some()
     }
 
-    /// Starts a span under `parent`; `None` when tracing is off.
+    /// Starts a span under `parent`; `None` when tracing is off. Its name, parent and
+    /// attributes are only built when tracing is on: off, a request pays one read lock.
     pub fn start(
         &self,
-        name: String,
         kind: SpanKind,
-        parent: &Cx,
-        attributes: Vec<KeyValue>,
+        name: impl FnOnce() -> String,
+        parent: impl FnOnce() -> Cx,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
     ) -> Option<Cx> {
         let state = self.state.read().expect("tracing lock poisoned");
         let active = state.as_ref()?;
         let _ = &active.runtime;
+        let parent = parent();
         let span = active
             .tracer
-            .span_builder(name)
+            .span_builder(name())
             .with_kind(kind)
-            .with_attributes(attributes)
-            .start_with_context(&active.tracer, parent);
+            .with_attributes(attributes())
+            .start_with_context(&active.tracer, &parent);
         Some(parent.with_span(span))
     }
 }
@@ -407,7 +409,7 @@ mod tests {
         t.apply("", 1.0);
         assert!(!t.on());
         assert!(
-            t.start("x".into(), SpanKind::Client, &Cx::new(), Vec::new())
+            t.start(SpanKind::Client, || "x".into(), Cx::new, Vec::new)
                 .is_none()
         );
     }

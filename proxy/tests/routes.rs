@@ -74,6 +74,29 @@ async fn matches_pick_the_backend_and_unmatched_requests_get_404() {
     let (status, _) = instance(&http, "http://pricing.shop/prices/503", &[]).await;
     assert_eq!(status, 200);
     assert_eq!(v1.hits.load(Ordering::SeqCst) - before, 1);
+
+    // Each route's merged policy and stack are built once, not per request (pricing and
+    // pricing-v2 have no policy of their own).
+    let stacks = || async {
+        let dump = get_json(proxy.addr("admin"), "/config_dump").await;
+        let built = |t: &str| dump["targets"][t]["stacksBuilt"].as_u64().unwrap();
+        (
+            built("pricing.shop.svc.cluster.local:80"),
+            built("pricing-v2.shop.svc.cluster.local:80"),
+        )
+    };
+    let before = stacks().await;
+    for _ in 0..20 {
+        for (url, canary) in [
+            (url, "0"),
+            (url, "1"),
+            ("http://pricing.shop/status/200", "0"),
+        ] {
+            assert_eq!(instance(&http, url, &[("x-canary", canary)]).await.0, 200);
+        }
+    }
+    assert_eq!(stacks().await, before, "no stack was rebuilt");
+    assert!(before.0 >= 2 && before.1 >= 1, "{before:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

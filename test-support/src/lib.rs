@@ -11,6 +11,7 @@ pub mod mesh;
 pub mod netns;
 pub mod otlp;
 pub mod process;
+pub mod sim;
 pub mod upstream;
 
 /// Generated code of the test gRPC service.

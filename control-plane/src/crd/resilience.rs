@@ -127,13 +127,18 @@ pub struct Retry {
     pub budget: Option<Budget>,
 }
 
+/// Why `limits.maxConnections` is refused.
+pub const MAX_CONNECTIONS_REFUSED: &str = "maxConnections is not supported: the proxy pools and reuses connections per endpoint and does not cap them; bound the load with maxRequests";
+/// Why `limits.maxPendingRequests` is refused.
+pub const MAX_PENDING_REFUSED: &str = "maxPendingRequests is not supported: requests never queue in the proxy; beyond maxRequests they fail fast with 503 overloaded";
+
 /// Backoff between attempts.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(deny_unknown_fields)]
 #[x_kube(validation = Rule::new("!has(self.base) || !has(self.max) || duration(self.base) <= duration(self.max)").message("backoff.base <= backoff.max").field_path(".base"))]
 pub struct Backoff {
-    /// Constant | Exponential | ExponentialFullJitter.
-    #[schemars(extend("enum" = ["Constant", "Exponential", "ExponentialFullJitter"]))]
+    /// Constant | Exponential | ExponentialFullJitter | DecorrelatedJitter.
+    #[schemars(extend("enum" = ["Constant", "Exponential", "ExponentialFullJitter", "DecorrelatedJitter"]))]
     pub strategy: Option<String>,
     /// First pause.
     #[schemars(regex(pattern = DURATION))]
@@ -197,14 +202,17 @@ pub struct Breaker {
     pub half_open_probes: Option<u32>,
 }
 
-/// Bulkhead limits.
+/// Bulkhead limits. Only `maxRequests` is enforced; the two connection-pool fields Envoy users
+/// know are refused with the reason rather than accepted and ignored.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 #[allow(clippy::struct_field_names)] // the API's names
+#[x_kube(validation = Rule::new("!has(self.maxConnections)").message(MAX_CONNECTIONS_REFUSED).field_path(".maxConnections"))]
+#[x_kube(validation = Rule::new("!has(self.maxPendingRequests)").message(MAX_PENDING_REFUSED).field_path(".maxPendingRequests"))]
 pub struct Limits {
-    /// Connections to the service.
+    /// Not supported: refused (see [`MAX_CONNECTIONS_REFUSED`]).
     pub max_connections: Option<u32>,
-    /// Requests waiting for a connection.
+    /// Not supported: refused (see [`MAX_PENDING_REFUSED`]).
     pub max_pending_requests: Option<u32>,
     /// Requests in flight.
     pub max_requests: Option<u32>,

@@ -14,7 +14,7 @@ use super::translate::ServiceKey;
 use crate::sources::{FaultAbort, FaultSide, Object, ObjectKey};
 
 /// A fault in force.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ActiveFault {
     /// The service it targets.
     pub service: ServiceKey,

@@ -510,3 +510,63 @@ spec: {serviceAccountName: pricing}
     );
     assert_eq!(e.endpoints[0].pod.as_ref().unwrap().name, "pricing-a");
 }
+
+/// Whether `wake` was notified (consumes the stored notification).
+async fn woken(wake: &Arc<Notify>) -> bool {
+    tokio::time::timeout(std::time::Duration::from_millis(20), wake.notified())
+        .await
+        .is_ok()
+}
+
+#[tokio::test]
+async fn a_rebuild_wakes_only_the_streams_whose_names_changed() {
+    let index = IndexHandle::new();
+    load(&index, "shop.yaml", SHOP);
+    load(
+        &index,
+        "other.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: catalog, namespace: shop}\nspec: {ports: [{name: http, port: 80}]}\n",
+    );
+    let (pricing, catalog, inbound) = (
+        Arc::new(Notify::new()),
+        Arc::new(Notify::new()),
+        Arc::new(Notify::new()),
+    );
+    let i = &index.interest;
+    i.add(pb::ResourceType::Endpoints, "pricing.shop:80", 1, &pricing);
+    i.add(
+        pb::ResourceType::ClientPolicy,
+        "pricing.shop:80",
+        1,
+        &pricing,
+    );
+    i.add(pb::ResourceType::Endpoints, "catalog.shop:80", 2, &catalog);
+    i.add(pb::ResourceType::InboundPolicy, "*", 3, &inbound);
+    assert_eq!(i.names(), 4);
+
+    // A pricing instance registers: only pricing's subscriber wakes.
+    index.stream_opened(10, &node("pricing-1", "pricing", 7001, true));
+    assert!(woken(&pricing).await, "pricing's endpoints changed");
+    assert!(!woken(&catalog).await, "catalog did not change");
+    assert!(!woken(&inbound).await, "no inbound input changed");
+
+    // A policy edit: pricing's client policy changed, nothing else.
+    load(
+        &index,
+        "shop.yaml",
+        &SHOP.replace("request: 2s", "request: 3s"),
+    );
+    assert!(woken(&pricing).await);
+    assert!(!woken(&catalog).await);
+
+    // A stream without a workload opens and closes: no rebuild at all.
+    let generation = index.snapshot().generation;
+    index.stream_opened(11, &pb::Node::default());
+    index.stream_closed(11);
+    assert_eq!(index.snapshot().generation, generation);
+    assert!(!woken(&pricing).await);
+
+    // Unsubscribed streams are forgotten.
+    i.remove(pb::ResourceType::Endpoints, "catalog.shop:80", 2);
+    assert_eq!(i.names(), 3);
+}

@@ -572,6 +572,29 @@ fn resolve(snapshot: &Snapshot, name: &str) -> Result<Option<ResourceKey>, Strin
     )))
 }
 
+/// The version `lookup` would answer for a name of a keyed type (ENDPOINTS, CLIENT_POLICY),
+/// TRUST_BUNDLE or TELEMETRY, without copying the resource; `None` when absent. INBOUND_POLICY
+/// depends on the subscriber: see [`Snapshot::inbound_inputs_eq`].
+pub(super) fn version<'a>(
+    snapshot: &'a Snapshot,
+    ty: pb::ResourceType,
+    name: &str,
+) -> Option<&'a str> {
+    let table = match ty {
+        pb::ResourceType::Endpoints => &snapshot.resources.endpoints,
+        pb::ResourceType::ClientPolicy => &snapshot.resources.client_policies,
+        pb::ResourceType::Telemetry => {
+            return snapshot.telemetry.as_ref().map(|r| r.version.as_str());
+        }
+        pb::ResourceType::TrustBundle => {
+            return snapshot.trust_bundle.as_ref().map(|r| r.version.as_str());
+        }
+        _ => return None,
+    };
+    let key = resolve(snapshot, name).ok()??;
+    table.get(&key).map(|r| r.version.as_str())
+}
+
 pub(super) fn lookup(
     snapshot: &Snapshot,
     ty: pb::ResourceType,

@@ -86,6 +86,11 @@ pub struct StackCache {
     service: Mutex<Option<ServiceParts>>,
     routes: Mutex<HashMap<String, RouteParts>>,
     merged: Mutex<HashMap<String, Merged>>,
+    /// The assembled stack of each policy in use, found by pointer: a request takes one lock
+    /// and clones one `Arc`; the parts above are only consulted when a policy changes.
+    built: Mutex<Vec<(Arc<ClientPolicy>, Arc<Stack>)>>,
+    /// How many stacks were assembled (once per policy version in force).
+    assembled: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Clone)]
@@ -150,7 +155,33 @@ impl StackCache {
         policy
     }
 
+    /// The stack of `policy`, built on its first request and reused while it is in force.
     fn get(
+        &self,
+        policy: &Arc<ClientPolicy>,
+        ctx: &Arc<Context>,
+        service: &str,
+        logical: &Arc<Logical>,
+    ) -> Arc<Stack> {
+        let mut built = self.built.lock().expect("stack cache lock poisoned");
+        if let Some((_, stack)) = built.iter().find(|(p, _)| Arc::ptr_eq(p, policy)) {
+            return stack.clone();
+        }
+        let stack = Arc::new(self.assemble(policy, ctx, service, logical));
+        self.assembled
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Policies nobody else holds any more (replaced by the controller) are let go.
+        built.retain(|(p, _)| Arc::strong_count(p) > 1);
+        built.push((policy.clone(), stack.clone()));
+        stack
+    }
+
+    /// How many stacks were assembled so far (`/config_dump`: one per policy version).
+    pub fn assembled(&self) -> u64 {
+        self.assembled.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn assemble(
         &self,
         policy: &Arc<ClientPolicy>,
         metrics: &Arc<Context>,
@@ -582,14 +613,16 @@ pub(super) fn attempt_span<B>(
 ) -> Option<opentelemetry::Context> {
     let parent = req.extensions().get::<crate::trace::TraceCx>()?;
     let cx = ctx.tracing.start(
-        format!("attempt {number}"),
         opentelemetry::trace::SpanKind::Client,
-        &parent.0,
-        vec![
-            opentelemetry::KeyValue::new("network.peer.address", addr.ip().to_string()),
-            opentelemetry::KeyValue::new("network.peer.port", i64::from(addr.port())),
-            opentelemetry::KeyValue::new("http.request.resend_count", i64::from(number) - 1),
-        ],
+        || format!("attempt {number}"),
+        || parent.0.clone(),
+        || {
+            vec![
+                opentelemetry::KeyValue::new("network.peer.address", addr.ip().to_string()),
+                opentelemetry::KeyValue::new("network.peer.port", i64::from(addr.port())),
+                opentelemetry::KeyValue::new("http.request.resend_count", i64::from(number) - 1),
+            ]
+        },
     )?;
     crate::trace::inject(&cx, req.headers_mut());
     Some(cx)
@@ -716,6 +749,23 @@ async fn call_with_fallback(
     let Some(fallback) = fallback else {
         return call_inner(ctx, logical, authority, req, policy, service).await;
     };
+    if let FallbackTarget::StaticResponse { .. } = &fallback.target {
+        // The request is not sent again: no copy of its body.
+        let rsp = call_inner(
+            ctx.clone(),
+            logical,
+            authority,
+            req,
+            policy,
+            service.clone(),
+        )
+        .await;
+        let Some(trigger) = triggered(&fallback, &rsp) else {
+            return rsp;
+        };
+        ctx.metrics.fallback(&service, trigger);
+        return static_fallback(&fallback.target, trigger).unwrap_or(rsp);
+    }
     // A backend fallback needs the request again: keep a replayable copy of the body.
     let (parts, body) = req.into_parts();
     let replay = ReplayBody::new(body, MAX_BUFFERED_BYTES);
@@ -736,29 +786,7 @@ async fn call_with_fallback(
     };
     ctx.metrics.fallback(&service, trigger);
     let mut served = match &fallback.target {
-        FallbackTarget::StaticResponse {
-            status,
-            headers,
-            body,
-        } => {
-            let mut r = Response::new(boxed(http_body_util::Full::new(bytes::Bytes::from(
-                body.clone(),
-            ))));
-            *r.status_mut() = *status;
-            for (k, v) in headers {
-                if let (Ok(k), Ok(v)) = (
-                    http::HeaderName::from_bytes(k.as_bytes()),
-                    http::HeaderValue::from_str(v),
-                ) {
-                    r.headers_mut().insert(k, v);
-                }
-            }
-            r.headers_mut().insert(
-                "ferrymesh-fallback",
-                http::HeaderValue::from_static("static"),
-            );
-            r
-        }
+        FallbackTarget::StaticResponse { .. } => return rsp, // answered above
         FallbackTarget::Backend(name) => {
             let Some(target) = super::Target::parse(name, &ctx.config.workload.namespace) else {
                 return rsp;
@@ -802,6 +830,39 @@ async fn call_with_fallback(
     served
 }
 
+/// The static answer of a fallback that was triggered by `trigger`.
+fn static_fallback(target: &FallbackTarget, trigger: &'static str) -> Option<Response<Body>> {
+    let FallbackTarget::StaticResponse {
+        status,
+        headers,
+        body,
+    } = target
+    else {
+        return None;
+    };
+    let mut r = Response::new(boxed(http_body_util::Full::new(bytes::Bytes::from(
+        body.clone(),
+    ))));
+    *r.status_mut() = *status;
+    for (k, v) in headers {
+        if let (Ok(k), Ok(v)) = (
+            http::HeaderName::from_bytes(k.as_bytes()),
+            http::HeaderValue::from_str(v),
+        ) {
+            r.headers_mut().insert(k, v);
+        }
+    }
+    r.headers_mut().insert(
+        "ferrymesh-fallback",
+        http::HeaderValue::from_static("static"),
+    );
+    r.headers_mut().insert(
+        "ferrymesh-fallback-cause",
+        http::HeaderValue::from_static(trigger),
+    );
+    Some(r)
+}
+
 async fn call_inner(
     ctx: Arc<Context>,
     logical: Arc<Logical>,
@@ -813,7 +874,7 @@ async fn call_inner(
     // The cache stands before retries: a hit costs no attempt at all.
     let cache = policy
         .as_ref()
-        .and_then(|p| logical.stack.get(p, &ctx, &service, &logical).cache);
+        .and_then(|p| logical.stack.get(p, &ctx, &service, &logical).cache.clone());
     match cache {
         Some(cache) => {
             let (ctx2, service2) = (ctx.clone(), service.clone());
@@ -882,8 +943,9 @@ async fn call_stack(
         .as_ref()
         .map(|p| logical.stack.get(p, &ctx, &service, &logical));
     let retry = stack.as_ref().and_then(|s| s.retry.clone());
+    let breaker = stack.as_ref().and_then(|s| s.breaker.clone());
     let attempter = Attempter {
-        breaker: stack.as_ref().and_then(|s| s.breaker.clone()),
+        breaker,
         outlier: stack.as_ref().and_then(|s| s.outlier.clone()),
         health: stack.as_ref().and_then(|s| s.health.clone()),
         service: service.clone(),

@@ -54,6 +54,9 @@ pub struct Logical {
     applied: Mutex<Option<String>>,
     /// A policy whose faults expired, and its copy without them.
     stale: Mutex<Option<(Arc<ClientPolicy>, Arc<ClientPolicy>)>>,
+    /// The policy of this target when the controller sent none (a route's sections are
+    /// merged over it): one per target, so the merged policy and its stack are reused.
+    empty: std::sync::OnceLock<Arc<ClientPolicy>>,
 }
 
 impl Logical {
@@ -91,7 +94,16 @@ impl Logical {
             stack: super::concrete::StackCache::default(),
             applied: Mutex::new(None),
             stale: Mutex::new(None),
+            empty: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The policy of a target that has none (`service` is its `namespace/name`), the same
+    /// `Arc` on every call.
+    pub fn empty_policy(&self, service: &str) -> Arc<ClientPolicy> {
+        self.empty
+            .get_or_init(|| Arc::new(ClientPolicy::empty(service)))
+            .clone()
     }
 
     /// Waits (at most [`DISCOVERY_TIMEOUT`]) for the controller's answer and returns it, with

@@ -106,7 +106,9 @@ async fn route_head(
         // No backends (the parent itself) or the parent named as one.
         _ => (parent, policy.clone(), service),
     };
-    let base = base.unwrap_or_else(|| Arc::new(ClientPolicy::empty(&service)));
+    // NOTE: the same empty policy on every request: a fresh one would miss the merged
+    // policy's cache, rebuilding the route's stack (and its retry budget) per request.
+    let base = base.unwrap_or_else(|| logical.empty_policy(&service));
     if let Some(e) = &explain {
         e.note(format!("route {} -> {service}", route.name));
     }

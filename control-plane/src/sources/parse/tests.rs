@@ -168,7 +168,7 @@ spec:
     maxRequestBodyBytes: 65536
     budget: {ratio: "0.2", minRetriesPerSecond: 10, window: 10s}
   circuitBreaker:
-    limits: {maxConnections: 1024, maxPendingRequests: 1024, maxRequests: 1024}
+    limits: {maxRequests: 1024}
     tripWhen: {consecutiveFailures: 7, failureRatio: "0.5", minimumRequests: 20, window: 10s}
     failureOn: [5xx, connect-failure, timeout]
     open: {base: 5s, max: 60s, jitter: "0.5"}
@@ -848,4 +848,20 @@ fn an_empty_slice_as_the_api_server_serves_it_has_no_endpoints() {
         svc("null").unwrap_err().message,
         "a Service needs at least one port"
     );
+}
+
+#[test]
+fn bulkhead_fields_the_proxy_does_not_enforce_are_refused_with_the_reason() {
+    let doc = |limits: &str| {
+        format!(
+            "apiVersion: policy.ferrymesh.io/v1alpha1\nkind: ResiliencePolicy\nmetadata: {{name: p, namespace: shop}}\n\
+             spec:\n  targetRefs: [{{group: \"\", kind: Service, name: pricing}}]\n  circuitBreaker: {{limits: {limits}}}\n"
+        )
+    };
+    let e = parse(&doc("{maxConnections: 10}")).unwrap_err();
+    assert_eq!(e.field, "spec.circuitBreaker.limits.maxConnections");
+    assert!(e.message.contains("not supported"), "{}", e.message);
+    let e = parse(&doc("{maxPendingRequests: 10}")).unwrap_err();
+    assert_eq!(e.field, "spec.circuitBreaker.limits.maxPendingRequests");
+    assert!(parse(&doc("{maxRequests: 10}")).is_ok());
 }
