@@ -94,10 +94,9 @@ pub fn fixed_rate(
         .values()
         .filter_map(serde_json::Value::as_u64)
         .sum();
-    let failed: u64 = report["errorDistribution"]
-        .as_object()
-        .map(|e| e.values().filter_map(serde_json::Value::as_u64).sum())
-        .unwrap_or(0);
+    let failed: u64 = report["errorDistribution"].as_object().map_or(0, |e| {
+        e.values().filter_map(serde_json::Value::as_u64).sum()
+    });
     Ok(FixedRate {
         p50: q("p50"),
         p99: q("p99"),
@@ -147,12 +146,11 @@ fn parse_wrk(text: &str) -> anyhow::Result<Saturation> {
     let socket: f64 = text
         .lines()
         .find_map(|l| l.trim().strip_prefix("Socket errors:"))
-        .map(|rest| {
+        .map_or(0.0, |rest| {
             rest.split(',')
                 .filter_map(|part| part.split_whitespace().last()?.parse::<f64>().ok())
                 .sum()
-        })
-        .unwrap_or(0.0);
+        });
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // counts
     let errors = (non_2xx + socket) as u64;
     Ok(Saturation {

@@ -195,12 +195,15 @@ impl Snapshot {
     }
 }
 
+/// The streams watching one name, by stream id.
+type Watchers = HashMap<u64, Arc<Notify>>;
+
 /// Which streams are subscribed to which names, so that a rebuild wakes only those whose
 /// resources changed. Each stream has one [`Notify`]; a wake-up with nobody waiting is kept,
 /// so a change between a stream's subscribing and its next wait is never lost.
 #[derive(Debug, Default)]
 pub struct Interest {
-    by_name: Mutex<HashMap<(pb::ResourceType, String), HashMap<u64, Arc<Notify>>>>,
+    by_name: Mutex<HashMap<(pb::ResourceType, String), Watchers>>,
 }
 
 impl Interest {

@@ -135,7 +135,7 @@ impl FileSource {
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                 // NOTE: reads are events too (inotify's open and close-after-read): reacting
                 // to them made every reload trigger the next one.
-                if event.is_ok_and(|e| changes(&e.kind)) {
+                if event.is_ok_and(|e| changes(e.kind)) {
                     let _ = tx.send(());
                 }
             })
@@ -161,13 +161,15 @@ impl FileSource {
 }
 
 /// Whether a watcher event is a change to the folder's content (not an access).
-fn changes(kind: &notify::EventKind) -> bool {
+fn changes(kind: notify::EventKind) -> bool {
     use notify::EventKind;
     use notify::event::{AccessKind, AccessMode};
     match kind {
-        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) => true,
         // A file closed after writing is the end of a write.
-        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Create(_)
+        | EventKind::Modify(_)
+        | EventKind::Remove(_)
+        | EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
         EventKind::Access(_) | EventKind::Any | EventKind::Other => false,
     }
 }
@@ -275,12 +277,12 @@ mod tests {
             !read.is_empty(),
             "inotify reports reads (the case filtered out)"
         );
-        assert!(read.iter().all(|k| !changes(k)), "{read:?}");
+        assert!(read.iter().all(|k| !changes(*k)), "{read:?}");
         std::fs::write(&path, TWO).expect("write");
         let mut written = Vec::new();
         while let Ok(k) = rx.recv_timeout(Duration::from_millis(500)) {
             written.push(k);
         }
-        assert!(written.iter().any(changes), "{written:?}");
+        assert!(written.iter().any(|k| changes(*k)), "{written:?}");
     }
 }

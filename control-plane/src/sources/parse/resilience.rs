@@ -332,18 +332,18 @@ fn breaker(b: &RawBreaker) -> Result<cfg::CircuitBreaker, FieldError> {
     };
     let limits = b.limits.as_ref();
     // Refused, as the CRD's schema refuses them: not enforced by the proxy.
-    let l = Section {
+    let lim = Section {
         prefix: "circuitBreaker.limits",
     };
     if limits.is_some_and(|l| l.max_connections.is_some()) {
         return Err(field_err(
-            l.path("maxConnections"),
+            lim.path("maxConnections"),
             crate::crd::resilience::MAX_CONNECTIONS_REFUSED,
         ));
     }
     if limits.is_some_and(|l| l.max_pending_requests.is_some()) {
         return Err(field_err(
-            l.path("maxPendingRequests"),
+            lim.path("maxPendingRequests"),
             crate::crd::resilience::MAX_PENDING_REFUSED,
         ));
     }
