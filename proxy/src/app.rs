@@ -40,6 +40,8 @@ pub struct Context {
     pub outbound: Outbound,
     /// This workload's service, `namespace/name` (metrics label of inbound traffic).
     pub service_label: String,
+    /// The request metrics of inbound traffic (resolved once).
+    pub inbound_requests: crate::metrics::RequestHandles,
     /// This workload's inbound policy (server-side faults).
     pub inbound_policy: watch::Receiver<crate::discovery::State>,
     /// The workload identity (mTLS), when on.
@@ -166,7 +168,10 @@ impl App {
         let metrics = Metrics::new();
         discovery.count_updates(metrics.config_updates.clone());
         let pool = Arc::new(Pool::counting(metrics.tls_handshakes.clone()));
+        let inbound_requests =
+            metrics.request_handles(crate::metrics::Direction::inbound, &service_label);
         let ctx = Arc::new(Context {
+            inbound_requests,
             identity,
             tracing,
             tap: crate::access_log::Tap::default(),

@@ -11,7 +11,7 @@ use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 use rand::Rng as _;
 
-use crate::http::{Body, FERRYMESH_ERROR, boxed};
+use crate::http::{Body, ProxyError, boxed};
 use crate::metrics::{Direction, Metrics};
 use crate::policy::FaultPolicy;
 use crate::policy::resilience::FaultAbort;
@@ -75,8 +75,7 @@ pub async fn inject(
             r
         }
     };
-    rsp.headers_mut()
-        .insert(&FERRYMESH_ERROR, HeaderValue::from_static("fault-injected"));
+    rsp.extensions_mut().insert(ProxyError::FaultInjected);
     Some(rsp)
 }
 
@@ -129,7 +128,7 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(rsp.status(), 503);
-        assert_eq!(rsp.headers()[&FERRYMESH_ERROR], "fault-injected");
+        assert_eq!(ProxyError::of(&rsp), Some(ProxyError::FaultInjected));
         assert!(
             inject(
                 std::slice::from_ref(&f),

@@ -141,7 +141,7 @@ async fn probe(policy: &HealthCheckPolicy, pool: &Pool, addr: SocketAddr) -> boo
                 } else {
                     statuses.contains(&rsp.status())
                 };
-                ok && !rsp.headers().contains_key(&crate::http::FERRYMESH_ERROR)
+                ok && crate::http::ProxyError::of(&rsp).is_none()
             }
             Check::Grpc { service } => grpc_serving(addr, service).await,
         }

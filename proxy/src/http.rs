@@ -5,6 +5,8 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 
+pub use crate::error::{FERRYMESH_ERROR, ProxyError};
+
 /// Any error, as tower services return them.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -100,17 +102,14 @@ pub fn empty() -> Body {
     boxed(http_body_util::Empty::new())
 }
 
-/// The header on every response the proxy itself produces, naming the cause.
-pub static FERRYMESH_ERROR: HeaderName = HeaderName::from_static("ferrymesh-error");
-
-/// A response made by the proxy (not the app), with `ferrymesh-error: <cause>`.
-pub fn proxy_response(status: StatusCode, cause: &'static str, detail: &str) -> Response<Body> {
+/// A response made by the proxy (not the app): the typed [`ProxyError`] in its extensions (the
+/// edge writes it as `ferrymesh-error`) and `<label>: <detail>` as a plain-text body.
+pub fn proxy_response(status: StatusCode, error: ProxyError, detail: &str) -> Response<Body> {
     let mut rsp = Response::new(boxed(Full::new(Bytes::from(format!(
-        "{cause}: {detail}\n"
+        "{error}: {detail}\n"
     )))));
     *rsp.status_mut() = status;
-    rsp.headers_mut()
-        .insert(&FERRYMESH_ERROR, HeaderValue::from_static(cause));
+    rsp.extensions_mut().insert(error);
     rsp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
@@ -196,10 +195,10 @@ mod tests {
     fn proxy_responses_name_their_cause() {
         let rsp = proxy_response(
             StatusCode::SERVICE_UNAVAILABLE,
-            "no-endpoints",
+            ProxyError::NoEndpoints,
             "pricing.shop:80",
         );
         assert_eq!(rsp.status(), 503);
-        assert_eq!(rsp.headers()[&FERRYMESH_ERROR], "no-endpoints");
+        assert_eq!(ProxyError::of(&rsp), Some(ProxyError::NoEndpoints));
     }
 }

@@ -16,7 +16,7 @@ use crate::config::{Inbound, InboundProtocol};
 use crate::detect::{Detected, PrefixedIo, sniff};
 use crate::discovery::{State, Value};
 use crate::fault;
-use crate::http::Body;
+use crate::http::{Body, ProxyError};
 use crate::metrics::Direction;
 use crate::outbound::logical::{CallTimeouts, send};
 use crate::policy::MtlsMode;
@@ -133,7 +133,7 @@ fn authorize(
             ctx.metrics.authz("deny", "bad-path");
             return Err(crate::http::proxy_response(
                 http::StatusCode::BAD_REQUEST,
-                "bad-request",
+                ProxyError::BadRequest,
                 &format!("the path cannot be normalised safely: {why:?}"),
             ));
         }
@@ -188,7 +188,7 @@ fn authorize(
             tracing::debug!(reason = %why, peer = ?caller.peer, "request forbidden");
             Err(crate::http::proxy_response(
                 http::StatusCode::FORBIDDEN,
-                "forbidden",
+                ProxyError::Forbidden,
                 &why,
             ))
         }
@@ -313,18 +313,10 @@ async fn handle(
     let mut decisions = Vec::new();
     let rsp = respond(ctx, inbound, req, caller, span.as_ref(), &mut decisions).await;
     if let Some(cx) = &span {
-        let error = rsp
-            .headers()
-            .get(&crate::http::FERRYMESH_ERROR)
-            .and_then(|v| v.to_str().ok());
+        let error = ProxyError::of(&rsp).map(ProxyError::label);
         crate::trace::finish(cx, rsp.status(), error, &decisions);
     }
-    ctx.metrics.request(
-        Direction::inbound,
-        &ctx.service_label,
-        rsp.status(),
-        start.elapsed(),
-    );
+    ctx.inbound_requests.record(rsp.status(), start.elapsed());
     if let Some((method, authority, path, trace, at)) = head {
         let entry = crate::access_log::Entry {
             start_ms: crate::access_log::unix_ms(at),
@@ -335,10 +327,7 @@ async fn handle(
             path: &path,
             status: rsp.status().as_u16(),
             duration_ms: crate::access_log::ms(start.elapsed()),
-            error: rsp
-                .headers()
-                .get(&crate::http::FERRYMESH_ERROR)
-                .and_then(|v| v.to_str().ok()),
+            error: ProxyError::of(&rsp).map(ProxyError::label),
             upstream: Some(inbound.app.to_string()),
             attempts: 1,
             decisions: Vec::new(),
@@ -385,10 +374,7 @@ async fn respond(
             if span.is_some() {
                 decisions.push(format!(
                     "authorization denied ({})",
-                    rsp.headers()
-                        .get(&crate::http::FERRYMESH_ERROR)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("forbidden")
+                    ProxyError::of(&rsp).map_or("forbidden", ProxyError::label)
                 ));
             }
             return rsp;

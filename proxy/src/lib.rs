@@ -17,6 +17,7 @@ pub mod config;
 pub mod deadline;
 pub mod detect;
 pub mod discovery;
+pub mod error;
 pub mod explain;
 pub mod fault;
 pub mod flood;

@@ -149,6 +149,47 @@ struct BreakerLabels {
     state: &'static str,
 }
 
+/// The request metrics of one direction and service: a counter and a histogram per status
+/// class, each looked up in its family the first time that class is seen, then kept.
+#[derive(Clone, Debug)]
+pub struct RequestHandles(std::sync::Arc<Handles>);
+
+#[derive(Debug)]
+struct Handles {
+    requests: Family<RequestLabels, Counter>,
+    latency: HistogramFamily,
+    direction: Direction,
+    service: String,
+    by_class: [std::sync::OnceLock<(Counter, Histogram)>; 5],
+}
+
+impl RequestHandles {
+    /// The service these metrics are of (`namespace/name` or `passthrough`).
+    pub fn service(&self) -> &str {
+        &self.0.service
+    }
+
+    /// One HTTP request finished with `status` after `elapsed`.
+    pub fn record(&self, status: StatusCode, elapsed: Duration) {
+        let h = &*self.0;
+        let class = status_class(status);
+        let index = usize::from(class.as_bytes()[0] - b'1').min(4);
+        let (count, latency) = h.by_class[index].get_or_init(|| {
+            let labels = RequestLabels {
+                direction: h.direction,
+                service: h.service.clone(),
+                status_class: class,
+            };
+            (
+                h.requests.get_or_create(&labels).clone(),
+                h.latency.get_or_create(&labels).clone(),
+            )
+        });
+        count.inc();
+        latency.observe(elapsed.as_secs_f64());
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -267,6 +308,18 @@ impl Metrics {
             budgets: Mutex::default(),
             registry,
         }
+    }
+
+    /// The request counters and latency histograms of `direction` and `service`, resolved
+    /// once (per target) so that a request only bumps atomics.
+    pub fn request_handles(&self, direction: Direction, service: &str) -> RequestHandles {
+        RequestHandles(std::sync::Arc::new(Handles {
+            requests: self.requests.clone(),
+            latency: self.latency.clone(),
+            direction,
+            service: service.to_owned(),
+            by_class: Default::default(),
+        }))
     }
 
     /// One HTTP request finished with `status` after `elapsed`.

@@ -26,8 +26,8 @@ use self::logical::{CallTimeouts, Logical, Resolution};
 use crate::app::Context;
 use crate::config::UnknownHosts;
 use crate::detect::{Detected, PrefixedIo, sniff};
-use crate::http::{Body, empty, proxy_response};
-use crate::metrics::Direction;
+use crate::http::{Body, ProxyError, empty, proxy_response};
+use crate::metrics::{Direction, RequestHandles};
 use crate::server::{HttpVersion, serve_http};
 
 /// How long the first bytes of a tunnel or fixed-target connection may take to arrive.
@@ -40,6 +40,8 @@ const PASSTHROUGH: &str = "passthrough";
 #[derive(Debug, Default)]
 pub struct Outbound {
     targets: Mutex<HashMap<String, Arc<Logical>>>,
+    /// The request metrics of traffic to no mesh service.
+    passthrough: std::sync::OnceLock<RequestHandles>,
 }
 
 /// Where a request goes, as the app named it.
@@ -81,6 +83,13 @@ impl Target {
 }
 
 impl Outbound {
+    /// The request metrics of traffic to no mesh service (resolved once).
+    fn passthrough_metrics(&self, metrics: &crate::metrics::Metrics) -> RequestHandles {
+        self.passthrough
+            .get_or_init(|| metrics.request_handles(Direction::outbound, PASSTHROUGH))
+            .clone()
+    }
+
     /// The logical target of `name`, created (and subscribed) on first use.
     pub fn logical(&self, ctx: &Context, name: &str) -> Arc<Logical> {
         let mut targets = self.targets.lock().expect("targets lock poisoned");
@@ -259,7 +268,7 @@ async fn route(ctx: &Context, target: &Target) -> Route {
             Err(e) => {
                 return Route::Error(proxy_response(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "discovery-timeout",
+                    ProxyError::DiscoveryTimeout,
                     &e.to_string(),
                 ));
             }
@@ -268,7 +277,7 @@ async fn route(ctx: &Context, target: &Target) -> Route {
     if ctx.config.outbound.unknown_hosts == UnknownHosts::Reject {
         return Route::Error(proxy_response(
             StatusCode::BAD_GATEWAY,
-            "unknown-host",
+            ProxyError::UnknownHost,
             &format!("{} is not a mesh service", target.authority),
         ));
     }
@@ -285,7 +294,7 @@ async fn route(ctx: &Context, target: &Target) -> Route {
         Some(addr) => Route::Passthrough(addr),
         None => Route::Error(proxy_response(
             StatusCode::BAD_GATEWAY,
-            "unknown-host",
+            ProxyError::UnknownHost,
             &format!("cannot resolve {host_port}"),
         )),
     }
@@ -310,7 +319,7 @@ async fn handle(
     {
         return proxy_response(
             StatusCode::BAD_REQUEST,
-            "bad-request",
+            ProxyError::BadRequest,
             "only http:// URIs can be proxied; use CONNECT for TLS",
         );
     }
@@ -331,7 +340,7 @@ async fn handle(
     let Some(target) = target else {
         return proxy_response(
             StatusCode::BAD_REQUEST,
-            "bad-request",
+            ProxyError::BadRequest,
             "the request names no valid host",
         );
     };
@@ -372,19 +381,16 @@ async fn handle(
             std::time::SystemTime::now(),
         )
     });
-    let (rsp, service) = forward(&ctx, &target, authority, req).await;
-    ctx.metrics
-        .request(Direction::outbound, &service, rsp.status(), start.elapsed());
+    let (rsp, requests) = forward(&ctx, &target, authority, req).await;
+    requests.record(rsp.status(), start.elapsed());
+    let service = requests.service();
     if let Some(cx) = &span {
         use opentelemetry::trace::TraceContextExt as _;
         cx.span().set_attribute(opentelemetry::KeyValue::new(
             "ferrymesh.service",
-            service.clone(),
+            service.to_owned(),
         ));
-        let error = rsp
-            .headers()
-            .get(&crate::http::FERRYMESH_ERROR)
-            .and_then(|v| v.to_str().ok());
+        let error = ProxyError::of(&rsp).map(ProxyError::label);
         let notes = explain
             .as_ref()
             .map(crate::explain::Explain::notes)
@@ -392,33 +398,42 @@ async fn handle(
         crate::trace::finish(cx, rsp.status(), error, &notes);
     }
     if let Some(head) = head {
-        let entry = (explain.as_ref(), service.as_str(), &rsp, start.elapsed());
+        let entry = (explain.as_ref(), service, &rsp, start.elapsed());
         log(&ctx, logged, head, entry);
     }
     rsp
 }
 
 /// Sends a request on its way: to a mesh service (through routes and its resilience stack),
-/// through to an unknown host, or the proxy's own answer. Returns the service label too.
+/// through to an unknown host, or the proxy's own answer. Returns the request metrics of the
+/// service it went to (which also name it).
 async fn forward(
     ctx: &Arc<Context>,
     target: &Target,
     authority: http::uri::Authority,
     req: Request<Body>,
-) -> (Response<Body>, String) {
+) -> (Response<Body>, RequestHandles) {
     let ctx = ctx.clone();
     match route(&ctx, target).await {
         Route::Service(logical, endpoints, policy) => {
-            let service = endpoints.service.clone();
             // Most services have no routes: no copy of the request head for them.
             let routed = if policy.as_ref().is_some_and(|p| !p.routes.is_empty()) {
-                routing::route(&ctx, logical, service.clone(), policy, &req).await
+                let service = endpoints.service.clone();
+                routing::route(&ctx, logical.clone(), service, policy, &req).await
             } else {
-                routing::Routed::Call {
-                    logical,
+                let rsp = concrete::call(
+                    ctx.clone(),
+                    logical.clone(),
+                    authority,
+                    req,
                     policy,
-                    service: service.clone(),
-                }
+                    &endpoints.service,
+                )
+                .await;
+                return (
+                    rsp,
+                    logical.request_metrics(&ctx.metrics, &endpoints.service),
+                );
             };
             match routed {
                 routing::Routed::Call {
@@ -428,16 +443,19 @@ async fn forward(
                 } => {
                     let rsp = concrete::call(
                         ctx.clone(),
-                        logical,
+                        logical.clone(),
                         authority,
                         req,
                         policy,
-                        service.clone(),
+                        &service,
                     )
                     .await;
-                    (rsp, service)
+                    (rsp, logical.request_metrics(&ctx.metrics, &service))
                 }
-                routing::Routed::Answer(rsp) => (rsp, service),
+                routing::Routed::Answer(rsp) => (
+                    rsp,
+                    logical.request_metrics(&ctx.metrics, &endpoints.service),
+                ),
             }
         }
         Route::Passthrough(addr) => {
@@ -455,9 +473,9 @@ async fn forward(
             let rsp = logical::send(&ctx.pool, addr, &authority, req, timeouts, None).await;
             let attempt = (1, addr, started.elapsed());
             concrete::finish_attempt(span.as_ref(), explain.as_ref(), attempt, &rsp);
-            (rsp, PASSTHROUGH.to_owned())
+            (rsp, ctx.outbound.passthrough_metrics(&ctx.metrics))
         }
-        Route::Error(rsp) => (rsp, PASSTHROUGH.to_owned()),
+        Route::Error(rsp) => (rsp, ctx.outbound.passthrough_metrics(&ctx.metrics)),
     }
 }
 
@@ -495,10 +513,7 @@ fn log(
         path: &path,
         status: rsp.status().as_u16(),
         duration_ms: crate::access_log::ms(elapsed),
-        error: rsp
-            .headers()
-            .get(&crate::http::FERRYMESH_ERROR)
-            .and_then(|v| v.to_str().ok()),
+        error: ProxyError::of(rsp).map(ProxyError::label),
         upstream,
         attempts,
         decisions,
@@ -523,7 +538,7 @@ async fn connect(
     else {
         return proxy_response(
             StatusCode::BAD_REQUEST,
-            "bad-request",
+            ProxyError::BadRequest,
             "CONNECT needs host:port",
         );
     };

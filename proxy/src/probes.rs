@@ -148,9 +148,7 @@ pub async fn run(probes: &Probes, path: &str, app_ip: IpAddr, pool: &Pool) -> Re
             let rsp = send(pool, addr, &authority, req, timeouts, None).await;
             // The kubelet's rule: 200..=399 passes.
             let code = rsp.status().as_u16();
-            if (200..400).contains(&code)
-                && !rsp.headers().contains_key(&crate::http::FERRYMESH_ERROR)
-            {
+            if (200..400).contains(&code) && crate::http::ProxyError::of(&rsp).is_none() {
                 Ok(format!("httpGet {addr}: {code}"))
             } else {
                 Err(format!("httpGet {addr}: {code}"))

@@ -43,10 +43,13 @@ pub async fn serve_http<I, H, F>(
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let handler = handler.clone();
         async move {
-            if let Some(rsp) = refuse_bad_host(&req) {
-                return Ok::<_, Infallible>(rsp);
-            }
-            Ok::<_, Infallible>(handler(req).await)
+            let mut rsp = match refuse_bad_host(&req) {
+                Some(rsp) => rsp,
+                None => handler(req).await,
+            };
+            // The edge: the proxy's own error is written as `ferrymesh-error` here, once.
+            crate::error::write_header(&mut rsp);
+            Ok::<_, Infallible>(rsp)
         }
     });
     let result = match version {
@@ -92,7 +95,7 @@ fn refuse_bad_host(req: &Request<Incoming>) -> Option<Response<Body>> {
     (hosts != 1).then(|| {
         crate::http::proxy_response(
             http::StatusCode::BAD_REQUEST,
-            "bad-request",
+            crate::http::ProxyError::BadRequest,
             if hosts == 0 {
                 "an HTTP/1.1 request needs a Host header"
             } else {

@@ -31,10 +31,85 @@ struct Shared<B> {
     cap: usize,
 }
 
-/// One attempt's view of a replayable body. Clone it for each attempt (after the previous one
-/// is done with it).
+/// A request body as an attempt sends it: either the original passing straight through (a
+/// request that is sent once: no copy, no lock), or one attempt's view of a replayable body
+/// (take a [`ReplayBody::replay`] for each attempt, after the previous one is done with it).
 #[derive(Debug)]
-pub struct ReplayBody<B> {
+pub struct ReplayBody<B>(Kind<B>);
+
+#[derive(Debug)]
+enum Kind<B> {
+    Once(B),
+    Replay(View<B>),
+}
+
+impl<B> ReplayBody<B> {
+    /// Wraps `body`, keeping a copy of at most `cap` bytes.
+    pub fn new(body: B, cap: usize) -> Self {
+        Self(Kind::Replay(View::new(body, cap)))
+    }
+
+    /// `body` for a request that is sent once: it passes through untouched.
+    pub fn once(body: B) -> Self {
+        Self(Kind::Once(body))
+    }
+
+    /// True while a new attempt can send the whole body again.
+    pub fn is_replayable(&self) -> bool {
+        match &self.0 {
+            Kind::Once(_) => false,
+            Kind::Replay(v) => v.is_replayable(),
+        }
+    }
+
+    /// A fresh view for the next attempt, from the first byte.
+    ///
+    /// # Panics
+    /// On a body made with [`ReplayBody::once`]: such a body is never sent twice.
+    #[must_use]
+    pub fn replay(&self) -> Self {
+        match &self.0 {
+            Kind::Once(_) => panic!("a body sent once cannot be replayed"),
+            Kind::Replay(v) => Self(Kind::Replay(v.replay())),
+        }
+    }
+}
+
+impl<B> Body for ReplayBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match &mut self.0 {
+            Kind::Once(b) => Pin::new(b).poll_frame(cx),
+            Kind::Replay(v) => Pin::new(v).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            Kind::Once(b) => b.is_end_stream(),
+            Kind::Replay(v) => v.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Kind::Once(b) => b.size_hint(),
+            Kind::Replay(v) => v.size_hint(),
+        }
+    }
+}
+
+/// One attempt's view of a replayable body.
+#[derive(Debug)]
+struct View<B> {
     shared: Arc<Mutex<Shared<B>>>,
     /// Index of the next frame of `copy` this attempt sends.
     position: usize,
@@ -43,9 +118,8 @@ pub struct ReplayBody<B> {
     done: bool,
 }
 
-impl<B> ReplayBody<B> {
-    /// Wraps `body`, keeping a copy of at most `cap` bytes.
-    pub fn new(body: B, cap: usize) -> Self {
+impl<B> View<B> {
+    fn new(body: B, cap: usize) -> Self {
         let shared = Shared {
             original: Some(body),
             copy: Vec::new(),
@@ -63,16 +137,12 @@ impl<B> ReplayBody<B> {
         }
     }
 
-    /// True while a new attempt can send the whole body again.
-    pub fn is_replayable(&self) -> bool {
+    fn is_replayable(&self) -> bool {
         !self.shared.lock().expect("replay lock poisoned").too_big
     }
 
-    /// A fresh view for the next attempt, from the first byte.
-    ///
     /// NOTE: only one attempt may read at a time; the retry loop guarantees it.
-    #[must_use]
-    pub fn replay(&self) -> Self {
+    fn replay(&self) -> Self {
         Self {
             shared: self.shared.clone(),
             position: 0,
@@ -82,7 +152,7 @@ impl<B> ReplayBody<B> {
     }
 }
 
-impl<B> Body for ReplayBody<B>
+impl<B> Body for View<B>
 where
     B: Body<Data = Bytes> + Unpin,
 {

@@ -139,8 +139,9 @@ pub enum RetryEvent {
 /// Decides whether a response may be retried: `Some(reason)` when it is a retryable failure.
 pub type Classifier<B> = Arc<dyn Fn(&Response<B>) -> Option<&'static str> + Send + Sync>;
 
-/// Receives every decision.
-pub type Observer = Arc<dyn Fn(&RetryEvent) + Send + Sync>;
+/// Receives every decision, with the extensions of the caller's request (so one observer,
+/// built with the stack, can note the decision where that request asks for it).
+pub type Observer = Arc<dyn Fn(&RetryEvent, &http::Extensions) + Send + Sync>;
 
 /// The time by which the whole call must be done (set by the caller's request timeout).
 #[derive(Debug, Clone, Copy)]
@@ -256,9 +257,22 @@ where
         );
         Box::pin(async move {
             budget.deposit();
+            let may_retry = policy.attempts > 0 && idempotent(&policy, req.method(), req.headers());
+            if !may_retry {
+                // Nothing can be sent twice: one attempt, no copy of the head, no buffer.
+                let extensions = req.extensions().clone();
+                // NOTE: no `Attempt` either: below, a request without one is the first and only.
+                let mut rsp = inner.call(req.map(ReplayBody::once)).await?;
+                if let Some(reason) = classify(&rsp)
+                    && policy.attempts > 0
+                {
+                    let skip = Skip::NotIdempotent;
+                    observe(&RetryEvent::Skipped { reason, skip }, &extensions);
+                    rsp.extensions_mut().insert(skip);
+                }
+                return Ok(rsp);
+            }
             let (parts, body) = req.into_parts();
-            let may_retry =
-                policy.attempts > 0 && idempotent(&policy, &parts.method, &parts.headers);
             let deadline = parts.extensions.get::<Deadline>().copied();
             let body = ReplayBody::new(body, policy.max_request_body_bytes);
             let tried = Arc::new(Mutex::new(Vec::new()));
@@ -285,9 +299,7 @@ where
                 let Some(reason) = classify(&rsp) else {
                     return Ok(rsp);
                 };
-                let decision = if !may_retry {
-                    Err(Skip::NotIdempotent)
-                } else if number > policy.attempts {
+                let decision = if number > policy.attempts {
                     Err(Skip::AttemptsExhausted)
                 } else if !body.is_replayable() {
                     Err(Skip::BodyTooLarge)
@@ -312,21 +324,21 @@ where
                 let delay = match decision {
                     Ok(delay) => delay,
                     Err(skip) => {
-                        // A policy with no retries at all skips nothing.
-                        if policy.attempts > 0 {
-                            observe(&RetryEvent::Skipped { reason, skip });
-                        }
+                        observe(&RetryEvent::Skipped { reason, skip }, &parts.extensions);
                         // NOTE: the caller (fallback, explain) can see why it was not retried.
                         let mut rsp = rsp;
                         rsp.extensions_mut().insert(skip);
                         return Ok(rsp);
                     }
                 };
-                observe(&RetryEvent::Retry {
-                    attempt: number,
-                    reason,
-                    delay,
-                });
+                observe(
+                    &RetryEvent::Retry {
+                        attempt: number,
+                        reason,
+                        delay,
+                    },
+                    &parts.extensions,
+                );
                 drop(rsp);
                 previous_delay = delay;
                 tokio::time::sleep(delay).await;

@@ -167,7 +167,7 @@ where
         outcome("miss");
         return crate::http::proxy_response(
             StatusCode::GATEWAY_TIMEOUT,
-            "cache-miss",
+            crate::http::ProxyError::CacheMiss,
             "only-if-cached and no fresh stored response",
         );
     }

@@ -57,6 +57,8 @@ pub struct Logical {
     /// The policy of this target when the controller sent none (a route's sections are
     /// merged over it): one per target, so the merged policy and its stack are reused.
     empty: std::sync::OnceLock<Arc<ClientPolicy>>,
+    /// The request metrics of calls to this target (resolved on the first).
+    requests: std::sync::OnceLock<crate::metrics::RequestHandles>,
 }
 
 impl Logical {
@@ -95,7 +97,20 @@ impl Logical {
             applied: Mutex::new(None),
             stale: Mutex::new(None),
             empty: std::sync::OnceLock::new(),
+            requests: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The request metrics of calls to this target, labelled `service` (`namespace/name`, the
+    /// same for every call of a target).
+    pub fn request_metrics(
+        &self,
+        metrics: &crate::metrics::Metrics,
+        service: &str,
+    ) -> crate::metrics::RequestHandles {
+        self.requests
+            .get_or_init(|| metrics.request_handles(crate::metrics::Direction::outbound, service))
+            .clone()
     }
 
     /// The policy of a target that has none (`service` is its `namespace/name`), the same
@@ -249,33 +264,45 @@ pub async fn send(
         Ok(rsp) => {
             let (mut parts, body) = rsp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            Response::from_parts(parts, boxed(body))
+            let mut rsp = Response::from_parts(parts, boxed(body));
+            crate::error::from_upstream(&mut rsp);
+            rsp
         }
         Err(TimeoutError::Elapsed(t)) => proxy_response(
             StatusCode::GATEWAY_TIMEOUT,
-            "timeout",
+            crate::http::ProxyError::Timeout,
             &format!("no response within {t:?}"),
         ),
         Err(TimeoutError::Inner(
             e @ (PoolError::Connect { .. } | PoolError::ConnectTimeout { .. }),
-        )) => proxy_response(StatusCode::BAD_GATEWAY, "connect-failed", &e.to_string()),
+        )) => proxy_response(
+            StatusCode::BAD_GATEWAY,
+            crate::http::ProxyError::ConnectFailed,
+            &e.to_string(),
+        ),
         Err(TimeoutError::Inner(e @ PoolError::Tls { .. })) => {
             // NOTE: a refused handshake is a failure to connect (retried as one), never a
             // reason to try plaintext.
-            proxy_response(StatusCode::BAD_GATEWAY, "connect-failed", &e.to_string())
+            proxy_response(
+                StatusCode::BAD_GATEWAY,
+                crate::http::ProxyError::ConnectFailed,
+                &e.to_string(),
+            )
         }
         Err(TimeoutError::Inner(e @ PoolError::Http { .. })) if client_fault.is_set() => {
             // The caller's body broke off (aborted upload, bad framing): its fault, answered
             // as one, and no failure of the upstream's (breaker, outlier detection, retries).
             proxy_response(
                 StatusCode::BAD_REQUEST,
-                "client-aborted",
+                crate::http::ProxyError::ClientAborted,
                 &format!("the request body failed: {e}"),
             )
         }
-        Err(TimeoutError::Inner(e @ PoolError::Http { .. })) => {
-            proxy_response(StatusCode::BAD_GATEWAY, "upstream-reset", &e.to_string())
-        }
+        Err(TimeoutError::Inner(e @ PoolError::Http { .. })) => proxy_response(
+            StatusCode::BAD_GATEWAY,
+            crate::http::ProxyError::UpstreamReset,
+            &e.to_string(),
+        ),
     }
 }
 

@@ -81,7 +81,7 @@ async fn route_head(
     let Some(rule) = routes.routes.select(&method, &uri, &headers) else {
         return Routed::Answer(proxy_response(
             StatusCode::NOT_FOUND,
-            "no-route",
+            crate::http::ProxyError::NoRoute,
             &format!("no route of {service} matches {method} {}", uri.path()),
         ));
     };
@@ -97,7 +97,7 @@ async fn route_head(
                 _ => {
                     return Routed::Answer(proxy_response(
                         StatusCode::INTERNAL_SERVER_ERROR,
-                        "no-backend",
+                        crate::http::ProxyError::NoBackend,
                         &format!("route {}: backend {name} is not in the mesh", route.name),
                     ));
                 }

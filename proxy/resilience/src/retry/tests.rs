@@ -31,7 +31,9 @@ fn recorder() -> (Observer, Arc<Mutex<Vec<RetryEvent>>>) {
     let events = Arc::new(Mutex::new(Vec::new()));
     let e = events.clone();
     (
-        Arc::new(move |ev: &RetryEvent| e.lock().unwrap().push(ev.clone())),
+        Arc::new(move |ev: &RetryEvent, _: &http::Extensions| {
+            e.lock().unwrap().push(ev.clone());
+        }),
         events,
     )
 }
@@ -151,6 +153,56 @@ async fn post_is_retried_only_with_an_idempotency_key() {
     answer(&mut handle, 503).await;
     answer(&mut handle, 201).await;
     assert_eq!(call.await.unwrap().unwrap().status(), 201);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_that_cannot_be_retried_goes_through_as_it_is_and_decisions_see_its_extensions() {
+    #[derive(Clone, Debug, PartialEq)]
+    struct Caller(&'static str);
+    let (service, mut handle) = mock::pair::<Req, Response<String>>();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let observe: Observer = Arc::new(move |ev: &RetryEvent, ext: &http::Extensions| {
+        s.lock()
+            .unwrap()
+            .push((ev.clone(), ext.get::<Caller>().cloned()));
+    });
+    let retry = Retry::new(
+        service,
+        policy(2, Strategy::Constant),
+        budget(),
+        classify(),
+        observe,
+    );
+    let mut req = request(Method::POST, "order");
+    req.extensions_mut().insert(Caller("storefront"));
+    let call = tokio::spawn(retry.oneshot(req));
+    let (sent, respond) = handle.next_request().await.unwrap();
+    assert!(
+        sent.extensions().get::<Attempt>().is_none(),
+        "the first and only attempt"
+    );
+    assert!(
+        !sent.body().is_replayable(),
+        "nothing buffered for a replay"
+    );
+    assert_eq!(
+        sent.extensions().get::<Caller>(),
+        Some(&Caller("storefront"))
+    );
+    respond.send_response(status(503));
+    let rsp = call.await.unwrap().unwrap();
+    assert_eq!(rsp.extensions().get::<Skip>(), Some(&Skip::NotIdempotent));
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [(
+            RetryEvent::Skipped {
+                reason: "5xx",
+                skip: Skip::NotIdempotent
+            },
+            Some(Caller("storefront"))
+        )]
+    );
 }
 
 #[tokio::test(start_paused = true)]
