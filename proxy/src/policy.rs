@@ -464,6 +464,32 @@ mod tests {
                 },
                 InvalidPolicy::Range("cache.methods", "POST".into()),
             ),
+            (
+                cfg::ClientPolicy {
+                    breaker: Some(cfg::CircuitBreaker {
+                        max_connections: 10,
+                        ..Default::default()
+                    }),
+                    ..base()
+                },
+                InvalidPolicy::Range(
+                    "circuitBreaker.limits.maxConnections",
+                    "not enforced".into(),
+                ),
+            ),
+            (
+                cfg::ClientPolicy {
+                    breaker: Some(cfg::CircuitBreaker {
+                        max_pending_requests: 10,
+                        ..Default::default()
+                    }),
+                    ..base()
+                },
+                InvalidPolicy::Range(
+                    "circuitBreaker.limits.maxPendingRequests",
+                    "not enforced".into(),
+                ),
+            ),
         ];
         for (pb, expected) in cases {
             assert_eq!(ClientPolicy::try_from(pb), Err(expected));

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use crate::window::Window;
 
 /// Breaker settings.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct BreakerConfig {
     /// Calls in flight at most (bulkhead).
     pub max_requests: usize,

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// Outlier detection settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct OutlierConfig {
     /// 5xx and connect failures in a row to eject (0: off).
     pub consecutive_errors: u32,

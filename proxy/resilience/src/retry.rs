@@ -25,7 +25,7 @@ pub use crate::budget::RetryBudget;
 use crate::replay::ReplayBody;
 
 /// How long to wait between attempts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum Strategy {
     /// Always `base`.
     Constant,
@@ -38,7 +38,7 @@ pub enum Strategy {
 }
 
 /// Backoff settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Backoff {
     /// Strategy.
     pub strategy: Strategy,
@@ -73,18 +73,23 @@ impl Backoff {
 }
 
 /// What the retry layer does (no knowledge of where it came from).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct RetryPolicy {
     /// Extra attempts.
     pub attempts: u32,
     /// Backoff.
     pub backoff: Backoff,
     /// Methods that may be retried (POST only with `Idempotency-Key`).
+    #[serde(serialize_with = "method_names")]
     pub methods: Vec<Method>,
     /// Wait as long as `Retry-After` asks when it is longer than the backoff.
     pub respect_retry_after: bool,
     /// Larger bodies are never retried.
     pub max_request_body_bytes: usize,
+}
+
+fn method_names<S: serde::Serializer>(v: &[Method], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(Method::as_str))
 }
 
 /// Why a retry did not happen.

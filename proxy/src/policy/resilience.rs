@@ -6,6 +6,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ferrymesh_proto::config::v1 as cfg;
+use ferrymesh_resilience::breaker::BreakerConfig;
+use ferrymesh_resilience::outlier::OutlierConfig;
+use ferrymesh_resilience::replay::MAX_BUFFERED_BYTES;
+use ferrymesh_resilience::retry::{self, Backoff, Strategy};
 use http::{HeaderName, Method, StatusCode};
 use serde::Serialize;
 
@@ -61,24 +65,13 @@ pub enum RetryOn {
     Retriable4xx,
 }
 
-/// How long to wait between attempts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum BackoffStrategy {
-    /// Always `base`.
-    Constant,
-    /// `base x 2^n`, capped at `max`.
-    Exponential,
-    /// Uniform in `[0, min(max, base x 2^n)]`.
-    ExponentialFullJitter,
-    /// Uniform in `[base, min(max, previous x 3)]` (AWS's decorrelated jitter).
-    DecorrelatedJitter,
-}
-
-/// The retry section.
+/// The retry section: what the retry layer itself takes (attempts, backoff, methods,
+/// `Retry-After`, the body cap), what the proxy classifies as retryable, and the budget.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RetryPolicy {
-    /// Extra attempts.
-    pub attempts: u32,
+    /// The retry layer's own settings.
+    #[serde(flatten)]
+    pub layer: retry::RetryPolicy,
     /// Failure kinds retried.
     pub retry_on: Vec<RetryOn>,
     /// Status codes retried.
@@ -86,19 +79,6 @@ pub struct RetryPolicy {
     pub retry_on_status: Vec<StatusCode>,
     /// gRPC codes retried.
     pub grpc_retry_on: Vec<u32>,
-    /// Methods that may be retried (POST only with `Idempotency-Key`).
-    #[serde(serialize_with = "methods")]
-    pub methods: Vec<Method>,
-    /// Backoff.
-    pub backoff: BackoffStrategy,
-    /// Backoff base.
-    pub backoff_base: Duration,
-    /// Backoff cap.
-    pub backoff_max: Duration,
-    /// Wait as long as `Retry-After` says (capped by the time left).
-    pub respect_retry_after: bool,
-    /// Larger request bodies are never retried.
-    pub max_request_body_bytes: u32,
     /// The retry budget.
     pub budget: BudgetPolicy,
 }
@@ -129,23 +109,27 @@ impl RetryPolicy {
     /// restart then loses nothing; `retry: {attempts: 0}` turns it off.
     pub fn connect_failures() -> RetryPolicy {
         RetryPolicy {
-            attempts: 1,
+            layer: retry::RetryPolicy {
+                attempts: 1,
+                backoff: Backoff {
+                    strategy: Strategy::ExponentialFullJitter,
+                    base: Duration::from_millis(5),
+                    max: Duration::from_millis(25),
+                },
+                methods: [
+                    Method::GET,
+                    Method::HEAD,
+                    Method::OPTIONS,
+                    Method::PUT,
+                    Method::DELETE,
+                ]
+                .to_vec(),
+                respect_retry_after: false,
+                max_request_body_bytes: MAX_BUFFERED_BYTES,
+            },
             retry_on: vec![RetryOn::ConnectFailure, RetryOn::RefusedStream],
             retry_on_status: Vec::new(),
             grpc_retry_on: Vec::new(),
-            methods: [
-                Method::GET,
-                Method::HEAD,
-                Method::OPTIONS,
-                Method::PUT,
-                Method::DELETE,
-            ]
-            .to_vec(),
-            backoff: BackoffStrategy::ExponentialFullJitter,
-            backoff_base: Duration::from_millis(5),
-            backoff_max: Duration::from_millis(25),
-            respect_retry_after: false,
-            max_request_body_bytes: 64 * 1024,
             budget: BudgetPolicy::default(),
         }
     }
@@ -202,19 +186,19 @@ pub(super) fn retry(
         })
         .collect::<Result<_, _>>()?;
     let b = r.backoff.unwrap_or_default();
-    let backoff = match cfg::backoff::Strategy::try_from(b.strategy) {
-        Ok(cfg::backoff::Strategy::Constant) => BackoffStrategy::Constant,
-        Ok(cfg::backoff::Strategy::Exponential) => BackoffStrategy::Exponential,
+    let strategy = match cfg::backoff::Strategy::try_from(b.strategy) {
+        Ok(cfg::backoff::Strategy::Constant) => Strategy::Constant,
+        Ok(cfg::backoff::Strategy::Exponential) => Strategy::Exponential,
         Ok(cfg::backoff::Strategy::ExponentialFullJitter | cfg::backoff::Strategy::Unspecified) => {
-            BackoffStrategy::ExponentialFullJitter
+            Strategy::ExponentialFullJitter
         }
-        Ok(cfg::backoff::Strategy::DecorrelatedJitter) => BackoffStrategy::DecorrelatedJitter,
+        Ok(cfg::backoff::Strategy::DecorrelatedJitter) => Strategy::DecorrelatedJitter,
         Err(_) => return Err(InvalidPolicy::Enum("retry.backoff.strategy", b.strategy)),
     };
-    let backoff_base = duration(b.base, "retry.backoff.base")?.unwrap_or(Duration::from_millis(25));
-    let backoff_max = duration(b.max, "retry.backoff.max")?
+    let base = duration(b.base, "retry.backoff.base")?.unwrap_or(Duration::from_millis(25));
+    let max = duration(b.max, "retry.backoff.max")?
         .unwrap_or(Duration::from_millis(250))
-        .max(backoff_base);
+        .max(base);
     let budget = match budget {
         None => BudgetPolicy::default(),
         Some(g) => BudgetPolicy {
@@ -227,16 +211,20 @@ pub(super) fn retry(
         return Err(InvalidPolicy::Range("retry.budget.window", "0s".into()));
     }
     Ok(RetryPolicy {
-        attempts: r.attempts,
+        layer: retry::RetryPolicy {
+            attempts: r.attempts,
+            backoff: Backoff {
+                strategy,
+                base,
+                max,
+            },
+            methods,
+            respect_retry_after: r.respect_retry_after,
+            max_request_body_bytes: r.max_request_body_bytes as usize,
+        },
         retry_on,
         retry_on_status,
         grpc_retry_on: r.grpc_retry_on,
-        methods,
-        backoff,
-        backoff_base,
-        backoff_max,
-        respect_retry_after: r.respect_retry_after,
-        max_request_body_bytes: r.max_request_body_bytes,
         budget,
     })
 }
@@ -255,36 +243,32 @@ pub enum FailureOn {
     GatewayError,
 }
 
-/// The circuit breaker section (with its bulkhead).
+/// The circuit breaker section (with its bulkhead of requests in flight): the breaker's own
+/// settings and what counts as a failure.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BreakerPolicy {
-    /// Bulkhead: connections.
-    pub max_connections: u32,
-    /// Bulkhead: requests waiting for a connection.
-    pub max_pending_requests: u32,
-    /// Bulkhead: requests in flight.
-    pub max_requests: u32,
-    /// Trip after this many failures in a row (0: off).
-    pub consecutive_failures: u32,
-    /// Trip when failures / requests >= this (0: off) ...
-    pub failure_ratio: f64,
-    /// ... over at least this many requests ...
-    pub minimum_requests: u32,
-    /// ... in this sliding window.
-    pub window: Duration,
+    /// The breaker's settings.
+    #[serde(flatten)]
+    pub config: BreakerConfig,
     /// What counts as a failure.
     pub failure_on: Vec<FailureOn>,
-    /// First open time.
-    pub open_base: Duration,
-    /// Longest open time.
-    pub open_max: Duration,
-    /// Jitter on the open time, a fraction.
-    pub open_jitter: f64,
-    /// Successes in half-open needed to close.
-    pub half_open_probes: u32,
 }
 
 pub(super) fn breaker(b: &cfg::CircuitBreaker) -> Result<BreakerPolicy, InvalidPolicy> {
+    // NOTE: the controller refuses these two (nothing enforces them); a proxy refuses them too
+    // rather than accept a limit it would ignore.
+    if b.max_connections != 0 {
+        return Err(InvalidPolicy::Range(
+            "circuitBreaker.limits.maxConnections",
+            "not enforced".into(),
+        ));
+    }
+    if b.max_pending_requests != 0 {
+        return Err(InvalidPolicy::Range(
+            "circuitBreaker.limits.maxPendingRequests",
+            "not enforced".into(),
+        ));
+    }
     let failure_on = b
         .failure_on
         .iter()
@@ -319,39 +303,23 @@ pub(super) fn breaker(b: &cfg::CircuitBreaker) -> Result<BreakerPolicy, InvalidP
         ));
     }
     Ok(BreakerPolicy {
-        max_connections: b.max_connections,
-        max_pending_requests: b.max_pending_requests,
-        max_requests: b.max_requests,
-        consecutive_failures: b.consecutive_failures,
-        failure_ratio: ratio(b.failure_ratio, "circuitBreaker.tripWhen.failureRatio")?,
-        minimum_requests: b.minimum_requests,
-        window: required(b.window, "circuitBreaker.tripWhen.window")?,
+        config: BreakerConfig {
+            max_requests: b.max_requests as usize,
+            consecutive_failures: b.consecutive_failures,
+            failure_ratio: ratio(b.failure_ratio, "circuitBreaker.tripWhen.failureRatio")?,
+            minimum_requests: b.minimum_requests,
+            window: required(b.window, "circuitBreaker.tripWhen.window")?,
+            open_base,
+            open_max,
+            open_jitter: ratio(b.open_jitter, "circuitBreaker.open.jitter")?,
+            half_open_probes: b.half_open_probes,
+        },
         failure_on,
-        open_base,
-        open_max,
-        open_jitter: ratio(b.open_jitter, "circuitBreaker.open.jitter")?,
-        half_open_probes: b.half_open_probes,
     })
 }
 
-/// Outlier detection (per-endpoint ejection).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct OutlierPolicy {
-    /// 5xx and connect failures in a row (0: off).
-    pub consecutive_errors: u32,
-    /// 502/503/504 in a row (0: off).
-    pub consecutive_gateway_errors: u32,
-    /// How often ejections are reviewed.
-    pub interval: Duration,
-    /// Ejection time x the number of ejections ...
-    pub base_ejection_time: Duration,
-    /// ... capped here.
-    pub max_ejection_time: Duration,
-    /// At most this share of endpoints ejected.
-    pub max_ejection_percent: u32,
-    /// Never eject below this many ready endpoints.
-    pub min_ready_endpoints: u32,
-}
+/// Outlier detection (per-endpoint ejection): the resilience crate's settings as they are.
+pub type OutlierPolicy = OutlierConfig;
 
 pub(super) fn outlier(o: cfg::OutlierDetection) -> Result<OutlierPolicy, InvalidPolicy> {
     if o.max_ejection_percent > 100 {

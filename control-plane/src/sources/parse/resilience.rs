@@ -399,8 +399,9 @@ fn breaker(b: &RawBreaker) -> Result<cfg::CircuitBreaker, FieldError> {
     }
     let limit = |v: Option<u32>| v.unwrap_or(1024);
     Ok(cfg::CircuitBreaker {
-        max_connections: limit(limits.and_then(|l| l.max_connections)),
-        max_pending_requests: limit(limits.and_then(|l| l.max_pending_requests)),
+        // Refused above: nothing enforces them, and a proxy refuses a policy that sets them.
+        max_connections: 0,
+        max_pending_requests: 0,
         max_requests: limit(limits.and_then(|l| l.max_requests)),
         consecutive_failures: trip.and_then(|t| t.consecutive_failures).unwrap_or(7),
         failure_ratio: t.ratio(

@@ -8,11 +8,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferrymesh_resilience::breaker::{
-    self, Breaker, BreakerConfig, FailureClassifier, State as BreakerState,
-};
-use ferrymesh_resilience::outlier::{Outlier, OutlierConfig};
-use ferrymesh_resilience::retry::{self, Backoff, Classifier, RetryBudget, RetryEvent, Strategy};
+use ferrymesh_resilience::breaker::{self, Breaker, FailureClassifier, State as BreakerState};
+use ferrymesh_resilience::outlier::Outlier;
+use ferrymesh_resilience::retry::{self, Classifier, RetryBudget, RetryEvent};
 use http::{Response, StatusCode};
 
 use super::super::cache::ResponseCache;
@@ -21,7 +19,7 @@ use crate::app::Context;
 use crate::explain::Explain;
 use crate::health::HealthChecker;
 use crate::http::{Body, ProxyError};
-use crate::policy::resilience::{BackoffStrategy, FailureOn, RetryOn};
+use crate::policy::resilience::{FailureOn, RetryOn};
 use crate::policy::{BreakerPolicy, ClientPolicy, FallbackPolicy, LoadBalancer, RetryPolicy};
 
 /// The retry machinery of one client policy.
@@ -277,17 +275,10 @@ fn service_parts(
                 service.to_owned(),
             ))
         }),
-        outlier: policy.outlier.as_ref().map(|o| {
-            Arc::new(Outlier::new(OutlierConfig {
-                consecutive_errors: o.consecutive_errors,
-                consecutive_gateway_errors: o.consecutive_gateway_errors,
-                interval: o.interval,
-                base_ejection_time: o.base_ejection_time,
-                max_ejection_time: o.max_ejection_time,
-                max_ejection_percent: o.max_ejection_percent,
-                min_ready_endpoints: o.min_ready_endpoints,
-            }))
-        }),
+        outlier: policy
+            .outlier
+            .as_ref()
+            .map(|o| Arc::new(Outlier::new(o.clone()))),
     }
 }
 fn retry_state(r: &RetryPolicy, ctx: &Arc<Context>, service: &str) -> RetryState {
@@ -297,22 +288,7 @@ fn retry_state(r: &RetryPolicy, ctx: &Arc<Context>, service: &str) -> RetryState
         r.budget.window,
     );
     RetryState {
-        policy: Arc::new(retry::RetryPolicy {
-            attempts: r.attempts,
-            backoff: Backoff {
-                strategy: match r.backoff {
-                    BackoffStrategy::Constant => Strategy::Constant,
-                    BackoffStrategy::Exponential => Strategy::Exponential,
-                    BackoffStrategy::ExponentialFullJitter => Strategy::ExponentialFullJitter,
-                    BackoffStrategy::DecorrelatedJitter => Strategy::DecorrelatedJitter,
-                },
-                base: r.backoff_base,
-                max: r.backoff_max,
-            },
-            methods: r.methods.clone(),
-            respect_retry_after: r.respect_retry_after,
-            max_request_body_bytes: r.max_request_body_bytes as usize,
-        }),
+        policy: Arc::new(r.layer.clone()),
         observe: observer(ctx.clone(), service.to_owned(), budget.clone()),
         budget,
         classify: classifier(Arc::new(r.clone())),
@@ -350,17 +326,7 @@ fn breaker(
     ctx: Arc<Context>,
     service: String,
 ) -> (Breaker, FailureClassifier<Response<Body>>) {
-    let config = BreakerConfig {
-        max_requests: b.max_requests as usize,
-        consecutive_failures: b.consecutive_failures,
-        failure_ratio: b.failure_ratio,
-        minimum_requests: b.minimum_requests,
-        window: b.window,
-        open_base: b.open_base,
-        open_max: b.open_max,
-        open_jitter: b.open_jitter,
-        half_open_probes: b.half_open_probes,
-    };
+    let config = b.config.clone();
     ctx.metrics
         .breaker_state(&service, BreakerState::Closed.as_str());
     let on_change: breaker::OnChange = Arc::new(move |state: BreakerState| {
