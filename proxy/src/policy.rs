@@ -464,6 +464,19 @@ mod tests {
                 },
                 InvalidPolicy::Range("cache.methods", "POST".into()),
             ),
+        ];
+        for (pb, expected) in cases {
+            assert_eq!(ClientPolicy::try_from(pb), Err(expected));
+        }
+    }
+
+    #[test]
+    fn bulkhead_limits_the_proxy_does_not_enforce_are_refused() {
+        let base = || cfg::ClientPolicy {
+            service: Some(cfg::ServiceRef::default()),
+            ..Default::default()
+        };
+        let cases: Vec<(cfg::ClientPolicy, InvalidPolicy)> = vec![
             (
                 cfg::ClientPolicy {
                     breaker: Some(cfg::CircuitBreaker {
