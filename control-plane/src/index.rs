@@ -22,8 +22,9 @@ use std::sync::{Arc, Mutex};
 use ferrymesh_proto::discovery::v1 as pb;
 use tokio::sync::{Notify, watch};
 
-use crate::sources::{Object, ObjectKey, ParseError, Parsed};
-pub use translate::{Lookup, ResourceKey, ServiceKey};
+pub use crate::model::ServiceKey;
+use crate::model::{Object, ObjectKey, ParseError, Parsed};
+pub use translate::{Lookup, ResourceKey};
 
 /// A workload registered by a local-mode proxy on its Discovery stream.
 #[derive(Clone, Debug)]

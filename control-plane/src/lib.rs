@@ -21,6 +21,7 @@ pub mod identity;
 pub mod index;
 pub mod inject;
 pub mod metrics;
+pub mod model;
 pub mod run;
 pub mod sources;
 pub mod webhook;

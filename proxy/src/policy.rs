@@ -31,6 +31,7 @@ pub enum InvalidPolicy {
     Enum(&'static str, i32),
 }
 
+pub mod authz;
 pub mod resilience;
 pub mod routes;
 
@@ -278,11 +279,11 @@ pub struct InboundPolicy {
     /// Whether plaintext connections are still accepted (with identity on).
     pub mtls: MtlsMode,
     /// Deny rules (any match: 403).
-    pub deny: Vec<crate::authz::AuthzRule>,
+    pub deny: Vec<authz::AuthzRule>,
     /// Allow rules (when any: only a match passes).
-    pub allow: Vec<crate::authz::AuthzRule>,
+    pub allow: Vec<authz::AuthzRule>,
     /// What passes when there is no allow rule.
-    pub default_policy: crate::authz::DefaultInbound,
+    pub default_policy: authz::DefaultInbound,
 }
 
 /// The inbound side's mTLS mode.
@@ -314,14 +315,14 @@ impl TryFrom<cfg::InboundPolicy> for InboundPolicy {
             deny: pb
                 .deny
                 .into_iter()
-                .map(crate::authz::AuthzRule::from_pb)
+                .map(authz::AuthzRule::from_pb)
                 .collect::<Result<_, _>>()?,
             allow: pb
                 .allow
                 .into_iter()
-                .map(crate::authz::AuthzRule::from_pb)
+                .map(authz::AuthzRule::from_pb)
                 .collect::<Result<_, _>>()?,
-            default_policy: crate::authz::DefaultInbound::from_pb(pb.default_policy)?,
+            default_policy: authz::DefaultInbound::from_pb(pb.default_policy)?,
         })
     }
 }

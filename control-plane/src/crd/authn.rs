@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::PolicyStatus;
 use super::resilience::DURATION;
-use crate::sources::TargetRef;
+use crate::model::TargetRef;
 
 /// A JWS algorithm name (RFC 7518 3.1, and RFC 8037's EdDSA).
 pub const ALGORITHM: &str = "^((HS|RS|PS|ES)(256|384|512)|EdDSA)$";

@@ -5,7 +5,7 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 use super::PolicyStatus;
-use crate::sources::TargetRef;
+use crate::model::TargetRef;
 
 /// Allow or deny callers by identity, method and path.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::PolicyStatus;
 use super::resilience::DURATION;
-use crate::sources::TargetRef;
+use crate::model::TargetRef;
 
 /// Delays and aborts injected into the targets' traffic, for a limited time.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]

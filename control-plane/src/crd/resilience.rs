@@ -10,7 +10,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::PolicyStatus;
-use crate::sources::TargetRef;
+use crate::model::TargetRef;
 
 /// GEP-2257 durations: one to four `<number><unit>` parts, e.g. `250ms`, `1h30m`, `0s`.
 pub const DURATION: &str = "^([0-9]{1,5}(h|m|s|ms)){1,4}$";

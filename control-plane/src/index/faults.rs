@@ -10,8 +10,8 @@ use std::time::{Duration, SystemTime};
 use ferrymesh_proto::config::v1 as cfg;
 use ferrymesh_proto::discovery::v1 as pb;
 
-use super::translate::ServiceKey;
-use crate::sources::{FaultAbort, FaultSide, Object, ObjectKey};
+use crate::model::ServiceKey;
+use crate::model::{FaultAbort, FaultSide, Object, ObjectKey};
 
 /// A fault in force.
 #[derive(Debug, Clone, PartialEq)]

@@ -9,8 +9,9 @@ use std::collections::BTreeMap;
 use ferrymesh_proto::config::v1 as cfg;
 
 use super::faults::ActiveFault;
-use super::translate::{ServiceKey, object_ref};
-use crate::sources::{Object, Policy, Route, RouteRule, ServicePort};
+use super::translate::object_ref;
+use crate::model::ServiceKey;
+use crate::model::{Object, Policy, Route, RouteRule, ServicePort};
 
 const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 

@@ -12,16 +12,7 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 
 use super::{Registered, Snapshot};
-use crate::sources::{Object, PortProtocol, Service, ServicePort};
-
-/// A service's identity.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
-pub struct ServiceKey {
-    /// Namespace.
-    pub namespace: String,
-    /// Name.
-    pub name: String,
-}
+use crate::model::{Object, PortProtocol, Service, ServiceKey, ServicePort};
 
 /// What the index knows of a service.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -230,7 +221,7 @@ fn client_faults(
 ) -> Option<prost_types::Duration> {
     let client_faults: Vec<&super::faults::ActiveFault> = faults
         .iter()
-        .filter(|f| f.side == crate::sources::FaultSide::Client && f.service == *key)
+        .filter(|f| f.side == crate::model::FaultSide::Client && f.service == *key)
         .collect();
     policy.fault = client_faults.first().map(|f| f.fault.clone());
     // Route faults travel in the routes; their TTLs bound the resource's too.
@@ -260,7 +251,7 @@ fn protocol(p: PortProtocol) -> cfg::Protocol {
 pub(super) fn object_ref(
     group: &str,
     kind: &str,
-    meta: &crate::sources::Meta,
+    meta: &crate::model::Meta,
     section: &str,
 ) -> cfg::ResourceRef {
     cfg::ResourceRef {
@@ -395,7 +386,7 @@ fn endpoints(
 }
 
 /// Specificity of a ResiliencePolicy target for this service port (higher wins), if it applies.
-fn specificity(t: &crate::sources::TargetRef, key: &ServiceKey, port: &ServicePort) -> Option<u8> {
+fn specificity(t: &crate::model::TargetRef, key: &ServiceKey, port: &ServicePort) -> Option<u8> {
     match (t.group.as_str(), t.kind.as_str()) {
         ("", "Namespace") if t.name == key.namespace => Some(1),
         ("", "Service") if t.name == key.name => match &t.section_name {
@@ -415,7 +406,7 @@ fn client_policy(
 ) -> (cfg::ClientPolicy, Vec<cfg::ResourceRef>) {
     // Every ResiliencePolicy that applies, most specific first; at the same level the first
     // by name wins (objects from files have no creationTimestamp to order by).
-    let mut applicable: Vec<(u8, &crate::sources::Policy)> = objects
+    let mut applicable: Vec<(u8, &crate::model::Policy)> = objects
         .iter()
         .filter_map(|o| match o {
             Object::Policy(p)

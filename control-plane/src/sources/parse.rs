@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -14,28 +14,7 @@ use super::{
     SliceEndpoint, TargetRef,
 };
 
-/// Why a file was rejected.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize)]
-#[error("{}: {object}: {field}: {message}", file.display())]
-pub struct ParseError {
-    /// The file.
-    pub file: PathBuf,
-    /// `Kind namespace/name`, or `document N` before the name is known.
-    pub object: String,
-    /// Path of the offending field, e.g. `spec.ports[0].port`; `.` for the whole document.
-    pub field: String,
-    /// What is wrong.
-    pub message: String,
-}
-
-/// What a file held: objects, plus warnings for documents that were skipped.
-#[derive(Debug, Default)]
-pub struct Parsed {
-    /// Objects, in file order.
-    pub objects: Vec<Object>,
-    /// One line per skipped document.
-    pub warnings: Vec<String>,
-}
+pub use crate::model::{ParseError, Parsed};
 
 const POLICY_KINDS: &[(&str, &str)] = &[
     ("policy.ferrymesh.io", "ResiliencePolicy"),
@@ -636,8 +615,6 @@ mod authz;
 mod fault;
 mod resilience;
 mod route;
-
-pub use authz::AuthzSpec;
 
 #[cfg(test)]
 mod tests;

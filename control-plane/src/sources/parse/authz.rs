@@ -9,20 +9,11 @@ use serde::Deserialize;
 
 use super::{FieldError, field_err, from_json};
 use crate::crd::authz::AuthorizationPolicySpec as RawSpec;
-use crate::sources::TargetRef;
+use crate::model::{AuthzSpec, TargetRef};
 
 #[derive(Deserialize)]
 struct Raw {
     spec: RawSpec,
-}
-
-/// A validated AuthorizationPolicy.
-#[derive(Clone, Debug, PartialEq)]
-pub struct AuthzSpec {
-    /// `Deny` (else `Allow`).
-    pub deny: bool,
-    /// Its rules (sources filled in by the index).
-    pub rules: Vec<cfg::AuthzRule>,
 }
 
 const METHODS: &[&str] = &[
