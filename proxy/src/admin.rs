@@ -10,8 +10,16 @@ use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
-use crate::app::Context;
+use std::sync::Arc;
+
+use crate::access_log::Tap;
+use crate::config::Config;
+use crate::discovery::Discovery;
 use crate::http::{Body, boxed};
+use crate::identity::Identity;
+use crate::metrics::Metrics;
+use crate::outbound::Outbound;
+use crate::trace::Tracing;
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
     let mut rsp = Response::new(boxed(Full::new(Bytes::from(body))));
@@ -23,9 +31,30 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
     rsp
 }
 
+/// What the admin and health endpoints read and control.
+#[derive(Debug)]
+pub struct Admin {
+    /// The bootstrap config.
+    pub config: Arc<Config>,
+    /// The control-plane cache (`/ready`, `/config_dump`).
+    pub discovery: Discovery,
+    /// Metrics (`/metrics`).
+    pub metrics: Arc<Metrics>,
+    /// The workload identity (`/identity`, `/ready` waits for its certificate).
+    pub identity: Option<Arc<Identity>>,
+    /// Spans (`/config_dump`).
+    pub tracing: Arc<Tracing>,
+    /// Live listeners to the requests (`/tap`, `/recent`).
+    pub tap: Arc<Tap>,
+    /// The outbound side (targets in `/config_dump`, breaker control).
+    pub outbound: Arc<Outbound>,
+    /// This workload's service, `namespace/name`.
+    pub service_label: String,
+}
+
 /// Handles one admin or health request; `full` enables the admin-only paths.
 pub fn handle(
-    ctx: &Context,
+    ctx: &Admin,
     req: &Request<Incoming>,
     full: bool,
     drain: &tokio::sync::watch::Receiver<bool>,
@@ -124,7 +153,7 @@ pub fn handle(
 
 /// `POST /breakers/{namespace}/{service}/{trip|isolate|reset}`: manual control of this proxy's
 /// breakers for a service (every port it has called), for labs; answers each target's new state.
-fn breaker_control(ctx: &Context, req: &Request<Incoming>, path: &str) -> Response<Body> {
+fn breaker_control(ctx: &Admin, req: &Request<Incoming>, path: &str) -> Response<Body> {
     const PLAIN: &str = "text/plain; charset=utf-8";
     let parts: Vec<&str> = path.trim_start_matches("/breakers/").split('/').collect();
     let [namespace, service, action] = parts.as_slice() else {
@@ -176,7 +205,7 @@ fn breaker_control(ctx: &Context, req: &Request<Incoming>, path: &str) -> Respon
 /// JSON line each (the access-log entry), for as long as the caller listens or until the proxy
 /// drains (a listener never holds up a shutdown).
 fn tap(
-    ctx: &Context,
+    ctx: &Admin,
     req: &Request<Incoming>,
     mut drain: tokio::sync::watch::Receiver<bool>,
 ) -> Response<Body> {

@@ -14,43 +14,19 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::Admin;
 use crate::config::{Config, Inbound};
 use crate::discovery::{Commands, Discovery, client};
+use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::outbound::{Outbound, Target};
 use crate::pool::Pool;
 use crate::server::{HttpVersion, serve_http};
+use crate::trace::Tracing;
 
 /// How long a draining proxy keeps accepting after leaving the endpoint set, so that peers
 /// stop picking it before its listeners close.
 const LEAVE_GRACE: Duration = Duration::from_millis(500);
-
-/// Everything a request handler needs, shared.
-#[derive(Debug)]
-pub struct Context {
-    /// The bootstrap config.
-    pub config: Arc<Config>,
-    /// The control-plane cache.
-    pub discovery: Discovery,
-    /// Client connections.
-    pub pool: Arc<Pool>,
-    /// Metrics.
-    pub metrics: Metrics,
-    /// Outbound targets.
-    pub outbound: Outbound,
-    /// This workload's service, `namespace/name` (metrics label of inbound traffic).
-    pub service_label: String,
-    /// The request metrics of inbound traffic (resolved once).
-    pub inbound_requests: crate::metrics::RequestHandles,
-    /// This workload's inbound policy (server-side faults).
-    pub inbound_policy: watch::Receiver<crate::discovery::State>,
-    /// The workload identity (mTLS), when on.
-    pub identity: Option<Arc<crate::identity::Identity>>,
-    /// Live listeners to the requests (`/tap`).
-    pub tap: crate::access_log::Tap,
-    /// Spans, when the controller names a collector.
-    pub tracing: crate::trace::Tracing,
-}
 
 /// The bound addresses, printed at start and announced to the controller.
 #[derive(Debug, Clone, Serialize)]
@@ -72,7 +48,14 @@ pub struct Addresses {
 /// A built, not yet running, proxy.
 #[derive(Debug)]
 pub struct App {
-    ctx: Arc<Context>,
+    config: Arc<Config>,
+    discovery: Discovery,
+    pool: Arc<Pool>,
+    identity: Option<Arc<Identity>>,
+    tracing: Arc<Tracing>,
+    outbound_side: Arc<Outbound>,
+    inbound_side: Arc<crate::inbound::Shared>,
+    admin_side: Arc<Admin>,
     commands: Commands,
     outbound: Vec<TcpListener>,
     inbound: Option<(TcpListener, Arc<Inbound>)>,
@@ -146,45 +129,27 @@ impl App {
             fixed: fixed_addrs,
         };
         let (discovery, commands) = Discovery::new(config.control_plane.discovery.clone());
-        let service_label = format!("{}/{}", config.workload.namespace, config.workload.service);
-        let inbound_policy = discovery.watch(pb::ResourceType::InboundPolicy, "*");
         let identity = config
             .identity
             .as_ref()
             .map(|i| crate::identity::Identity::new(&config.workload, i).map(Arc::new))
             .transpose()?;
-        let tracing = crate::trace::Tracing::new(
-            service_label.clone(),
-            vec![
-                opentelemetry::KeyValue::new(
-                    "k8s.namespace.name",
-                    config.workload.namespace.clone(),
-                ),
-                opentelemetry::KeyValue::new("ferrymesh.workload", config.workload.name.clone()),
-                opentelemetry::KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
-            ],
-            config.trace_sampling,
-        );
-        let metrics = Metrics::new();
-        discovery.count_updates(metrics.config_updates.clone());
-        let pool = Arc::new(Pool::counting(metrics.tls_handshakes.clone()));
-        let inbound_requests =
-            metrics.request_handles(crate::metrics::Direction::inbound, &service_label);
-        let ctx = Arc::new(Context {
-            inbound_requests,
-            identity,
+        let Sides {
+            pool,
             tracing,
-            tap: crate::access_log::Tap::default(),
+            outbound_side,
+            inbound_side,
+            admin_side,
+        } = Sides::new(&config, &discovery, identity.as_ref());
+        Ok(App {
             config,
             discovery,
             pool,
-            metrics,
-            outbound: Outbound::default(),
-            service_label,
-            inbound_policy,
-        });
-        Ok(App {
-            ctx,
+            identity,
+            tracing,
+            outbound_side,
+            inbound_side,
+            admin_side,
             commands,
             outbound,
             inbound,
@@ -201,7 +166,7 @@ impl App {
     }
 
     fn node(&self) -> pb::Node {
-        let c = &self.ctx.config;
+        let c = &self.config;
         // An injected sidecar is an endpoint through its Pod's EndpointSlice, not by announcing
         // itself; only a local proxy registers its inbound address.
         let inbound = self.addresses.inbound.filter(|_| !c.sidecar);
@@ -249,7 +214,7 @@ impl App {
         // A proxy without an app (an edge proxy) still announces its listeners, with no service.
         let mut local_workload = local_workload.unwrap_or_default();
         local_workload.listeners = Some(listeners);
-        if let Some(identity) = &self.ctx.identity {
+        if let Some(identity) = &self.identity {
             identity.spiffe().clone_into(&mut local_workload.identity);
         }
         if local_workload.instance.is_empty() {
@@ -279,7 +244,14 @@ impl App {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         let node = self.node();
         let App {
-            ctx,
+            config,
+            discovery,
+            pool,
+            identity,
+            tracing,
+            outbound_side,
+            inbound_side,
+            admin_side,
             commands,
             outbound,
             inbound,
@@ -292,81 +264,66 @@ impl App {
         let (drain_tx, drain) = watch::channel(false);
         let (leave_tx, leave) = watch::channel(false);
 
-        let _inbound_policy = ctx.discovery.watch(pb::ResourceType::InboundPolicy, "*");
-        ctx.pool.start_sweeping();
-        if let Some(identity) = &ctx.identity {
+        let _inbound_policy = discovery.watch(pb::ResourceType::InboundPolicy, "*");
+        pool.start_sweeping();
+        if let Some(identity) = &identity {
             tokio::spawn(identity.clone().run(shutdown.clone()));
             tokio::spawn(follow_trust_bundle(
                 identity.clone(),
-                ctx.discovery.watch(pb::ResourceType::TrustBundle, "*"),
+                discovery.watch(pb::ResourceType::TrustBundle, "*"),
             ));
         }
         tokio::spawn(follow_telemetry(
-            ctx.clone(),
-            ctx.discovery.watch(pb::ResourceType::Telemetry, "*"),
+            tracing,
+            discovery.watch(pb::ResourceType::Telemetry, "*"),
         ));
         let stream = tokio::spawn(client::run(
-            ctx.discovery.clone(),
+            discovery.clone(),
             commands,
             node,
-            ctx.identity.clone(),
+            identity.clone(),
             leave,
         ));
-        let readiness = tokio::spawn(readiness(ctx.clone(), drain.clone()));
+        let readiness = tokio::spawn(readiness(
+            config.inbound.clone(),
+            identity,
+            discovery,
+            pool.clone(),
+            drain.clone(),
+        ));
 
         for (listener, full) in [(admin, true), (health, false)] {
-            let ctx = ctx.clone();
+            let (admin, pool) = (admin_side.clone(), pool.clone());
             spawn_accept(&tracker, listener, drain.clone(), move |stream, drain| {
-                serve_admin(ctx.clone(), stream, full, drain)
+                serve_admin(admin.clone(), pool.clone(), stream, full, drain)
             });
         }
         for listener in outbound {
-            let ctx = ctx.clone();
+            let ctx = outbound_side.clone();
             spawn_accept(&tracker, listener, drain.clone(), move |stream, drain| {
                 serve_outbound(ctx.clone(), stream, drain)
             });
         }
         for (listener, target) in fixed {
-            let ctx = ctx.clone();
+            let ctx = outbound_side.clone();
             spawn_accept(&tracker, listener, drain.clone(), move |stream, drain| {
                 crate::outbound::serve_fixed(ctx.clone(), stream, target.clone(), drain)
             });
         }
-        if let Some((listener, config)) = inbound {
-            let ctx = ctx.clone();
-            spawn_accept(&tracker, listener, drain.clone(), move |stream, drain| {
-                let addr = stream.peer_addr().ok();
-                // Redirected by iptables: the app listens on the port the peer dialled.
-                let config = match config
-                    .transparent
-                    .then(|| crate::transparent::original_destination(&stream))
-                    .flatten()
-                {
-                    Some(original) => Arc::new(Inbound {
-                        app: SocketAddr::new(config.app.ip(), original.port()),
-                        protocol: if ctx.config.is_opaque(original.port()) {
-                            crate::config::InboundProtocol::Opaque
-                        } else {
-                            config.protocol
-                        },
-                        ..(*config).clone()
-                    }),
-                    None => config.clone(),
-                };
-                crate::inbound::serve(ctx.clone(), config, stream, drain, addr)
-            });
+        if let Some((listener, port)) = inbound {
+            accept_inbound(&tracker, listener, port, &config, &inbound_side, &drain);
         }
 
         let _ = shutdown.wait_for(|s| *s).await;
         tracing::info!("draining: leaving the endpoint set");
         let _ = leave_tx.send(true);
         let _ = stream.await;
-        let grace = LEAVE_GRACE.min(ctx.config.drain_timeout / 2);
+        let grace = LEAVE_GRACE.min(config.drain_timeout / 2);
         tokio::time::sleep(grace).await;
         let _ = drain_tx.send(true);
         readiness.abort();
         tracker.close();
-        let deadline = ctx.config.drain_timeout.saturating_sub(grace);
+        let deadline = config.drain_timeout.saturating_sub(grace);
         if tokio::time::timeout(deadline, tracker.wait())
             .await
             .is_err()
@@ -382,10 +339,115 @@ impl App {
     }
 }
 
+/// The handles each side of the proxy is given (nothing reaches the whole proxy).
+struct Sides {
+    pool: Arc<Pool>,
+    tracing: Arc<Tracing>,
+    outbound_side: Arc<Outbound>,
+    inbound_side: Arc<crate::inbound::Shared>,
+    admin_side: Arc<Admin>,
+}
+
+impl Sides {
+    fn new(config: &Arc<Config>, discovery: &Discovery, identity: Option<&Arc<Identity>>) -> Self {
+        let service_label = format!("{}/{}", config.workload.namespace, config.workload.service);
+        let tracing = Arc::new(crate::trace::Tracing::new(
+            service_label.clone(),
+            vec![
+                opentelemetry::KeyValue::new(
+                    "k8s.namespace.name",
+                    config.workload.namespace.clone(),
+                ),
+                opentelemetry::KeyValue::new("ferrymesh.workload", config.workload.name.clone()),
+                opentelemetry::KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+            ],
+            config.trace_sampling,
+        ));
+        let metrics = Arc::new(Metrics::new());
+        discovery.count_updates(metrics.config_updates.clone());
+        let pool = Arc::new(Pool::counting(metrics.tls_handshakes.clone()));
+        let tap = Arc::new(crate::access_log::Tap::default());
+        let identity = identity.cloned();
+        let outbound_side = Arc::new(Outbound::new(
+            config.clone(),
+            discovery.clone(),
+            pool.clone(),
+            metrics.clone(),
+            tracing.clone(),
+            tap.clone(),
+            identity.clone(),
+        ));
+        let inbound_side = Arc::new(crate::inbound::Shared {
+            config: config.clone(),
+            inbound_requests: metrics
+                .request_handles(crate::metrics::Direction::inbound, &service_label),
+            inbound_policy: discovery.watch(pb::ResourceType::InboundPolicy, "*"),
+            identity: identity.clone(),
+            service_label: service_label.clone(),
+            metrics: metrics.clone(),
+            tracing: tracing.clone(),
+            tap: tap.clone(),
+            pool: pool.clone(),
+        });
+        let admin_side = Arc::new(Admin {
+            config: config.clone(),
+            discovery: discovery.clone(),
+            metrics,
+            identity,
+            tracing: tracing.clone(),
+            tap,
+            outbound: outbound_side.clone(),
+            service_label,
+        });
+        Sides {
+            pool,
+            tracing,
+            outbound_side,
+            inbound_side,
+            admin_side,
+        }
+    }
+}
+
+/// Accepts inbound connections, each served with its port's settings (a redirected one on the
+/// port the peer dialled).
+fn accept_inbound(
+    tracker: &TaskTracker,
+    listener: TcpListener,
+    config: Arc<Inbound>,
+    proxy: &Arc<Config>,
+    shared: &Arc<crate::inbound::Shared>,
+    drain: &watch::Receiver<bool>,
+) {
+    let (opaque_ports, ctx) = (proxy.clone(), shared.clone());
+    spawn_accept(tracker, listener, drain.clone(), move |stream, drain| {
+        let addr = stream.peer_addr().ok();
+        // Redirected by iptables: the app listens on the port the peer dialled.
+        let config = match config
+            .transparent
+            .then(|| crate::transparent::original_destination(&stream))
+            .flatten()
+        {
+            Some(original) => Arc::new(Inbound {
+                app: SocketAddr::new(config.app.ip(), original.port()),
+                protocol: if opaque_ports.is_opaque(original.port()) {
+                    crate::config::InboundProtocol::Opaque
+                } else {
+                    config.protocol
+                },
+                ..(*config).clone()
+            }),
+            None => config.clone(),
+        };
+        crate::inbound::serve(ctx.clone(), config, stream, drain, addr)
+    });
+}
+
 /// Serves the admin (`full`) or health listener; the health one also answers the app's
 /// rewritten probes.
 async fn serve_admin(
-    ctx: Arc<Context>,
+    admin: Arc<Admin>,
+    pool: Arc<Pool>,
     stream: TcpStream,
     full: bool,
     drain: watch::Receiver<bool>,
@@ -395,19 +457,19 @@ async fn serve_admin(
         stream,
         HttpVersion::Http1,
         move |req| {
-            let ctx = ctx.clone();
+            let (admin, pool) = (admin.clone(), pool.clone());
             let streams_end = streams_end.clone();
             async move {
                 let path = req.uri().path();
                 if !full && path.starts_with("/app-health/") {
-                    let app_ip = ctx
+                    let app_ip = admin
                         .config
                         .inbound
                         .as_ref()
                         .map_or(std::net::IpAddr::from([127, 0, 0, 1]), |i| i.app.ip());
-                    crate::probes::run(&ctx.config.app_probes, path, app_ip, &ctx.pool).await
+                    crate::probes::run(&admin.config.app_probes, path, app_ip, &pool).await
                 } else {
-                    crate::admin::handle(&ctx, &req, full, &streams_end)
+                    crate::admin::handle(&admin, &req, full, &streams_end)
                 }
             }
         },
@@ -418,7 +480,7 @@ async fn serve_admin(
 
 /// Serves an outbound connection: one iptables redirected is routed by where the app meant it
 /// to go; one made to the listener itself is an explicit-proxy client.
-async fn serve_outbound(ctx: Arc<Context>, stream: TcpStream, drain: watch::Receiver<bool>) {
+async fn serve_outbound(ctx: Arc<Outbound>, stream: TcpStream, drain: watch::Receiver<bool>) {
     let original = ctx
         .config
         .outbound
@@ -474,7 +536,7 @@ fn spawn_accept<F, Fut>(
 
 /// Follows TELEMETRY: the collector and sampling the controller sets (none: tracing off).
 async fn follow_telemetry(
-    ctx: Arc<Context>,
+    tracing: Arc<Tracing>,
     mut telemetry: watch::Receiver<crate::discovery::State>,
 ) {
     loop {
@@ -487,7 +549,7 @@ async fn follow_telemetry(
             },
             _ => (String::new(), 0.0),
         };
-        ctx.tracing.apply(&endpoint, sampling);
+        tracing.apply(&endpoint, sampling);
         if telemetry.changed().await.is_err() {
             return;
         }
@@ -521,12 +583,18 @@ async fn follow_trust_bundle(
 
 /// Reports the app's readiness to the controller: polls `readinessPath` every second, or
 /// reports ready at once when there is none.
-async fn readiness(ctx: Arc<Context>, drain: watch::Receiver<bool>) {
-    let Some(inbound) = ctx.config.inbound.clone() else {
+async fn readiness(
+    inbound: Option<Inbound>,
+    identity: Option<Arc<Identity>>,
+    discovery: Discovery,
+    pool: Arc<Pool>,
+    drain: watch::Receiver<bool>,
+) {
+    let Some(inbound) = inbound else {
         return;
     };
     // With mTLS on, peers cannot reach the workload before it holds a certificate.
-    if let Some(identity) = &ctx.identity {
+    if let Some(identity) = &identity {
         let mut held = identity.watch();
         let mut drain = drain.clone();
         tokio::select! {
@@ -535,7 +603,7 @@ async fn readiness(ctx: Arc<Context>, drain: watch::Receiver<bool>) {
         }
     }
     let Some(path) = inbound.readiness_path.clone() else {
-        ctx.discovery.set_ready(true);
+        discovery.set_ready(true);
         return;
     };
     let authority: http::uri::Authority = inbound
@@ -550,18 +618,16 @@ async fn readiness(ctx: Arc<Context>, drain: watch::Receiver<bool>) {
         let req = http::Request::get(path.as_str())
             .body(crate::http::empty())
             .expect("a path is a valid URI");
-        let timeouts = crate::outbound::logical::CallTimeouts {
+        let timeouts = crate::client::CallTimeouts {
             request: Some(Duration::from_secs(1)),
             connect: inbound.connect_timeout,
             idle: crate::pool::DEFAULT_IDLE,
         };
-        let rsp =
-            crate::outbound::logical::send(&ctx.pool, inbound.app, &authority, req, timeouts, None)
-                .await;
+        let rsp = crate::client::send(&pool, inbound.app, &authority, req, timeouts, None).await;
         let ready = rsp.status().is_success();
-        if ready != ctx.discovery.ready() {
+        if ready != discovery.ready() {
             tracing::info!(ready, status = %rsp.status(), "app readiness changed");
         }
-        ctx.discovery.set_ready(ready);
+        discovery.set_ready(ready);
     }
 }

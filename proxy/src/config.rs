@@ -36,7 +36,7 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// The app's original probes behind `/app-health/...` on the health listener
     /// (`appProbes`, or `FERRYMESH_APP_PROBES` as the injector sets it).
-    pub app_probes: crate::probes::Probes,
+    pub app_probes: probes::Probes,
     /// Runtime worker threads. Default 1: a sidecar shares its pod's CPU, and one thread
     /// avoids cross-thread wake-ups (the cheapest CPU per request); raise it for a gateway.
     pub workers: std::num::NonZeroUsize,
@@ -172,6 +172,7 @@ pub struct IdentityConfig {
     pub lifetime: Option<Duration>,
 }
 
+pub mod probes;
 mod raw;
 use raw::{RawDoc, RawIdentity, RawInbound, RawOutbound};
 
@@ -435,14 +436,14 @@ fn app_probes(
     p: &mut Problems,
     raw: &serde_json::Value,
     env: &impl Fn(&str) -> Option<String>,
-) -> crate::probes::Probes {
+) -> probes::Probes {
     let json = env("FERRYMESH_APP_PROBES").or_else(|| (!raw.is_null()).then(|| raw.to_string()));
-    match json.as_deref().map(crate::probes::parse) {
-        None => crate::probes::Probes::new(),
+    match json.as_deref().map(probes::parse) {
+        None => probes::Probes::new(),
         Some(Ok(probes)) => probes,
         Some(Err(e)) => {
             p.0.push(e);
-            crate::probes::Probes::new()
+            probes::Probes::new()
         }
     }
 }

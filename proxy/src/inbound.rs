@@ -11,16 +11,19 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::app::Context;
-use crate::config::{Inbound, InboundProtocol};
+use crate::access_log::Tap;
+use crate::client::{CallTimeouts, send};
+use crate::config::{Config, Inbound, InboundProtocol};
 use crate::detect::{Detected, PrefixedIo, sniff};
 use crate::discovery::{State, Value};
 use crate::fault;
 use crate::http::{Body, ProxyError};
-use crate::metrics::Direction;
-use crate::outbound::logical::{CallTimeouts, send};
+use crate::identity::Identity;
+use crate::metrics::{Direction, Metrics, RequestHandles};
 use crate::policy::MtlsMode;
+use crate::pool::Pool;
 use crate::server::{HttpVersion, serve_http};
+use crate::trace::Tracing;
 
 /// Protocol detection timeout (Linkerd's default): past it, the connection is opaque.
 const DETECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,10 +43,34 @@ pub static PEER_IDENTITY: http::HeaderName =
 pub static FORWARDED_CLIENT_CERT: http::HeaderName =
     http::HeaderName::from_static("x-forwarded-client-cert");
 
+/// What every inbound connection shares: the port's policy, the identity it is served with,
+/// metrics, spans and the pool of connections to the app.
+#[derive(Debug)]
+pub struct Shared {
+    /// The bootstrap config (trust domain, access log).
+    pub config: Arc<Config>,
+    /// This workload's inbound policy (mTLS mode, authorization, server-side faults).
+    pub inbound_policy: watch::Receiver<State>,
+    /// The workload identity (mTLS), when on.
+    pub identity: Option<Arc<Identity>>,
+    /// This workload's service, `namespace/name` (metrics label of inbound traffic).
+    pub service_label: String,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// The request metrics of inbound traffic (resolved once).
+    pub inbound_requests: RequestHandles,
+    /// Spans, when the controller names a collector.
+    pub tracing: Arc<Tracing>,
+    /// Live listeners to the requests (`/tap`).
+    pub tap: Arc<Tap>,
+    /// Connections to the app.
+    pub pool: Arc<Pool>,
+}
+
 /// Handles one accepted inbound connection: with identity on, mTLS (detected on the first
 /// bytes) or, on a Permissive port only, plaintext.
 pub async fn serve<I>(
-    ctx: Arc<Context>,
+    ctx: Arc<Shared>,
     inbound: Arc<Inbound>,
     io: I,
     drain: watch::Receiver<bool>,
@@ -122,7 +149,7 @@ struct Caller {
 /// authorization; the proxy's own 400 or 403 when the request may not pass.
 #[allow(clippy::result_large_err)] // the error is the response itself, returned at once
 fn authorize(
-    ctx: &Context,
+    ctx: &Shared,
     inbound: &Inbound,
     req: &mut Request<Incoming>,
     caller: &Caller,
@@ -195,7 +222,7 @@ fn authorize(
     }
 }
 
-fn mtls_mode(ctx: &Context) -> MtlsMode {
+fn mtls_mode(ctx: &Shared) -> MtlsMode {
     match &*ctx.inbound_policy.borrow() {
         State::Found(held) => match &held.value {
             Value::InboundPolicy(p) => p.mtls,
@@ -207,7 +234,7 @@ fn mtls_mode(ctx: &Context) -> MtlsMode {
 
 /// Serves a connection's bytes (plaintext, or what TLS decrypted) for `peer`.
 async fn serve_plain<I>(
-    ctx: Arc<Context>,
+    ctx: Arc<Shared>,
     inbound: Arc<Inbound>,
     io: I,
     drain: watch::Receiver<bool>,
@@ -243,7 +270,7 @@ async fn serve_plain<I>(
     .await;
 }
 
-async fn opaque<I: AsyncRead + AsyncWrite + Unpin>(ctx: &Context, inbound: &Inbound, mut io: I) {
+async fn opaque<I: AsyncRead + AsyncWrite + Unpin>(ctx: &Shared, inbound: &Inbound, mut io: I) {
     ctx.metrics
         .tcp_connection(Direction::inbound, &ctx.service_label);
     match crate::pool::connect(inbound.app, inbound.connect_timeout).await {
@@ -256,7 +283,7 @@ async fn opaque<I: AsyncRead + AsyncWrite + Unpin>(ctx: &Context, inbound: &Inbo
 
 /// Answers one request (counted, and logged when the access log samples it).
 async fn handle(
-    ctx: &Context,
+    ctx: &Shared,
     inbound: &Inbound,
     req: Request<Incoming>,
     caller: &Caller,
@@ -340,7 +367,7 @@ async fn handle(
 }
 
 async fn respond(
-    ctx: &Context,
+    ctx: &Shared,
     inbound: &Inbound,
     mut req: Request<Incoming>,
     caller: &Caller,

@@ -7,6 +7,7 @@
 
 pub mod cache;
 pub mod concrete;
+pub mod health;
 pub mod logical;
 pub mod routing;
 
@@ -22,13 +23,19 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use self::logical::{CallTimeouts, Logical, Resolution};
-use crate::app::Context;
-use crate::config::UnknownHosts;
+use self::logical::{Logical, Resolution};
+use crate::access_log::Tap;
+use crate::client::CallTimeouts;
+use crate::config::{Config, UnknownHosts};
 use crate::detect::{Detected, PrefixedIo, sniff};
+use crate::discovery::Discovery;
 use crate::http::{Body, ProxyError, empty, proxy_response};
+use crate::identity::Identity;
+use crate::metrics::Metrics;
 use crate::metrics::{Direction, RequestHandles};
+use crate::pool::Pool;
 use crate::server::{HttpVersion, serve_http};
+use crate::trace::Tracing;
 
 /// How long the first bytes of a tunnel or fixed-target connection may take to arrive.
 const DETECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -36,12 +43,27 @@ const DETECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Label for traffic to hosts outside the mesh.
 const PASSTHROUGH: &str = "passthrough";
 
-/// The outbound side's shared state.
-#[derive(Debug, Default)]
+/// The outbound side: the targets it has resolved and the handles its requests use (nothing
+/// else of the proxy is reachable from here).
+#[derive(Debug)]
 pub struct Outbound {
+    /// The bootstrap config.
+    pub config: Arc<Config>,
+    /// The control-plane cache targets subscribe through.
+    pub discovery: Discovery,
+    /// Client connections.
+    pub pool: Arc<Pool>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Spans, when the controller names a collector.
+    pub tracing: Arc<Tracing>,
+    /// Live listeners to the requests (`/tap`).
+    pub tap: Arc<Tap>,
+    /// The workload identity (mTLS to meshed endpoints), when on.
+    pub identity: Option<Arc<Identity>>,
     targets: Mutex<HashMap<String, Arc<Logical>>>,
-    /// The request metrics of traffic to no mesh service.
-    passthrough: std::sync::OnceLock<RequestHandles>,
+    /// The request metrics of traffic to no mesh service (resolved once).
+    passthrough: RequestHandles,
 }
 
 /// Where a request goes, as the app named it.
@@ -83,19 +105,41 @@ impl Target {
 }
 
 impl Outbound {
-    /// The request metrics of traffic to no mesh service (resolved once).
-    fn passthrough_metrics(&self, metrics: &crate::metrics::Metrics) -> RequestHandles {
-        self.passthrough
-            .get_or_init(|| metrics.request_handles(Direction::outbound, PASSTHROUGH))
-            .clone()
+    /// The outbound side over these handles, with no target resolved yet.
+    pub fn new(
+        config: Arc<Config>,
+        discovery: Discovery,
+        pool: Arc<Pool>,
+        metrics: Arc<Metrics>,
+        tracing: Arc<Tracing>,
+        tap: Arc<Tap>,
+        identity: Option<Arc<Identity>>,
+    ) -> Self {
+        let passthrough = metrics.request_handles(Direction::outbound, PASSTHROUGH);
+        Self {
+            config,
+            discovery,
+            pool,
+            metrics,
+            tracing,
+            tap,
+            identity,
+            targets: Mutex::default(),
+            passthrough,
+        }
+    }
+
+    /// The request metrics of traffic to no mesh service.
+    fn passthrough_metrics(&self) -> RequestHandles {
+        self.passthrough.clone()
     }
 
     /// The logical target of `name`, created (and subscribed) on first use.
-    pub fn logical(&self, ctx: &Context, name: &str) -> Arc<Logical> {
+    pub fn logical(&self, name: &str) -> Arc<Logical> {
         let mut targets = self.targets.lock().expect("targets lock poisoned");
         targets
             .entry(name.to_owned())
-            .or_insert_with(|| Arc::new(Logical::new(&ctx.discovery, name.to_owned())))
+            .or_insert_with(|| Arc::new(Logical::new(&self.discovery, name.to_owned())))
             .clone()
     }
 
@@ -139,7 +183,7 @@ impl Outbound {
 
 /// Handles one connection on the explicit-proxy listener: HTTP only, each request naming its
 /// own target.
-pub async fn serve_explicit<I>(ctx: Arc<Context>, io: I, drain: watch::Receiver<bool>)
+pub async fn serve_explicit<I>(ctx: Arc<Outbound>, io: I, drain: watch::Receiver<bool>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -147,7 +191,7 @@ where
 }
 
 /// Handles one connection on a fixed-target listener.
-pub async fn serve_fixed<I>(ctx: Arc<Context>, io: I, target: Target, drain: watch::Receiver<bool>)
+pub async fn serve_fixed<I>(ctx: Arc<Outbound>, io: I, target: Target, drain: watch::Receiver<bool>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -157,7 +201,7 @@ where
 /// Serves a connection: HTTP (detected) at L7, routed by each request or by `target`; anything
 /// else is forwarded as opaque TCP to `target`, or closed when there is none.
 async fn serve_detected<I>(
-    ctx: Arc<Context>,
+    ctx: Arc<Outbound>,
     io: I,
     target: Option<Target>,
     drain: watch::Receiver<bool>,
@@ -195,7 +239,7 @@ async fn serve_detected<I>(
 
 /// Forwards an opaque connection to an endpoint of `target` (or passes it through), with no
 /// protocol detection: for server-speaks-first protocols on opaque ports.
-pub async fn serve_opaque<I>(ctx: Arc<Context>, io: I, target: Target)
+pub async fn serve_opaque<I>(ctx: Arc<Outbound>, io: I, target: Target)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -203,7 +247,7 @@ where
 }
 
 /// Forwards an opaque connection to an endpoint of `target` (or passes it through).
-async fn opaque<I>(ctx: Arc<Context>, mut io: I, target: Target)
+async fn opaque<I>(ctx: Arc<Outbound>, mut io: I, target: Target)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -257,9 +301,9 @@ enum Route {
     Error(Response<Body>),
 }
 
-async fn route(ctx: &Context, target: &Target) -> Route {
+async fn route(ctx: &Outbound, target: &Target) -> Route {
     if let Some(name) = &target.name {
-        let logical = ctx.outbound.logical(ctx, name);
+        let logical = ctx.logical(name);
         match logical.resolve().await {
             Ok(Resolution::Service { endpoints, policy }) => {
                 return Route::Service(logical, endpoints, policy);
@@ -302,7 +346,7 @@ async fn route(ctx: &Context, target: &Target) -> Route {
 
 /// Handles one request from the app.
 async fn handle(
-    ctx: Arc<Context>,
+    ctx: Arc<Outbound>,
     req: Request<Incoming>,
     fixed: Option<Target>,
     drain: watch::Receiver<bool>,
@@ -408,7 +452,7 @@ async fn handle(
 /// through to an unknown host, or the proxy's own answer. Returns the request metrics of the
 /// service it went to (which also name it).
 async fn forward(
-    ctx: &Arc<Context>,
+    ctx: &Arc<Outbound>,
     target: &Target,
     authority: http::uri::Authority,
     req: Request<Body>,
@@ -470,12 +514,12 @@ async fn forward(
             let span = concrete::attempt_span(&ctx, &mut req, 1, addr);
             let explain = req.extensions().get::<crate::explain::Explain>().cloned();
             let started = tokio::time::Instant::now();
-            let rsp = logical::send(&ctx.pool, addr, &authority, req, timeouts, None).await;
+            let rsp = crate::client::send(&ctx.pool, addr, &authority, req, timeouts, None).await;
             let attempt = (1, addr, started.elapsed());
             concrete::finish_attempt(span.as_ref(), explain.as_ref(), attempt, &rsp);
-            (rsp, ctx.outbound.passthrough_metrics(&ctx.metrics))
+            (rsp, ctx.passthrough_metrics())
         }
-        Route::Error(rsp) => (rsp, ctx.outbound.passthrough_metrics(&ctx.metrics)),
+        Route::Error(rsp) => (rsp, ctx.passthrough_metrics()),
     }
 }
 
@@ -490,7 +534,7 @@ type LogHead = (
 
 /// Writes the access-log line of an outbound request (and to the tap's listeners).
 fn log(
-    ctx: &Context,
+    ctx: &Outbound,
     logged: bool,
     (method, authority, path, trace, at): LogHead,
     (explain, service, rsp, elapsed): (
@@ -526,7 +570,7 @@ fn log(
 /// `CONNECT host:port`: decides the route first (so an unknown host can still get a 502), then
 /// answers 200 and serves the tunnel.
 async fn connect(
-    ctx: Arc<Context>,
+    ctx: Arc<Outbound>,
     req: Request<Incoming>,
     drain: watch::Receiver<bool>,
 ) -> Response<Body> {
@@ -552,7 +596,7 @@ async fn connect(
 /// The tunnel behind an answered CONNECT.
 // NOTE: a named boxed future breaks the type cycle serve_detected -> handle -> connect -> tunnel.
 fn tunnel(
-    ctx: Arc<Context>,
+    ctx: Arc<Outbound>,
     req: Request<Incoming>,
     target: Target,
     drain: watch::Receiver<bool>,

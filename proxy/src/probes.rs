@@ -3,110 +3,18 @@
 //! against the app on loopback. Without this, an inbound redirect would let the proxy answer a
 //! tcpSocket probe for a dead app, and a Strict mTLS port would refuse the kubelet.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
-use serde::Deserialize;
 
+use crate::client::{CallTimeouts, send};
 use crate::http::{Body, boxed, empty};
-use crate::outbound::logical::{CallTimeouts, send};
 use crate::pool::Pool;
 
-/// One original probe, in the Kubernetes field names.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Probe {
-    /// `httpGet`.
-    pub http_get: Option<HttpGet>,
-    /// `tcpSocket`.
-    pub tcp_socket: Option<PortOnly>,
-    /// `grpc`.
-    pub grpc: Option<Grpc>,
-    /// Seconds before the probe fails (Kubernetes default 1).
-    pub timeout_seconds: Option<u64>,
-}
-
-/// `httpGet` (HTTP only: the injector leaves HTTPS probes alone and skips their ports).
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct HttpGet {
-    /// Path, default `/`.
-    pub path: Option<String>,
-    /// The app's port (a number: the injector resolves named ports).
-    pub port: u16,
-    /// `Host` header value; default the app's address.
-    pub host: Option<String>,
-    /// `HTTP` only.
-    pub scheme: Option<String>,
-    /// Extra request headers.
-    #[serde(default)]
-    pub http_headers: Vec<Header>,
-}
-
-/// A request header.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-pub struct Header {
-    /// Name.
-    pub name: String,
-    /// Value.
-    pub value: String,
-}
-
-/// `tcpSocket`.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct PortOnly {
-    /// The app's port.
-    pub port: u16,
-}
-
-/// `grpc`.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct Grpc {
-    /// The app's port.
-    pub port: u16,
-    /// The health service name, default empty (the whole server).
-    pub service: Option<String>,
-}
-
-/// Every rewritten path and its original probe.
-pub type Probes = BTreeMap<String, Probe>;
-
-/// Parses `FERRYMESH_APP_PROBES` and checks each probe has exactly one action.
-///
-/// # Errors
-/// Not JSON of that shape, a path outside `/app-health/`, or a probe with no or two actions.
-pub fn parse(json: &str) -> Result<Probes, String> {
-    let probes: Probes = serde_json::from_str(json).map_err(|e| format!("app probes: {e}"))?;
-    for (path, p) in &probes {
-        if !path.starts_with("/app-health/") {
-            return Err(format!("app probes: {path:?} is not under /app-health/"));
-        }
-        let actions = usize::from(p.http_get.is_some())
-            + usize::from(p.tcp_socket.is_some())
-            + usize::from(p.grpc.is_some());
-        if actions != 1 {
-            return Err(format!(
-                "app probes: {path:?}: exactly one of httpGet, tcpSocket, grpc"
-            ));
-        }
-        if let Some(h) = &p.http_get
-            && h.scheme
-                .as_deref()
-                .is_some_and(|s| !s.eq_ignore_ascii_case("HTTP"))
-        {
-            return Err(format!(
-                "app probes: {path:?}: only HTTP probes are proxied"
-            ));
-        }
-    }
-    Ok(probes)
-}
+pub use crate::config::probes::{Grpc, Header, HttpGet, PortOnly, Probe, Probes, parse};
 
 fn answer(status: StatusCode, body: String) -> Response<Body> {
     let mut rsp = Response::new(boxed(Full::new(Bytes::from(body))));
@@ -161,7 +69,7 @@ pub async fn run(probes: &Probes, path: &str, app_ip: IpAddr, pool: &Pool) -> Re
                 .map_err(|e| format!("tcpSocket {addr}: {e}"))
         } else if let Some(g) = &probe.grpc {
             let addr = SocketAddr::new(ip, g.port);
-            if crate::health::grpc_serving(addr, g.service.as_deref().unwrap_or("")).await {
+            if crate::client::grpc_serving(addr, g.service.as_deref().unwrap_or("")).await {
                 Ok(format!("grpc {addr}: SERVING"))
             } else {
                 Err(format!("grpc {addr}: not serving"))

@@ -7,6 +7,7 @@
 //! - [`mesh`]: a controller on a temporary config folder plus sidecar proxies in front of apps.
 
 pub mod kube_api;
+pub mod layering;
 pub mod mesh;
 pub mod netns;
 pub mod otlp;

@@ -24,10 +24,10 @@ pub use stack::StackCache;
 
 use super::cache;
 use super::logical::Logical;
-use crate::app::Context;
 use crate::deadline;
 use crate::explain::Explain;
 use crate::http::{Body, ProxyError, boxed, proxy_response};
+use crate::outbound::Outbound;
 use crate::policy::resilience::{FallbackTarget, FallbackTrigger};
 use crate::policy::{ClientPolicy, FallbackPolicy};
 use attempt::Attempter;
@@ -38,7 +38,7 @@ use stack::Stack;
 // NOTE: a named boxed future: rustc cannot prove `Send` for the tower futures over the body's
 // `dyn Error` for every lifetime when the future's type is inferred by the caller.
 pub fn call(
-    ctx: Arc<Context>,
+    ctx: Arc<Outbound>,
     logical: Arc<Logical>,
     authority: Authority,
     mut req: Request<Body>,
@@ -169,7 +169,7 @@ async fn call_with_fallback(
             if !replay.is_replayable() {
                 return rsp; // the body was too large to send twice
             }
-            let backend = ctx.outbound.logical(ctx, &backend_name);
+            let backend = ctx.logical(&backend_name);
             let Ok(super::logical::Resolution::Service { endpoints, policy }) =
                 backend.resolve().await
             else {

@@ -10,9 +10,9 @@ use http::{Request, Response, StatusCode};
 use rand::Rng as _;
 
 use super::logical::{Logical, Resolution};
-use crate::app::Context;
 use crate::explain::Explain;
 use crate::http::{Body, proxy_response};
+use crate::outbound::Outbound;
 use crate::policy::ClientPolicy;
 
 /// Where a request goes after routing.
@@ -35,7 +35,7 @@ pub enum Routed {
 // NOTE: not `async`: only an owned copy of the head goes into the future, since a reference to
 // the request (whose body type is not `Sync`) would make it not `Send`.
 pub fn route(
-    ctx: &Arc<Context>,
+    ctx: &Arc<Outbound>,
     parent: Arc<Logical>,
     service: String,
     policy: Option<Arc<ClientPolicy>>,
@@ -59,7 +59,7 @@ struct Head {
 }
 
 async fn route_head(
-    ctx: Arc<Context>,
+    ctx: Arc<Outbound>,
     parent: Arc<Logical>,
     service: String,
     policy: Option<Arc<ClientPolicy>>,
@@ -88,7 +88,7 @@ async fn route_head(
     let route = &routes.routes.rules[rule];
     let (logical, base, service) = match pick(&route.backends) {
         Some(name) if name != parent.name => {
-            let backend = ctx.outbound.logical(&ctx, name);
+            let backend = ctx.logical(name);
             match backend.resolve().await {
                 Ok(Resolution::Service { endpoints, policy }) => {
                     let service = endpoints.service.clone();

@@ -17,13 +17,14 @@ use http::uri::Authority;
 use http::{Request, Response, StatusCode};
 use tokio::time::Instant;
 
-use super::super::logical::{Logical, Peer, send};
+use super::super::logical::Logical;
 use super::stack::Stack;
-use crate::app::Context;
 use crate::balance::{Lb, hash_key};
+use crate::client::{Peer, send};
 use crate::deadline;
 use crate::explain::Explain;
 use crate::http::{Body, ProxyError, boxed, proxy_response};
+use crate::outbound::Outbound;
 use crate::policy::LoadBalancer;
 
 /// How long a call waits for the proxy's first certificate before trying without.
@@ -228,7 +229,7 @@ pub(in crate::outbound) fn finish_attempt(
 
 /// A child span of the request's client span for one attempt; the next hop gets its context.
 pub(in crate::outbound) fn attempt_span<B>(
-    ctx: &Context,
+    ctx: &Outbound,
     req: &mut Request<B>,
     number: u32,
     addr: std::net::SocketAddr,

@@ -14,11 +14,13 @@ use ferrymesh_resilience::retry::{self, Classifier, RetryBudget, RetryEvent};
 use http::{Response, StatusCode};
 
 use super::super::cache::ResponseCache;
-use super::super::logical::{CallTimeouts, Logical};
-use crate::app::Context;
+use super::super::health::HealthChecker;
+use super::super::logical::Logical;
+use crate::client::CallTimeouts;
 use crate::explain::Explain;
-use crate::health::HealthChecker;
 use crate::http::{Body, ProxyError};
+use crate::metrics::Metrics;
+use crate::outbound::Outbound;
 use crate::policy::resilience::{FailureOn, RetryOn};
 use crate::policy::{BreakerPolicy, ClientPolicy, FallbackPolicy, LoadBalancer, RetryPolicy};
 
@@ -42,7 +44,7 @@ impl std::fmt::Debug for RetryState {
 /// One client policy's stack, built when the policy comes into force and shared by every
 /// request sent with it.
 pub(super) struct Stack {
-    pub(super) ctx: Arc<Context>,
+    pub(super) ctx: Arc<Outbound>,
     /// The backend's `namespace/name` (metrics and logs).
     pub(super) service: String,
     /// The whole call, retries and backoff included; `None`: no limit. The caller's deadline
@@ -155,7 +157,7 @@ impl StackCache {
     pub(super) fn get(
         &self,
         policy: &Arc<ClientPolicy>,
-        ctx: &Arc<Context>,
+        ctx: &Arc<Outbound>,
         service: &str,
         logical: &Arc<Logical>,
     ) -> Arc<Stack> {
@@ -180,7 +182,7 @@ impl StackCache {
     fn assemble(
         &self,
         policy: &Arc<ClientPolicy>,
-        metrics: &Arc<Context>,
+        ctx: &Arc<Outbound>,
         service: &str,
         logical: &Arc<Logical>,
     ) -> Stack {
@@ -191,7 +193,7 @@ impl StackCache {
             match cached.as_ref() {
                 Some(parts) if Arc::ptr_eq(&parts.for_policy, &base) => parts.clone(),
                 _ => {
-                    let parts = service_parts(&base, metrics, service, logical);
+                    let parts = service_parts(&base, ctx, service, logical);
                     *cached = Some(parts.clone());
                     parts
                 }
@@ -205,9 +207,8 @@ impl StackCache {
                     let parts = RouteParts {
                         for_policy: policy.clone(),
                         retry: policy.retry.as_ref().map(|r| {
-                            let state = retry_state(r, metrics, service);
-                            metrics
-                                .metrics
+                            let state = retry_state(r, &ctx.metrics, service);
+                            ctx.metrics
                                 .track_budget(service, &route, state.budget.clone());
                             state
                         }),
@@ -221,12 +222,12 @@ impl StackCache {
                 }
             }
         };
-        let defaults = &metrics.config.outbound;
+        let defaults = &ctx.config.outbound;
         let request_timeout = policy
             .request_timeout
             .unwrap_or(defaults.default_request_timeout);
         Stack {
-            ctx: metrics.clone(),
+            ctx: ctx.clone(),
             service: service.to_owned(),
             request_timeout: (!request_timeout.is_zero()).then_some(request_timeout),
             propagate: policy.deadline_propagation,
@@ -240,7 +241,7 @@ impl StackCache {
             lb: policy.lb.clone(),
             zone: policy
                 .prefer_same_zone
-                .then(|| metrics.config.workload.zone.clone()),
+                .then(|| ctx.config.workload.zone.clone()),
         }
     }
 
@@ -257,7 +258,7 @@ impl StackCache {
 }
 fn service_parts(
     policy: &Arc<ClientPolicy>,
-    metrics: &Arc<Context>,
+    ctx: &Arc<Outbound>,
     service: &str,
     logical: &Arc<Logical>,
 ) -> ServiceParts {
@@ -266,12 +267,13 @@ fn service_parts(
         breaker: policy
             .breaker
             .as_ref()
-            .map(|b| breaker(b, metrics.clone(), service.to_owned())),
+            .map(|b| breaker(b, ctx.metrics.clone(), service.to_owned())),
         health: policy.health_check.as_ref().map(|h| {
             Arc::new(HealthChecker::start(
                 h.clone(),
                 Arc::downgrade(logical),
-                metrics.clone(),
+                ctx.pool.clone(),
+                ctx.metrics.clone(),
                 service.to_owned(),
             ))
         }),
@@ -281,7 +283,7 @@ fn service_parts(
             .map(|o| Arc::new(Outlier::new(o.clone()))),
     }
 }
-fn retry_state(r: &RetryPolicy, ctx: &Arc<Context>, service: &str) -> RetryState {
+fn retry_state(r: &RetryPolicy, metrics: &Arc<Metrics>, service: &str) -> RetryState {
     let budget = RetryBudget::new(
         r.budget.ratio,
         r.budget.min_retries_per_second,
@@ -289,14 +291,14 @@ fn retry_state(r: &RetryPolicy, ctx: &Arc<Context>, service: &str) -> RetryState
     );
     RetryState {
         policy: Arc::new(r.layer.clone()),
-        observe: observer(ctx.clone(), service.to_owned(), budget.clone()),
+        observe: observer(metrics.clone(), service.to_owned(), budget.clone()),
         budget,
         classify: classifier(Arc::new(r.clone())),
     }
 }
 
 /// Every retry decision counted, and noted where the request asks (`ferrymesh-explain`).
-fn observer(ctx: Arc<Context>, service: String, budget: RetryBudget) -> retry::Observer {
+fn observer(metrics: Arc<Metrics>, service: String, budget: RetryBudget) -> retry::Observer {
     Arc::new(move |event: &RetryEvent, request: &http::Extensions| {
         if let Some(e) = request.get::<Explain>() {
             match event {
@@ -313,9 +315,9 @@ fn observer(ctx: Arc<Context>, service: String, budget: RetryBudget) -> retry::O
             }
         }
         match event {
-            RetryEvent::Retry { reason, .. } => ctx.metrics.retry(&service, reason),
+            RetryEvent::Retry { reason, .. } => metrics.retry(&service, reason),
             RetryEvent::Skipped { skip, .. } => {
-                ctx.metrics.retry_skipped(&service, skip.as_str());
+                metrics.retry_skipped(&service, skip.as_str());
             }
         }
     })
@@ -323,15 +325,14 @@ fn observer(ctx: Arc<Context>, service: String, budget: RetryBudget) -> retry::O
 
 fn breaker(
     b: &BreakerPolicy,
-    ctx: Arc<Context>,
+    metrics: Arc<Metrics>,
     service: String,
 ) -> (Breaker, FailureClassifier<Response<Body>>) {
     let config = b.config.clone();
-    ctx.metrics
-        .breaker_state(&service, BreakerState::Closed.as_str());
+    metrics.breaker_state(&service, BreakerState::Closed.as_str());
     let on_change: breaker::OnChange = Arc::new(move |state: BreakerState| {
         tracing::info!(service = %service, state = state.as_str(), "circuit breaker");
-        ctx.metrics.breaker_state(&service, state.as_str());
+        metrics.breaker_state(&service, state.as_str());
     });
     let failure_on = b.failure_on.clone();
     let failed: FailureClassifier<Response<Body>> = Arc::new(move |rsp: &Response<Body>| {

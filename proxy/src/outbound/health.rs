@@ -12,9 +12,10 @@ use std::time::Duration;
 use http::{Request, StatusCode};
 use rand::Rng as _;
 
-use crate::app::Context;
+use super::logical::Logical;
+use crate::client::{CallTimeouts, grpc_serving, send};
 use crate::http::empty;
-use crate::outbound::logical::{CallTimeouts, Logical, send};
+use crate::metrics::Metrics;
 use crate::policy::HealthCheckPolicy;
 use crate::policy::resilience::Check;
 use crate::pool::Pool;
@@ -44,11 +45,18 @@ impl HealthChecker {
     pub fn start(
         policy: HealthCheckPolicy,
         logical: Weak<Logical>,
-        ctx: Arc<Context>,
+        pool: Arc<Pool>,
+        metrics: Arc<Metrics>,
         service: String,
     ) -> Self {
         let state = Arc::new(Mutex::new(Runs::default()));
-        let task = tokio::spawn(probe_loop(policy, logical, ctx, service, state.clone()));
+        let task = tokio::spawn(probe_loop(
+            policy,
+            logical,
+            (pool, metrics),
+            service,
+            state.clone(),
+        ));
         Self { state, task }
     }
 
@@ -65,11 +73,11 @@ impl HealthChecker {
 async fn probe_loop(
     policy: HealthCheckPolicy,
     logical: Weak<Logical>,
-    ctx: Arc<Context>,
+    (pool, metrics): (Arc<Pool>, Arc<Metrics>),
     service: String,
     state: Arc<Mutex<Runs>>,
 ) {
-    let (pool, metrics) = (&ctx.pool, &ctx.metrics);
+    let pool = &pool;
     let jitter = if policy.initial_jitter.is_zero() {
         Duration::ZERO
     } else {
@@ -149,22 +157,4 @@ async fn probe(policy: &HealthCheckPolicy, pool: &Pool, addr: SocketAddr) -> boo
     tokio::time::timeout(policy.timeout, check)
         .await
         .unwrap_or(false)
-}
-
-/// A gRPC health check (`grpc.health.v1.Health/Check`): true when `service` is SERVING.
-pub(crate) async fn grpc_serving(addr: SocketAddr, service: &str) -> bool {
-    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else {
-        return false;
-    };
-    let Ok(channel) = endpoint.connect().await else {
-        return false;
-    };
-    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
-    let req = tonic_health::pb::HealthCheckRequest {
-        service: service.to_owned(),
-    };
-    client.check(req).await.is_ok_and(|r| {
-        r.into_inner().status
-            == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-    })
 }
