@@ -10,15 +10,19 @@ pub mod concrete;
 pub mod health;
 pub mod logical;
 pub mod routing;
+mod target;
+mod tunnel;
+
+pub use target::Target;
+pub use tunnel::serve_opaque;
+use tunnel::{connect, opaque};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use http::uri::Authority;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -29,7 +33,7 @@ use crate::client::CallTimeouts;
 use crate::config::{Config, UnknownHosts};
 use crate::detect::{Detected, PrefixedIo, sniff};
 use crate::discovery::Discovery;
-use crate::http::{Body, ProxyError, empty, proxy_response};
+use crate::http::{Body, ProxyError, proxy_response};
 use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::metrics::{Direction, RequestHandles};
@@ -64,44 +68,6 @@ pub struct Outbound {
     targets: Mutex<HashMap<String, Arc<Logical>>>,
     /// The request metrics of traffic to no mesh service (resolved once).
     passthrough: RequestHandles,
-}
-
-/// Where a request goes, as the app named it.
-#[derive(Debug, Clone)]
-pub struct Target {
-    /// The authority as sent (kept on the forwarded request).
-    pub authority: Authority,
-    /// The discovery name, `None` for names outside the mesh's forms.
-    pub name: Option<String>,
-}
-
-impl Target {
-    /// Parses an authority (default port 80) and derives its discovery name: `name`,
-    /// `name.ns`, `name.ns.svc` and `name.ns.svc.cluster.local` are mesh forms (the first in
-    /// the proxy's own namespace); IP addresses are looked up as-is (ClusterIPs).
-    pub fn parse(authority: &str, namespace: &str) -> Option<Target> {
-        let authority: Authority = authority.parse().ok()?;
-        let port = authority.port_u16().unwrap_or(80);
-        let host = authority.host().trim_end_matches('.').to_ascii_lowercase();
-        let bare = host.trim_start_matches('[').trim_end_matches(']');
-        let name = if bare.parse::<std::net::IpAddr>().is_ok() {
-            Some(if bare.contains(':') {
-                format!("[{bare}]:{port}")
-            } else {
-                format!("{bare}:{port}")
-            })
-        } else {
-            let labels: Vec<&str> = host.split('.').collect();
-            match labels.as_slice() {
-                [s] => Some(format!("{s}.{namespace}.svc.cluster.local:{port}")),
-                [s, ns] | [s, ns, "svc"] | [s, ns, "svc", "cluster", "local"] => {
-                    Some(format!("{s}.{ns}.svc.cluster.local:{port}"))
-                }
-                _ => None,
-            }
-        };
-        Some(Target { authority, name })
-    }
 }
 
 impl Outbound {
@@ -235,60 +201,6 @@ async fn serve_detected<I>(
         drain,
     )
     .await;
-}
-
-/// Forwards an opaque connection to an endpoint of `target` (or passes it through), with no
-/// protocol detection: for server-speaks-first protocols on opaque ports.
-pub async fn serve_opaque<I>(ctx: Arc<Outbound>, io: I, target: Target)
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    opaque(ctx, io, target).await;
-}
-
-/// Forwards an opaque connection to an endpoint of `target` (or passes it through).
-async fn opaque<I>(ctx: Arc<Outbound>, mut io: I, target: Target)
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (addr, service, expected) = match route(&ctx, &target).await {
-        Route::Service(logical, endpoints, _) => {
-            let Some(pick) = logical.balancer.pick() else {
-                tracing::info!(target = %target.authority, "opaque connection: no endpoints");
-                return;
-            };
-            let e = pick.endpoint();
-            (e.addr, endpoints.service.clone(), e.identity.clone())
-        }
-        Route::Passthrough(addr) => (addr, PASSTHROUGH.to_owned(), None),
-        Route::Error(rsp) => {
-            tracing::info!(target = %target.authority, status = %rsp.status(), "opaque connection refused");
-            return;
-        }
-    };
-    ctx.metrics.tcp_connection(Direction::outbound, &service);
-    // A meshed endpoint gets the bytes over mTLS too, never in plaintext.
-    let tls = ctx
-        .identity
-        .as_ref()
-        .zip(expected)
-        .map(|(identity, expected)| crate::pool::Tls {
-            config: identity.client_config(&expected, false),
-            identity: expected,
-            own_not_after: identity.held().map(|h| h.not_after),
-        });
-    let upstream = crate::pool::connect_tls(
-        addr,
-        ctx.config.outbound.connect_timeout,
-        tls.as_ref(),
-        &ctx.pool.handshakes,
-    )
-    .await;
-    let Ok((mut upstream, _)) = upstream else {
-        tracing::info!(%addr, "opaque connection: connect failed");
-        return;
-    };
-    let _ = tokio::io::copy_bidirectional(&mut io, upstream.inner_mut()).await;
 }
 
 enum Route {
@@ -565,76 +477,4 @@ fn log(
         peer: None,
     };
     crate::access_log::emit(&entry, logged, &ctx.tap);
-}
-
-/// `CONNECT host:port`: decides the route first (so an unknown host can still get a 502), then
-/// answers 200 and serves the tunnel.
-async fn connect(
-    ctx: Arc<Outbound>,
-    req: Request<Incoming>,
-    drain: watch::Receiver<bool>,
-) -> Response<Body> {
-    let namespace = ctx.config.workload.namespace.as_str();
-    let Some(target) = req
-        .uri()
-        .authority()
-        .and_then(|a| Target::parse(a.as_str(), namespace))
-    else {
-        return proxy_response(
-            StatusCode::BAD_REQUEST,
-            ProxyError::BadRequest,
-            "CONNECT needs host:port",
-        );
-    };
-    if let Route::Error(rsp) = route(&ctx, &target).await {
-        return rsp;
-    }
-    tokio::spawn(tunnel(ctx, req, target, drain));
-    Response::new(empty())
-}
-
-/// The tunnel behind an answered CONNECT.
-// NOTE: a named boxed future breaks the type cycle serve_detected -> handle -> connect -> tunnel.
-fn tunnel(
-    ctx: Arc<Outbound>,
-    req: Request<Incoming>,
-    target: Target,
-    drain: watch::Receiver<bool>,
-) -> futures::future::BoxFuture<'static, ()> {
-    Box::pin(async move {
-        match hyper::upgrade::on(req).await {
-            Ok(upgraded) => serve_detected(ctx, TokioIo::new(upgraded), Some(target), drain).await,
-            Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
-        }
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn authorities_map_to_discovery_names() {
-        let name = |a: &str| Target::parse(a, "shop").and_then(|t| t.name);
-        assert_eq!(
-            name("pricing").as_deref(),
-            Some("pricing.shop.svc.cluster.local:80")
-        );
-        assert_eq!(
-            name("pricing.shop:8080").as_deref(),
-            Some("pricing.shop.svc.cluster.local:8080")
-        );
-        assert_eq!(
-            name("Pricing.Shop.svc.").as_deref(),
-            Some("pricing.shop.svc.cluster.local:80")
-        );
-        assert_eq!(
-            name("pricing.shop.svc.cluster.local:80").as_deref(),
-            Some("pricing.shop.svc.cluster.local:80")
-        );
-        assert_eq!(name("10.96.0.1:443").as_deref(), Some("10.96.0.1:443"));
-        assert_eq!(name("[::1]:80").as_deref(), Some("[::1]:80"));
-        assert_eq!(name("www.example.test"), None);
-        assert!(Target::parse("bad host", "shop").is_none());
-    }
 }

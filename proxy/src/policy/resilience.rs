@@ -2,7 +2,6 @@
 //! and checked again (the controller validated them, but a proxy never trusts its input: a
 //! section that does not convert NACKs the resource and the last good policy stays).
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ferrymesh_proto::config::v1 as cfg;
@@ -10,10 +9,18 @@ use ferrymesh_resilience::breaker::BreakerConfig;
 use ferrymesh_resilience::outlier::OutlierConfig;
 use ferrymesh_resilience::replay::MAX_BUFFERED_BYTES;
 use ferrymesh_resilience::retry::{self, Backoff, Strategy};
-use http::{HeaderName, Method, StatusCode};
+use http::{Method, StatusCode};
 use serde::Serialize;
 
 use super::InvalidPolicy;
+
+mod answers;
+mod fault;
+
+pub use answers::{CachePolicy, FallbackPolicy, FallbackTarget, FallbackTrigger};
+pub(super) use answers::{cache, fallback};
+pub(super) use fault::fault;
+pub use fault::{FaultAbort, FaultPolicy};
 
 pub(super) fn duration(
     d: Option<prost_types::Duration>,
@@ -416,238 +423,5 @@ pub(super) fn health_check(h: cfg::HealthCheck) -> Result<HealthCheckPolicy, Inv
         healthy_threshold: h.healthy_threshold,
         initial_jitter: duration(h.initial_jitter, "healthCheck.initialJitter")?
             .unwrap_or_default(),
-    })
-}
-
-/// When the fallback is used.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum FallbackTrigger {
-    /// The breaker is open.
-    CircuitOpen,
-    /// No endpoint is ready.
-    NoEndpoints,
-    /// The request timed out.
-    Timeout,
-    /// A 5xx after retries.
-    #[serde(rename = "5xx")]
-    ServerError,
-    /// The retry budget is exhausted.
-    BudgetExhausted,
-}
-
-/// What the fallback serves.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub enum FallbackTarget {
-    /// Another service port: `service.namespace:port`.
-    Backend(String),
-    /// A fixed response.
-    StaticResponse {
-        /// Status.
-        #[serde(serialize_with = "code")]
-        status: StatusCode,
-        /// Headers.
-        headers: BTreeMap<String, String>,
-        /// Body.
-        body: String,
-    },
-}
-
-#[allow(clippy::trivially_copy_pass_by_ref)] // serde's serialize_with signature
-fn code<S: serde::Serializer>(v: &StatusCode, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u16(v.as_u16())
-}
-
-/// The fallback section.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct FallbackPolicy {
-    /// Triggers.
-    pub triggers: Vec<FallbackTrigger>,
-    /// Target.
-    pub target: FallbackTarget,
-}
-
-pub(super) fn fallback(f: cfg::Fallback) -> Result<FallbackPolicy, InvalidPolicy> {
-    let triggers = f
-        .triggers
-        .iter()
-        .map(|v| match cfg::FallbackTrigger::try_from(*v) {
-            Ok(cfg::FallbackTrigger::FallbackCircuitOpen) => Ok(FallbackTrigger::CircuitOpen),
-            Ok(cfg::FallbackTrigger::FallbackNoEndpoints) => Ok(FallbackTrigger::NoEndpoints),
-            Ok(cfg::FallbackTrigger::FallbackTimeout) => Ok(FallbackTrigger::Timeout),
-            Ok(cfg::FallbackTrigger::FallbackServerError) => Ok(FallbackTrigger::ServerError),
-            Ok(cfg::FallbackTrigger::FallbackBudgetExhausted) => {
-                Ok(FallbackTrigger::BudgetExhausted)
-            }
-            Ok(cfg::FallbackTrigger::Unspecified) | Err(_) => {
-                Err(InvalidPolicy::Enum("fallback.triggers", *v))
-            }
-        })
-        .collect::<Result<_, _>>()?;
-    let target = match f
-        .target
-        .ok_or(InvalidPolicy::Missing("fallback.backendRef|staticResponse"))?
-    {
-        cfg::fallback::Target::Backend(b) => {
-            let svc = b
-                .service
-                .ok_or(InvalidPolicy::Missing("fallback.backendRef.name"))?;
-            let port = u16::try_from(b.port)
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or(InvalidPolicy::Port(b.port))?;
-            FallbackTarget::Backend(format!("{}.{}:{port}", svc.name, svc.namespace))
-        }
-        cfg::fallback::Target::StaticResponse(r) => {
-            for name in r.headers.keys() {
-                HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
-                    InvalidPolicy::Range("fallback.staticResponse.headers", name.clone())
-                })?;
-            }
-            FallbackTarget::StaticResponse {
-                status: status(r.status, "fallback.staticResponse.status")?,
-                headers: r.headers,
-                body: String::from_utf8(r.body).map_err(|_| {
-                    InvalidPolicy::Range("fallback.staticResponse.body", "not UTF-8".into())
-                })?,
-            }
-        }
-    };
-    Ok(FallbackPolicy { triggers, target })
-}
-
-/// The response cache section.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct CachePolicy {
-    /// GET and/or HEAD.
-    #[serde(serialize_with = "methods")]
-    pub methods: Vec<Method>,
-    /// TTL for 200s without freshness information (zero: not cached).
-    pub default_ttl: Duration,
-    /// Longest freshness honoured.
-    pub max_ttl: Duration,
-    /// Entries kept.
-    pub max_entries: u32,
-    /// Largest body stored.
-    pub max_body_bytes: u32,
-    /// Request headers that are always part of the key.
-    pub vary_headers: Vec<String>,
-    /// A stale entry may answer an upstream error for this long past its freshness.
-    pub serve_stale_on_error: Duration,
-}
-
-pub(super) fn cache(c: cfg::Cache) -> Result<CachePolicy, InvalidPolicy> {
-    let methods: Vec<Method> = c
-        .methods
-        .iter()
-        .map(|m| match m.as_str() {
-            "GET" => Ok(Method::GET),
-            "HEAD" => Ok(Method::HEAD),
-            other => Err(InvalidPolicy::Range("cache.methods", other.to_owned())),
-        })
-        .collect::<Result<_, _>>()?;
-    for h in &c.vary_headers {
-        HeaderName::from_bytes(h.as_bytes())
-            .map_err(|_| InvalidPolicy::Range("cache.varyHeaders", h.clone()))?;
-    }
-    if c.max_entries == 0 {
-        return Err(InvalidPolicy::Range("cache.maxEntries", "0".into()));
-    }
-    Ok(CachePolicy {
-        methods,
-        default_ttl: duration(c.default_ttl, "cache.defaultTTL")?.unwrap_or_default(),
-        max_ttl: required(c.max_ttl, "cache.maxTTL")?,
-        max_entries: c.max_entries,
-        max_body_bytes: c.max_body_bytes,
-        vary_headers: c.vary_headers,
-        serve_stale_on_error: duration(c.serve_stale_on_error, "cache.serveStaleOnError")?
-            .unwrap_or_default(),
-    })
-}
-
-/// What a fault's abort answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub enum FaultAbort {
-    /// This HTTP status.
-    Http(u16),
-    /// HTTP 200 with this `grpc-status`.
-    Grpc(u32),
-}
-
-/// A fault to inject.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct FaultPolicy {
-    /// Every header must match (lowercase name, exact value).
-    pub headers: Vec<(String, String)>,
-    /// Added delay and the share of matching requests delayed (0..=100).
-    pub delay: Option<(Duration, f64)>,
-    /// Abort and the share of matching requests aborted (0..=100).
-    pub abort: Option<(FaultAbort, f64)>,
-    /// The fault ends here, whatever happens.
-    #[serde(serialize_with = "system_time")]
-    pub expires_at: std::time::SystemTime,
-    /// `FaultInjection namespace/name`.
-    pub source: String,
-}
-
-fn system_time<S: serde::Serializer>(t: &std::time::SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u64(
-        t.duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-    )
-}
-
-pub(super) fn fault(f: cfg::Fault) -> Result<FaultPolicy, InvalidPolicy> {
-    let pct = |v: f64, field: &'static str| {
-        if (0.0..=100.0).contains(&v) {
-            Ok(v)
-        } else {
-            Err(InvalidPolicy::Range(field, v.to_string()))
-        }
-    };
-    for h in &f.headers {
-        HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| InvalidPolicy::Range("fault.headers", h.name.clone()))?;
-    }
-    let delay = match duration(f.delay, "fault.delay")? {
-        Some(d) => Some((d, pct(f.delay_percentage, "fault.delay.percentage")?)),
-        None => None,
-    };
-    let abort = match (f.abort_http_status, f.abort_grpc_status) {
-        (0, None) => None,
-        (code, None) => Some(FaultAbort::Http(
-            status(code, "fault.abort.httpStatus")?.as_u16(),
-        )),
-        (0, Some(code)) if code <= 16 => Some(FaultAbort::Grpc(code)),
-        _ => {
-            return Err(InvalidPolicy::Range(
-                "fault.abort",
-                "exactly one of httpStatus, grpcStatus".into(),
-            ));
-        }
-    }
-    .map(|a| pct(f.abort_percentage, "fault.abort.percentage").map(|p| (a, p)))
-    .transpose()?;
-    let expires = f
-        .expires_at
-        .ok_or(InvalidPolicy::Missing("fault.expiresAt"))?;
-    let expires_at = std::time::SystemTime::try_from(expires)
-        .map_err(|_| InvalidPolicy::Range("fault.expiresAt", "out of range".into()))?;
-    let source = f
-        .source
-        .map(|s| format!("{} {}/{}", s.kind, s.namespace, s.name))
-        .unwrap_or_default();
-    Ok(FaultPolicy {
-        headers: f
-            .headers
-            .into_iter()
-            .map(|h| (h.name.to_ascii_lowercase(), h.value))
-            .collect(),
-        delay,
-        abort,
-        expires_at,
-        source,
     })
 }

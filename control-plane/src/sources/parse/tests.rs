@@ -1,4 +1,5 @@
 use super::*;
+use crate::sources::{PortProtocol, ServicePort};
 
 fn parse(text: &str) -> Result<Parsed, ParseError> {
     parse_documents(Path::new("mesh/shop.yaml"), text)
