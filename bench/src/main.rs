@@ -66,6 +66,8 @@ struct Row {
     p99: f64,
     p999: f64,
     errors: u64,
+    /// Requests answered 2xx/3xx, both runs.
+    served: u64,
     max_rps: f64,
     /// Proxy CPU per request, both hops, at the fixed rate (µs).
     cpu_us: f64,
@@ -128,6 +130,7 @@ fn measure(v: &Variant, args: &Args) -> anyhow::Result<Row> {
         p99: fixed.p99,
         p999: fixed.p999,
         errors: fixed.errors + sat.errors,
+        served: fixed.requests + sat.requests,
         max_rps: sat.rps,
         cpu_us: per_request(cpu_fixed, fixed.requests),
         cpu_sat_us: per_request(cpu_sat, sat.requests),
@@ -145,6 +148,7 @@ fn medians(rounds: &[Row]) -> Row {
         p99: m(&|r| r.p99),
         p999: m(&|r| r.p999),
         errors: rounds.iter().map(|r| r.errors).sum(),
+        served: rounds.iter().map(|r| r.served).sum(),
         max_rps: m(&|r| r.max_rps),
         cpu_us: m(&|r| r.cpu_us),
         cpu_sat_us: m(&|r| r.cpu_sat_us),
@@ -203,6 +207,23 @@ fn verdicts(rows: &[Row]) -> String {
         return String::new();
     };
     let mut out = String::from("\nTargets (Ferrymesh 2 hops, plaintext):\n");
+    // A row with failed requests measures failures, not proxying: no target is met on it.
+    #[allow(clippy::cast_precision_loss)] // request counts are far below 2^52
+    let failing: Vec<String> = rows
+        .iter()
+        .filter(|r| r.errors as f64 > 0.001 * (r.errors + r.served) as f64)
+        .map(|r| format!("{} ({} of {})", r.name, r.errors, r.errors + r.served))
+        .collect();
+    verdict(
+        &mut out,
+        "every path answered at least 99.9% of its requests",
+        failing.is_empty(),
+        &if failing.is_empty() {
+            "no errors beyond 0.1%".to_owned()
+        } else {
+            format!("errors: {}", failing.join(", "))
+        },
+    );
     let added = |r: &Row| r.p99 - direct.p99;
     if let Some(n) = find("nginx 2 hops") {
         verdict(

@@ -28,13 +28,17 @@ pub struct FixedRate {
 /// What wrk reported for a saturation run.
 #[derive(Debug, Clone, Copy)]
 pub struct Saturation {
-    /// Requests per second.
+    /// Requests answered 2xx/3xx per second.
     pub rps: f64,
-    /// Requests completed.
+    /// Requests answered 2xx/3xx.
     pub requests: u64,
     /// Socket errors and non-2xx/3xx answers.
     pub errors: u64,
 }
+
+/// The `Host` every request names. Spelt `Host`: wrk replaces its own only for that exact
+/// spelling and otherwise sends two, which a conforming proxy answers 400 (RFC 9112 3.2).
+const HOST: &str = "Host: upstream.bench";
 
 /// The oha binary: `$OHA`, else on `PATH`, else cargo's bin folder.
 fn oha() -> String {
@@ -72,7 +76,7 @@ pub fn fixed_rate(
         .args(["-z", &format!("{}s", duration.as_secs())])
         .args(["-q", &rate.to_string()])
         .args(["-c", &connections.to_string()])
-        .args(["-H", "host: upstream.bench"])
+        .args(["-H", HOST])
         .arg(format!("http://{addr}/ping"))
         .output()
         .context("running oha (bench/setup.sh installs it)")?;
@@ -118,7 +122,7 @@ pub fn saturate(
     let out = Command::new("wrk")
         .args(["-t2", &format!("-c{connections}")])
         .arg(format!("-d{}s", duration.as_secs()))
-        .args(["-H", "host: upstream.bench"])
+        .args(["-H", HOST])
         .arg(format!("http://{addr}/ping"))
         .output()
         .context("running wrk (bench/setup.sh installs it)")?;
@@ -136,7 +140,7 @@ fn parse_wrk(text: &str) -> anyhow::Result<Saturation> {
             .and_then(|rest| rest.split_whitespace().next())
             .and_then(|n| n.trim_end_matches(',').parse().ok())
     };
-    let rps = number_after("Requests/sec:").context("no Requests/sec in wrk's report")?;
+    let all_rps = number_after("Requests/sec:").context("no Requests/sec in wrk's report")?;
     let requests = text
         .lines()
         .find(|l| l.contains("requests in"))
@@ -153,9 +157,12 @@ fn parse_wrk(text: &str) -> anyhow::Result<Saturation> {
         });
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // counts
     let errors = (non_2xx + socket) as u64;
+    // Only answered requests count towards throughput: a fast 400 or a reset is not served.
+    #[allow(clippy::cast_precision_loss)] // request counts are far below 2^52
+    let rps = all_rps * requests.saturating_sub(errors) as f64 / requests.max(1) as f64;
     Ok(Saturation {
         rps,
-        requests,
+        requests: requests.saturating_sub(errors),
         errors,
     })
 }
@@ -188,9 +195,17 @@ mod tests {
                     \x20 Non-2xx or 3xx responses: 4\n\
                     Requests/sec:  24691.20\nTransfer/sec:      4.00MB\n";
         let s = parse_wrk(text).unwrap();
-        assert!((s.rps - 24_691.2).abs() < 0.01);
-        assert_eq!(s.requests, 123_456);
+        assert!((s.rps - 24_691.2 * 123_449.0 / 123_456.0).abs() < 0.01);
+        assert_eq!(s.requests, 123_449, "answered requests only");
         assert_eq!(s.errors, 7);
+        // Every answer a 400 (two Host headers): nothing was served.
+        let refused = text.replace(
+            "Non-2xx or 3xx responses: 4",
+            "Non-2xx or 3xx responses: 123453",
+        );
+        let s = parse_wrk(&refused).unwrap();
+        assert!(s.rps.abs() < f64::EPSILON);
+        assert_eq!(s.requests, 0);
         assert!(parse_wrk("nothing").is_err());
     }
 
