@@ -211,6 +211,31 @@ fn connection_metrics(registry: &mut Registry) -> (Handshakes, ConfigUpdates) {
     (handshakes, updates)
 }
 
+/// The outcomes of one response cache (`ferrymesh_cache_total`), resolved once.
+#[derive(Clone, Debug, Default)]
+pub struct CacheOutcomes {
+    /// Served from the cache.
+    pub hit: Counter,
+    /// Not stored (or not storable): sent to the upstream.
+    pub miss: Counter,
+    /// Stale, and the upstream said it had not changed.
+    pub revalidated: Counter,
+    /// Stale, served because the upstream failed.
+    pub stale: Counter,
+}
+
+impl CacheOutcomes {
+    /// The counter of `outcome` (one of the four above).
+    pub fn of(&self, outcome: &str) -> &Counter {
+        match outcome {
+            "hit" => &self.hit,
+            "revalidated" => &self.revalidated,
+            "stale" => &self.stale,
+            _ => &self.miss,
+        }
+    }
+}
+
 impl Metrics {
     /// Registers every metric.
     pub fn new() -> Self {
@@ -415,14 +440,23 @@ impl Metrics {
             .inc();
     }
 
-    /// A response cache outcome for `service`.
-    pub fn cache(&self, service: &str, outcome: &'static str) {
-        self.cache
-            .get_or_create(&ReasonLabels {
-                service: service.to_owned(),
-                reason: outcome,
-            })
-            .inc();
+    /// The response-cache counters of `service`, one per outcome, resolved once (per cache)
+    /// so that a request only bumps an atomic.
+    pub fn cache_outcomes(&self, service: &str) -> CacheOutcomes {
+        let counter = |reason: &'static str| {
+            self.cache
+                .get_or_create(&ReasonLabels {
+                    service: service.to_owned(),
+                    reason,
+                })
+                .clone()
+        };
+        CacheOutcomes {
+            hit: counter("hit"),
+            miss: counter("miss"),
+            revalidated: counter("revalidated"),
+            stale: counter("stale"),
+        }
     }
 
     /// An authorization decision.

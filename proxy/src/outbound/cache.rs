@@ -32,13 +32,15 @@ use tokio::time::Instant;
 
 use crate::explain::Explain;
 use crate::http::{Body, BodyError, boxed};
-use crate::metrics::Metrics;
+use crate::metrics::CacheOutcomes;
 use crate::policy::CachePolicy;
 
 /// The cache of one service under one policy.
 #[derive(Debug)]
 pub struct ResponseCache {
     store: Mutex<Store>,
+    /// The outcome counters of this cache's service.
+    outcomes: CacheOutcomes,
     rules: Rules,
     vary: Vec<String>,
     stale_grace: Duration,
@@ -46,8 +48,9 @@ pub struct ResponseCache {
 
 impl ResponseCache {
     /// An empty cache for `policy`.
-    pub fn new(policy: &CachePolicy) -> Self {
+    pub fn new(policy: &CachePolicy, outcomes: CacheOutcomes) -> Self {
         Self {
+            outcomes,
             store: Mutex::new(Store::new(
                 policy.max_entries as usize,
                 (policy.max_entries as usize)
@@ -92,8 +95,6 @@ pub async fn through<F, Fut>(
     cache: &Arc<ResponseCache>,
     authority: &str,
     mut req: Request<Body>,
-    metrics: &Metrics,
-    service: &str,
     call: F,
 ) -> Response<Body>
 where
@@ -127,7 +128,7 @@ where
     }
     let explain = req.extensions().get::<Explain>().cloned();
     let outcome = |what: &'static str| {
-        metrics.cache(service, what);
+        cache.outcomes.of(what).inc();
         if let Some(e) = &explain {
             e.note(format!("cache {what}"));
         }
@@ -354,15 +355,18 @@ mod tests {
     use http_body_util::BodyExt as _;
 
     fn cache(max_body_bytes: u32) -> Arc<ResponseCache> {
-        Arc::new(ResponseCache::new(&CachePolicy {
-            methods: vec![http::Method::GET],
-            default_ttl: Duration::ZERO,
-            max_ttl: Duration::from_mins(5),
-            max_entries: 10,
-            max_body_bytes,
-            vary_headers: vec![],
-            serve_stale_on_error: Duration::ZERO,
-        }))
+        Arc::new(ResponseCache::new(
+            &CachePolicy {
+                methods: vec![http::Method::GET],
+                default_ttl: Duration::ZERO,
+                max_ttl: Duration::from_mins(5),
+                max_entries: 10,
+                max_body_bytes,
+                vary_headers: vec![],
+                serve_stale_on_error: Duration::ZERO,
+            },
+            CacheOutcomes::default(),
+        ))
     }
 
     /// A chunked answer (two frames, no length) through `store_miss`, read to the end.

@@ -246,10 +246,8 @@ async fn call_inner(
     // The cache stands before retries: a hit costs no attempt at all.
     match stack.cache.clone() {
         Some(cache) => {
-            let ctx = stack.ctx.clone();
-            let service = stack.service.clone();
             let key = authority.as_str().to_owned();
-            cache::through(&cache, &key, req, &ctx.metrics, &service, move |req| {
+            cache::through(&cache, &key, req, move |req| {
                 call_stack(stack, logical, authority, req)
             })
             .await

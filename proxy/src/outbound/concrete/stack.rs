@@ -212,10 +212,9 @@ impl StackCache {
                                 .track_budget(service, &route, state.budget.clone());
                             state
                         }),
-                        cache: policy
-                            .cache
-                            .as_ref()
-                            .map(|c| Arc::new(ResponseCache::new(c))),
+                        cache: policy.cache.as_ref().map(|c| {
+                            Arc::new(ResponseCache::new(c, ctx.metrics.cache_outcomes(service)))
+                        }),
                     };
                     cached.insert(route, parts.clone());
                     parts
