@@ -53,12 +53,8 @@ pub struct Addresses {
 pub struct App {
     config: Arc<Config>,
     discovery: Discovery,
-    pool: Arc<Pool>,
     identity: Option<Arc<Identity>>,
-    tracing: Arc<Tracing>,
-    outbound_side: Arc<Outbound>,
-    inbound_side: Arc<crate::inbound::Shared>,
-    admin_side: Arc<Admin>,
+    sides: Sides,
     commands: Commands,
     outbound: Vec<TcpListener>,
     inbound: Option<(TcpListener, Arc<Inbound>)>,
@@ -137,22 +133,12 @@ impl App {
             .as_ref()
             .map(|i| crate::identity::Identity::new(&config.workload, i).map(Arc::new))
             .transpose()?;
-        let Sides {
-            pool,
-            tracing,
-            outbound_side,
-            inbound_side,
-            admin_side,
-        } = Sides::new(&config, &discovery, identity.as_ref());
+        let sides = Sides::new(&config, &discovery, identity.as_ref());
         Ok(App {
             config,
             discovery,
-            pool,
             identity,
-            tracing,
-            outbound_side,
-            inbound_side,
-            admin_side,
+            sides,
             commands,
             outbound,
             inbound,
@@ -249,12 +235,15 @@ impl App {
         let App {
             config,
             discovery,
-            pool,
             identity,
-            tracing,
-            outbound_side,
-            inbound_side,
-            admin_side,
+            sides:
+                Sides {
+                    pool,
+                    tracing,
+                    outbound_side,
+                    inbound_side,
+                    admin_side,
+                },
             commands,
             outbound,
             inbound,
@@ -343,6 +332,7 @@ impl App {
 }
 
 /// The handles each side of the proxy is given (nothing reaches the whole proxy).
+#[derive(Debug)]
 struct Sides {
     pool: Arc<Pool>,
     tracing: Arc<Tracing>,
